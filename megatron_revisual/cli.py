@@ -1,0 +1,84 @@
+"""The `revisual` command.
+
+    revisual make-tiny --out runs/tiny [--text-only] [--seed 0] [--overwrite]
+    revisual config configs/qwen25_vl_7b_8xh100.yaml parallel.tensor_model_parallel_size=2
+    revisual demo [--config configs/tiny_cpu_demo.yaml] [dotted.overrides ...]
+
+Heavy imports (torch, megatron, vllm) happen inside the subcommands so `--help` and config
+checks stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_DEMO_CONFIG = "configs/tiny_cpu_demo.yaml"
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from megatron_revisual.testing.tiny_checkpoint import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(args.out, text_only=args.text_only, seed=args.seed, overwrite=args.overwrite)
+    kind = "Qwen2 (text-only)" if args.text_only else "Qwen2.5-VL"
+    print(f"wrote tiny {kind} checkpoint to {out}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from megatron_revisual.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    p = cfg.parallel
+    print(
+        f"# layout: world {cfg.cluster.world_size} = TP {p.tensor_model_parallel_size} x PP "
+        f"{p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {cfg.data_parallel_size}"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from megatron_revisual.demo import run_demo
+
+    return run_demo(args.config, args.overrides, skip_vllm=args.skip_vllm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="revisual", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random Qwen2.5-VL (or Qwen2) HF checkpoint")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--text-only", action="store_true", help="a Qwen2 language model without vision tower")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("config", help="load, override and validate a config; print the result")
+    p.add_argument("config", help="YAML file under configs/")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("demo", help="the tiny CPU smoke run of everything that exists")
+    p.add_argument("--config", default=DEFAULT_DEMO_CONFIG)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.train_iters=3")
+    p.add_argument("--skip-vllm", action="store_true", help="leave out the vLLM generation step")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_revisual.config import ConfigError, ConfigValidationError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ConfigValidationError, FileExistsError) as e:
+        print(f"revisual {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

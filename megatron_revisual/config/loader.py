@@ -1,0 +1,203 @@
+"""YAML files and dotted overrides -> a validated `RunConfig`.
+
+    cfg = load_config("configs/tiny_cpu_demo.yaml", ["optim.lr=1e-6", "parallel.sequence_parallel=true"])
+
+A file is a nested mapping mirroring the dataclasses. `model.preset: qwen25_vl_7b` starts the
+model from a named size and `model.hf_path: DIR` from an HF config.json; keys given beside them
+override. Overrides are `dotted.path=value`, with the value parsed as YAML and then converted to
+the field's declared type. Every error names the dotted field, the value and what is legal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from megatron_revisual.config.schema import ModelConfig, RunConfig
+from megatron_revisual.config.validate import validate_config
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which field and why."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read `path` (YAML), apply `overrides`, build and validate the config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    source = str(path) if path is not None else "<no file>"
+    if overrides:
+        source += " + overrides"
+    cfg = config_from_dict(raw, source=source)
+    validate_config(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in the nested dict `raw` (creating levels as needed)."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. optim.lr=1e-6)")
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:  # e.g. `vision: null` in the file, now being given fields
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parents[: i + 1])
+            raise ConfigError(f"override {item!r}: {where} is a value ({child!r}), not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
+    raw = dict(raw)
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        raise ConfigError(f"{source}: 'model' section is required (a preset, an hf_path or explicit sizes)")
+    raw["model"] = _resolve_model_section(model, source)
+    return _build(RunConfig, raw, "", source)
+
+
+def _resolve_model_section(model: dict[str, Any], source: str) -> dict[str, Any]:
+    """Expand `preset` / `hf_path` into explicit fields; explicit keys win."""
+    from megatron_revisual.models.qwen25_vl.presets import PRESETS, model_fields_from_hf
+
+    model = dict(model)
+    base: dict[str, Any] = {}
+    preset = model.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"{source}: model.preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
+        base = _asdict_shallow(PRESETS[preset]())
+    elif model.get("hf_path"):
+        try:
+            base = model_fields_from_hf(model["hf_path"])
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise ConfigError(f"{source}: model.hf_path: {e}") from None
+    vision_override = model.pop("vision", dataclasses.MISSING)
+    merged = {**base, **model}
+    if vision_override is not dataclasses.MISSING:
+        if isinstance(vision_override, dict) and base.get("vision") is not None:
+            merged["vision"] = {**_asdict_shallow(base["vision"]), **vision_override}
+        else:
+            merged["vision"] = vision_override
+    return merged
+
+
+def _asdict_shallow(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if dataclasses.is_dataclass(raw) and isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, fields, n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{source}: unknown field '{prefix}{name}'{hint} (fields of {prefix.rstrip('.') or 'the config'}: "
+            f"{', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{prefix}{name}", source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: required field '{prefix}{name}' is missing")
+    return cls(**kwargs)
+
+
+def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
+    """Convert a YAML value to the declared type `tp`, or raise naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {where}={value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {where}={value!r} is not allowed; use one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{where}.", source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {where}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {where}={value!r} must be an integer")
+    if tp is float:
+        # YAML 1.1 reads `1e-6` (no dot) as a string: accept any float-looking text.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: {where}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: {where}={value!r} must be a string")
+    raise TypeError(f"config field {where} has unsupported type {tp}")  # a bug in schema.py
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain nested dict of a config (for YAML dumps, logs and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "apply_override",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+]

@@ -1,0 +1,151 @@
+"""Cross-field checks of a `RunConfig`, run before any process group starts.
+
+Each failed check names the numbers involved and, where there is a finite set, the legal
+values: "parallel.tensor_model_parallel_size=4 does not divide model.num_query_groups=2; use one of [1, 2]".
+All failures are collected and reported together.
+"""
+
+from __future__ import annotations
+
+from megatron_revisual.config.schema import RunConfig
+
+
+class ConfigValidationError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Raise ConfigValidationError listing every problem found."""
+    problems: list[str] = []
+    m, p, c, o, t = cfg.model, cfg.parallel, cfg.cluster, cfg.optim, cfg.train
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+
+    def positive(where: str, value: int | float | None) -> bool:
+        if value is not None and value <= 0:
+            problems.append(f"{where}={value} must be > 0")
+            return False
+        return True
+
+    ok = all(
+        [
+            positive("parallel.tensor_model_parallel_size", tp),
+            positive("parallel.pipeline_model_parallel_size", pp),
+            positive("parallel.context_parallel_size", cp),
+            positive("cluster.nodes", c.nodes),
+            positive("cluster.devices_per_node", c.devices_per_node),
+            positive("model.num_layers", m.num_layers),
+            positive("model.num_attention_heads", m.num_attention_heads),
+            positive("model.num_query_groups", m.num_query_groups),
+            positive("model.hidden_size", m.hidden_size),
+            positive("train.micro_batch_size", t.micro_batch_size),
+            positive("train.global_batch_size", t.global_batch_size),
+            positive("train.seq_length", t.seq_length),
+        ]
+    )
+    positive("optim.lr", o.lr)
+    positive("train.train_iters", t.train_iters)
+    if not ok:  # the checks below divide by these
+        raise ConfigValidationError(problems)
+
+    # Attention heads and KV groups are split across TP ranks.
+    if m.num_attention_heads % m.num_query_groups:
+        problems.append(
+            f"model.num_query_groups={m.num_query_groups} does not divide "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_query_groups % tp:
+        problems.append(
+            f"parallel.tensor_model_parallel_size={tp} does not divide model.num_query_groups="
+            f"{m.num_query_groups}; use one of {divisors(m.num_query_groups)}"
+        )
+    elif m.num_attention_heads % tp:
+        problems.append(
+            f"parallel.tensor_model_parallel_size={tp} does not divide model.num_attention_heads="
+            f"{m.num_attention_heads}; use one of {divisors(m.num_attention_heads)}"
+        )
+    if m.ffn_hidden_size % tp:
+        problems.append(
+            f"parallel.tensor_model_parallel_size={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}"
+        )
+    if m.vision is not None:
+        v = m.vision
+        if v.hidden_size % v.num_heads:
+            problems.append(f"model.vision.num_heads={v.num_heads} does not divide model.vision.hidden_size={v.hidden_size}")
+        elif v.num_heads % tp:
+            problems.append(
+                f"parallel.tensor_model_parallel_size={tp} does not divide model.vision.num_heads="
+                f"{v.num_heads}; use one of {divisors(v.num_heads)}"
+            )
+        bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
+        if bad:
+            problems.append(f"model.vision.fullatt_block_indexes={v.fullatt_block_indexes}: {bad} outside [0, {v.depth})")
+    if m.head_dim % 2 or 2 * sum(m.mrope_section) != m.head_dim:
+        problems.append(
+            f"model.mrope_section={m.mrope_section} must sum to head_dim/2={m.head_dim // 2} "
+            f"(head_dim={m.head_dim})"
+        )
+
+    # Pipeline: layers split into stages, optionally with a smaller first stage.
+    first = p.num_layers_in_first_pipeline_stage
+    if first is not None:
+        if pp == 1:
+            problems.append("parallel.num_layers_in_first_pipeline_stage is set but pipeline_model_parallel_size=1")
+        elif not 0 < first < m.num_layers or (m.num_layers - first) % (pp - 1):
+            problems.append(
+                f"parallel.num_layers_in_first_pipeline_stage={first}: the remaining "
+                f"{m.num_layers - first} of model.num_layers={m.num_layers} must split evenly over "
+                f"{pp - 1} later stages"
+            )
+    elif m.num_layers % pp:
+        problems.append(
+            f"parallel.pipeline_model_parallel_size={pp} does not divide model.num_layers={m.num_layers}; "
+            f"use one of {divisors(m.num_layers)} or set parallel.num_layers_in_first_pipeline_stage"
+        )
+    vpp = p.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        if pp == 1:
+            problems.append("parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
+        elif first is None and m.num_layers % (pp * vpp):
+            problems.append(
+                f"model.num_layers={m.num_layers} is not divisible by pipeline ({pp}) x virtual ({vpp}) stages"
+            )
+
+    if p.sequence_parallel and tp == 1:
+        problems.append("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
+    if cp > 1 and t.seq_length % (2 * cp):
+        problems.append(
+            f"train.seq_length={t.seq_length} must be divisible by 2 x context_parallel_size={2 * cp} "
+            f"(load-balanced CP split)"
+        )
+
+    # World layout and batch sizes.
+    world = c.world_size
+    mp = tp * pp * cp
+    if world % mp:
+        problems.append(
+            f"world size {world} (cluster.nodes={c.nodes} x cluster.devices_per_node={c.devices_per_node}) "
+            f"is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {mp}"
+        )
+    else:
+        dp = world // mp
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            problems.append(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
+            )
+
+    if o.min_lr > o.lr:
+        problems.append(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
+    if o.lr_warmup_steps < 0 or o.lr_warmup_steps > t.train_iters:
+        problems.append(f"optim.lr_warmup_steps={o.lr_warmup_steps} must be in [0, train.train_iters={t.train_iters}]")
+    if o.clip_grad < 0:
+        problems.append(f"optim.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
+
+    if problems:
+        raise ConfigValidationError(problems)
