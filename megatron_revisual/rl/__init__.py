@@ -1,0 +1,12 @@
+"""GRPO + PAD algorithm core and the ReVisual-R1 rewards.
+
+advantages    GRPO group-normalised advantages (and Dr. GRPO)
+pad           Prioritized Advantage Distillation, paper and released-code variants
+losses        PPO policy loss, KL estimators, loss aggregation, entropy-bonus schedule
+logprobs      log-probs and entropy from vocab-parallel (TP-sharded) logits
+rewards       rule-based reward terms and their weighted composition
+reward_terms  the released code's self-critique, image-revisit and repetition heuristics
+reward_pool   process pool with per-sample timeouts for scoring rewards
+
+Nothing is imported here: reward workers import `rewards` without pulling in torch.
+"""

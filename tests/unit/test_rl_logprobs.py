@@ -1,0 +1,79 @@
+"""Log-probs and entropy on one process (no TP group): values and analytic gradients."""
+
+import pytest
+import torch
+
+from megatron_revisual.rl.logprobs import (
+    vocab_parallel_entropy,
+    vocab_parallel_log_probs,
+    vocab_parallel_log_probs_and_entropy,
+)
+
+
+def _reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def test_hand_computed_uniform_and_two_way() -> None:
+    # uniform over 4: log p = -log 4, H = log 4; logits (0, log 3): p = (1/4, 3/4)
+    lp, h = vocab_parallel_log_probs_and_entropy(torch.zeros(1, 4), torch.tensor([2]))
+    assert lp.tolist() == pytest.approx([-1.3862944], abs=1e-6)
+    assert h.tolist() == pytest.approx([1.3862944], abs=1e-6)
+    lp, h = vocab_parallel_log_probs_and_entropy(
+        torch.tensor([[0.0, 1.0986123]]), torch.tensor([1])
+    )
+    assert lp.item() == pytest.approx(-0.2876821, abs=1e-6)  # log 3/4
+    assert h.item() == pytest.approx(0.5623351, abs=1e-6)  # -(1/4 log 1/4 + 3/4 log 3/4)
+
+
+def test_matches_log_softmax_fp32() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 50, generator=g) * 4
+    targets = torch.randint(0, 50, (2, 7), generator=g)
+    lp, h = vocab_parallel_log_probs_and_entropy(logits, targets)
+    ref_lp, ref_h = _reference(logits, targets)
+    assert torch.allclose(lp, ref_lp, atol=1e-6, rtol=0)
+    assert torch.allclose(h, ref_h, atol=1e-6, rtol=0)
+    assert torch.equal(vocab_parallel_log_probs(logits, targets), lp)
+    assert torch.equal(vocab_parallel_entropy(logits), h)
+
+
+def test_gradients_pass_gradcheck_fp64() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 11, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    targets = torch.randint(0, 11, (3,), generator=g)
+    assert torch.autograd.gradcheck(
+        lambda z: vocab_parallel_log_probs_and_entropy(z, targets), (logits,)
+    )
+    assert torch.autograd.gradcheck(lambda z: vocab_parallel_log_probs(z, targets), (logits,))
+    assert torch.autograd.gradcheck(lambda z: vocab_parallel_entropy(z), (logits,))
+
+
+def test_bf16_logits_give_fp32_outputs_and_bf16_grad() -> None:
+    logits = torch.randn(4, 16).to(torch.bfloat16).requires_grad_(True)
+    targets = torch.arange(4)
+    lp, h = vocab_parallel_log_probs_and_entropy(logits, targets)
+    assert lp.dtype == h.dtype == torch.float32
+    ref_lp, ref_h = _reference(logits.detach().float(), targets)
+    assert torch.allclose(lp, ref_lp, atol=1e-6) and torch.allclose(h, ref_h, atol=1e-6)
+    (lp.sum() + h.sum()).backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+
+
+def test_shape_mismatch_is_named() -> None:
+    with pytest.raises(
+        ValueError, match=r"logits \(2, 5\) must be targets \(3,\) plus a vocab dim"
+    ):
+        vocab_parallel_log_probs(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_masked_vocab_padding_gets_zero_probability_and_gradient() -> None:
+    # Two real tokens and two padding columns set to -inf (vocab padded for TP).
+    logits = torch.tensor([[0.0, 1.0986123, float("-inf"), float("-inf")]], requires_grad=True)
+    lp, h = vocab_parallel_log_probs_and_entropy(logits, torch.tensor([1]))
+    assert lp.item() == pytest.approx(-0.2876821, abs=1e-6)
+    assert h.item() == pytest.approx(0.5623351, abs=1e-6)
+    (lp + h).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 2:].tolist() == [0.0, 0.0]
