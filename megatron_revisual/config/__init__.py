@@ -7,6 +7,7 @@ from megatron_revisual.config.loader import (
     config_to_dict,
     dump_config,
     load_config,
+    read_raw_config,
 )
 from megatron_revisual.config.schema import (
     ClusterConfig,
@@ -34,5 +35,6 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "read_raw_config",
     "validate_config",
 ]

@@ -29,6 +29,17 @@ class ConfigError(ValueError):
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read `path` (YAML), apply `overrides`, build and validate the config."""
+    raw = read_raw_config(path, overrides)
+    source = str(path) if path is not None else "<no file>"
+    if overrides:
+        source += " + overrides"
+    cfg = config_from_dict(raw, source=source)
+    validate_config(cfg)
+    return cfg
+
+
+def read_raw_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The nested dict of `path` with `overrides` applied, before any typing or checks."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -43,12 +54,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = loaded or {}
     for item in overrides:
         apply_override(raw, item)
-    source = str(path) if path is not None else "<no file>"
-    if overrides:
-        source += " + overrides"
-    cfg = config_from_dict(raw, source=source)
-    validate_config(cfg)
-    return cfg
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -200,4 +206,5 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "read_raw_config",
 ]

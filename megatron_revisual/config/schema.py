@@ -28,6 +28,7 @@ class VisionConfig:
     window_size: int = 112
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
     in_channels: int = 3
+    tokens_per_second: int = 2  # video frames' temporal positions per second (M-RoPE)
 
 
 @dataclass(kw_only=True)
@@ -54,6 +55,9 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-6
     add_qkv_bias: bool = True
     params_dtype: Dtype = "bf16"
+    # Placeholder token ids the processor puts where vision embeddings go (Qwen's released ids).
+    image_token_id: int = 151655
+    video_token_id: int = 151656
     vision: VisionConfig | None = None
 
     @property

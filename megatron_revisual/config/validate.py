@@ -16,8 +16,9 @@ class ConfigValidationError(ValueError):
         super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def divisors(n: int, limit: int = 64) -> list[int]:
+    """Divisors of n up to `limit` (no parallel size beyond 64 is practical)."""
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -81,6 +82,11 @@ def validate_config(cfg: RunConfig) -> None:
             problems.append(
                 f"parallel.tensor_model_parallel_size={tp} does not divide model.vision.num_heads="
                 f"{v.num_heads}; use one of {divisors(v.num_heads)}"
+            )
+        if v.intermediate_size % tp:
+            problems.append(
+                f"parallel.tensor_model_parallel_size={tp} does not divide model.vision.intermediate_size="
+                f"{v.intermediate_size}; use one of {divisors(v.intermediate_size)}"
             )
         bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
         if bad:

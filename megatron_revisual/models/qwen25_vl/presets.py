@@ -90,6 +90,9 @@ def model_fields_from_hf(hf_dir: str | Path) -> dict[str, Any]:
         "layernorm_epsilon": text.get("rms_norm_eps", 1e-6),
         "vision": None,
     }
+    for key in ("image_token_id", "video_token_id"):
+        if key in cfg:
+            fields[key] = cfg[key]
     if "mrope_section" in rope:
         fields["mrope_section"] = list(rope["mrope_section"])
     if model_type == "qwen2_5_vl":
@@ -106,5 +109,6 @@ def model_fields_from_hf(hf_dir: str | Path) -> dict[str, Any]:
             window_size=v.get("window_size", defaults.window_size),
             fullatt_block_indexes=list(v.get("fullatt_block_indexes", defaults.fullatt_block_indexes)),
             in_channels=v.get("in_chans", v.get("in_channels", defaults.in_channels)),
+            tokens_per_second=v.get("tokens_per_second", defaults.tokens_per_second),
         )
     return fields

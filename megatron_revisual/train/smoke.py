@@ -1,0 +1,142 @@
+"""A short Megatron-Core training run of our Qwen2.5-VL on text: the demo's proof that the model,
+the parallel stack, the Megatron optimizer and the LR schedule work together from a `RunConfig`.
+
+Runs inside ranks already set up by `megatron_revisual.parallel` (see `smoke_train_rank`).
+The staged SFT/GRPO runner replaces this once it exists; the pieces it shares
+(`build_optimizer`) are meant to be reused there.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_revisual.config.schema import RunConfig
+from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
+from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES, build_qwen25_vl
+
+
+def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel]):
+    """Megatron optimizer (distributed when configured) and its LR/WD schedule."""
+    o, t = cfg.optim, cfg.train
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=o.optimizer,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=cfg.model.params_dtype == "bf16",
+            fp16=cfg.model.params_dtype == "fp16",
+            params_dtype=TORCH_DTYPES[cfg.model.params_dtype],
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        model_chunks,
+    )
+    sched = OptimizerParamScheduler(
+        opt,
+        init_lr=0.0 if o.lr_warmup_steps else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=t.train_iters,
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=t.train_iters,
+        wd_incr_style="constant",
+    )
+    return opt, sched
+
+
+def _windows(tokens: torch.Tensor, seq_length: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` random windows of seq_length + 1 tokens (inputs plus shifted labels)."""
+    starts = torch.randint(0, len(tokens) - seq_length - 1, (count,), generator=generator)
+    return torch.stack([tokens[s : s + seq_length + 1] for s in starts.tolist()])
+
+
+def smoke_train_rank(cfg: RunConfig, token_ids: list[int]) -> list[dict[str, float]]:
+    """Train cfg.train.train_iters steps on windows of `token_ids`, starting from
+    model.hf_path's weights when set; per-step metrics (every rank
+    returns the same list: losses are broadcast from the last pipeline stage)."""
+    t = cfg.train
+    tokens = torch.tensor(token_ids, dtype=torch.long)
+    if len(tokens) <= t.seq_length + 1:
+        raise ValueError(f"smoke data has {len(tokens)} tokens; need more than train.seq_length+1={t.seq_length + 1}")
+    model = build_qwen25_vl(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    if cfg.model.hf_path:
+        load_hf_weights(
+            model,
+            SafetensorsReader(cfg.model.hf_path),
+            cfg.model,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+        )
+    config = model.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
+    )
+    model = DistributedDataParallel(config, ddp_config, model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    optimizer, scheduler = build_optimizer(cfg, [model])
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    # Same generator on every rank: each DP rank takes its own slice of the global batch.
+    generator = torch.Generator().manual_seed(t.seed)
+    position_ids = torch.arange(t.seq_length).unsqueeze(0).expand(t.micro_batch_size, -1)
+    if cfg.model.vision is not None:  # text tokens: the same position on all three M-RoPE axes
+        position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch[:, :-1], position_ids, attention_mask=None, labels=batch[:, 1:])
+
+        def loss_func(per_token_loss: torch.Tensor):
+            loss = per_token_loss.float().mean()
+            # clone: the schedule divides the returned loss in place by the micro-batch count.
+            return loss, {"lm_loss": loss.detach().clone()}
+
+        return output, partial(loss_func)
+
+    history = []
+    for step in range(t.train_iters):
+        batch = _windows(tokens, t.seq_length, t.global_batch_size, generator)
+        local = batch.view(dp, num_micro, t.micro_batch_size, -1)[dp_rank]
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(local),
+            model=[model],
+            num_microbatches=num_micro,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(increment=1)
+        loss = torch.zeros(1)
+        if ps.is_pipeline_last_stage():
+            loss[0] = torch.stack([x["lm_loss"] for x in losses]).mean()
+            torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+            loss /= dp
+        # Every rank reports the same numbers: sum over the pipeline (only the last stage is non-zero).
+        torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+        history.append({"step": step + 1, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr})
+    return history
