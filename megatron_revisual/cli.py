@@ -3,6 +3,9 @@
     revisual make-tiny --out runs/tiny [--text-only] [--seed 0] [--overwrite]
     revisual config configs/qwen25_vl_7b_8xh100.yaml parallel.tensor_model_parallel_size=2
     revisual demo [--config configs/tiny_cpu_demo.yaml] [dotted.overrides ...]
+    revisual eval --model-name NAME --openai-base-url URL --dataset-dir DIR --datasets all
+    revisual serve MODEL_DIR [--port 8000]
+    revisual infer --model DIR --image PATH --question TEXT
 
 Heavy imports (torch, megatron, vllm) happen inside the subcommands so `--help` and config
 checks stay fast.
@@ -66,7 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.train_iters=3")
     p.add_argument("--skip-vllm", action="store_true", help="leave out the vLLM generation step")
     p.set_defaults(func=_cmd_demo)
+    # Subcommands whose arguments live beside their implementation; imported lazily.
+    for name, module, help_text in (
+        ("eval", "megatron_revisual.evaluation.runner", "ReVisual benchmarks through an OpenAI-compatible endpoint"),
+        ("serve", "megatron_revisual.serving", "vLLM's OpenAI-compatible server for an HF model directory"),
+        ("infer", "megatron_revisual.rollout.infer", "one-shot generation for an image and a question"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=_lazy_command(module, name))
+        _add_arguments(p, module, name)
     return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser, module: str, name: str) -> None:
+    import importlib
+
+    getattr(importlib.import_module(module), f"add_{name}_arguments")(parser)
+
+
+def _lazy_command(module: str, name: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), f"run_{name}")(args)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

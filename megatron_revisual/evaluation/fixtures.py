@@ -1,0 +1,248 @@
+"""Tiny datasets in each benchmark's published schema, with generated PIL images.
+
+For tests and the benchmark script: nothing is downloaded. ``layout="files"`` writes the
+JSON/JSONL + image-file layout of the benchmarks' GitHub releases, ``layout="parquet"`` the
+Hub's parquet files (images as ``{"bytes", "path"}`` structs); `datasets.load_benchmark` reads
+both. Rows keep each benchmark's field names and kinds of answers (option letters, integers,
+floats with a precision, text), so loaders and grading meet what the real files contain.
+
+    from megatron_revisual.evaluation.fixtures import write_fixture_datasets
+    counts = write_fixture_datasets("runs/eval_fixtures")   # {"geo3k": 3, "wemath": 7, ...}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["fixture_image", "fixture_rows", "write_fixture_datasets"]
+
+
+def fixture_image(seed: int, size: tuple[int, int] = (96, 72)) -> Any:
+    """A deterministic RGB test picture (gradients plus seeded noise), width x height."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+    arr[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    arr[..., 2] = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fixture_rows() -> dict[str, list[tuple[dict, str, Any]]]:
+    """Per benchmark: (row without its image, relative image path, PIL image)."""
+    rows: dict[str, list[tuple[dict, str, Any]]] = {}
+    rows["geo3k"] = [
+        (
+            {
+                "id": i,
+                "problem_text": f"Find x. Side {i + 2}.",
+                "annotat_text": f"Find x in the triangle with side {i + 2}.",
+                "choices": [str(i + 1), str(i + 2), str(2 * i + 5), str(3 * i + 7)],
+                "answer": "ABCD"[i % 4],
+                "problem_type_goal": [["Length"], ["Angle"], ["Length", "Area"]][i % 3],
+                "problem_type_graph": ["Triangle"],
+            },
+            "img_diagram.png",
+            fixture_image(100 + i),
+        )
+        for i in range(3)
+    ]
+    wemath = []
+    for steps, group in ((2, "2steps_1"), (3, "3steps_1")):
+        for part in [*map(str, range(1, steps + 1)), "multi"]:
+            key = f"{steps}steps_{part}"
+            wemath.append(
+                (
+                    {
+                        "ID": group,
+                        "split": "testmini",
+                        "knowledge concept": "Circumference of Circles",
+                        "question": f"As shown in the diagram, step {part}: the radius is ( ) cm.",
+                        "option": "A. 1 cm;B. 1.5 cm;C. 3.14 cm;D. 6.28 cm; E. No correct answer",
+                        "answer": "ABCD"[len(wemath) % 4],
+                        "image_path": f"{steps}steps/image/{group}-{part}.png",
+                        "key": key,
+                        "question number": len(wemath) + 1,
+                        "knowledge concept description": "C = 2 pi r",
+                    },
+                    f"{steps}steps/image/{group}-{part}.png",
+                    fixture_image(200 + len(wemath)),
+                )
+            )
+    rows["wemath"] = wemath
+    vista = [
+        ("multi_choice", "text", ["12", "15", "18", "20"], "15", None, "geometry problem solving"),
+        ("multi_choice", "text", ["yes", "no"], "no", None, "figure question answering"),
+        ("free_form", "integer", None, "7", None, "math word problem"),
+        ("free_form", "float", None, "2.35", 2, "geometry problem solving"),
+    ]
+    rows["mathvista"] = []
+    for i, (qtype, atype, choices, answer, precision, task) in enumerate(vista, start=1):
+        question = f"What is the value in question {i}?"
+        if choices:
+            lettered = "\n".join(f"({'ABCD'[j]}) {c}" for j, c in enumerate(choices))
+            query = (
+                "Hint: Please answer the question and provide the correct option letter, e.g., "
+                f"A, B, C, D, at the end.\nQuestion: {question}\nChoices:\n{lettered}"
+            )
+        else:
+            query = (
+                "Hint: Please answer the question requiring an answer and provide the final "
+                f"value at the end.\nQuestion: {question}"
+            )
+        row = {
+            "pid": str(i),
+            "question": question,
+            "image": f"images/{i}.png",
+            "choices": choices,
+            "unit": None,
+            "precision": float(precision) if precision is not None else None,
+            "answer": answer,
+            "question_type": qtype,
+            "answer_type": atype,
+            "metadata": {"split": "testmini", "task": task, "category": "math-targeted-vqa"},
+            "query": query,
+        }
+        rows["mathvista"].append((row, f"images/{i}.png", fixture_image(300 + i)))
+    verse = [
+        ("Text Dominant", "multi-choice", "B"),
+        ("Vision Only", "multi-choice", "A"),
+        ("Text Lite", "free-form", "12"),
+        ("Vision Intensive", "free-form", "\\frac{1}{2}"),
+    ]
+    rows["mathverse"] = []
+    for i, (version, qtype, answer) in enumerate(verse, start=1):
+        question = f"Find the length of AB in figure {i}."
+        row = {
+            "sample_index": str(i),
+            "problem_index": str((i + 1) // 2),
+            "problem_version": version,
+            "question": question,
+            "image": f"images_version_1-4/image_{i}.png",
+            "answer": answer,
+            "question_type": qtype,
+            "metadata": {"split": "testmini", "subject": "Plane Geometry"},
+            "query_wo": question,
+            "query_cot": (
+                "According to the question shown in the image, please first conduct reasoning, "
+                f"and then answer the question.\nQuestion: {question}"
+            ),
+            "question_for_eval": question,
+        }
+        rows["mathverse"].append((row, f"images_version_1-4/image_{i}.png", fixture_image(400 + i)))
+    vision = [
+        (["1", "2", "3", "4", "5"], "C", "metric geometry - length", 2),
+        (["A", "B", "C", "D", "E"], "E", "combinatorics", 3),
+        (["$\\frac{1}{2}$", "$1$", "$2$", "$3$", "$4$"], "A", "algebra", 1),
+        ([], "14", "counting", 2),
+    ]
+    rows["mathvision"] = []
+    for i, (options, answer, subject, level) in enumerate(vision, start=1):
+        row = {
+            "id": str(i),
+            "question": f"<image1>\nHow many squares are shaded in picture {i}?",
+            "options": options,
+            "image": f"images/{i}.jpg",
+            "answer": answer,
+            "solution": None,
+            "level": level,
+            "subject": subject,
+        }
+        rows["mathvision"].append((row, f"images/{i}.jpg", fixture_image(500 + i)))
+    return rows
+
+
+def _write_files(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> None:
+    for i, (row, rel, image) in enumerate(rows["geo3k"]):
+        folder = root / "geometry3k" / "test" / str(i)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "data.json").write_text(json.dumps(row, indent=1), encoding="utf-8")
+        image.save(folder / rel)
+    places = {
+        "wemath": ("wemath", "testmini.json", "images", "list"),
+        "mathvista": ("mathvista", "testmini.json", "", "dict"),
+        "mathverse": ("mathverse", "testmini.json", "images", "list"),
+        "mathvision": ("mathvision", "test.jsonl", "", "jsonl"),
+    }
+    for name, (subdir, filename, image_dir, kind) in places.items():
+        base = root / subdir
+        for _row, rel, image in rows[name]:
+            path = base / image_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.convert("RGB").save(path, format="JPEG" if rel.endswith(".jpg") else "PNG")
+        data = [row for row, _, _ in rows[name]]
+        if kind == "dict":  # MathVista's testmini.json: {pid: row}
+            text = json.dumps({r["pid"]: r for r in data}, indent=1)
+        elif kind == "jsonl":
+            text = "".join(json.dumps(r) + "\n" for r in data)
+        else:
+            text = json.dumps(data, indent=1)
+        (base / filename).write_text(text, encoding="utf-8")
+
+
+def _write_parquet(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def struct(rel: str, image: Any) -> dict:
+        return {"bytes": _png(image), "path": rel}
+
+    tables: dict[str, tuple[str, list[dict]]] = {
+        "geo3k": (
+            "geometry3k/data/test-00000-of-00001.parquet",
+            [
+                {
+                    "images": [struct(rel, image)],
+                    "problem": "<image>" + row["annotat_text"],
+                    "answer": row["choices"]["ABCD".index(row["answer"])],
+                }
+                for row, rel, image in rows["geo3k"]
+            ],
+        ),
+        "wemath": (
+            "wemath/testmini-00000-of-00001.parquet",
+            [{**row, "image_path": struct(rel, image)} for row, rel, image in rows["wemath"]],
+        ),
+        "mathvista": (
+            "mathvista/data/testmini-00000-of-00001.parquet",
+            [{**row, "decoded_image": struct(rel, image)} for row, rel, image in rows["mathvista"]],
+        ),
+        "mathverse": (
+            "mathverse/testmini.parquet",
+            [{**row, "image": struct(rel, image)} for row, rel, image in rows["mathverse"]],
+        ),
+        "mathvision": (
+            "mathvision/data/test-00000-of-00001.parquet",
+            [
+                {**row, "decoded_image": struct(rel, image)}
+                for row, rel, image in rows["mathvision"]
+            ],
+        ),
+    }
+    for rel_path, data in tables.values():
+        path = root / rel_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(data), path)
+
+
+def write_fixture_datasets(root: str | Path, *, layout: str = "files") -> dict[str, int]:
+    """Write the five tiny benchmarks under ``root`` (a ``--dataset-dir``); returns the number
+    of samples per benchmark."""
+    if layout not in ("files", "parquet"):
+        raise ValueError(f"layout must be 'files' or 'parquet', got {layout!r}")
+    root = Path(root)
+    rows = fixture_rows()
+    (_write_files if layout == "files" else _write_parquet)(root, rows)
+    return {name: len(r) for name, r in rows.items()}

@@ -1,0 +1,170 @@
+"""Grading one model response against a benchmark sample.
+
+The final answer is found by ``rl.rewards.extract_answer`` (last ``\\boxed{}``, else last
+``<answer>`` tag, else the last "the answer is ..." phrase) and compared with math-verify by
+``rl.rewards.answers_match``: the same code the training rewards use. What is added here is
+only what evaluation needs on top:
+
+* option letters for multiple-choice samples: "B", "(B)", "B.", "B: 3 cm", "\\text{B}" all read
+  as B; an answer that is an option's *content* instead of its letter is mapped to the letter;
+  a response with no boxed answer whose last line is a lone letter (the MathVista / MathVerse
+  prompts ask for "the correct option letter ... at the end") is read too;
+* unicode math in gold answers ("2√{3}", "3π", "60°", as MathVerse writes them) turned into
+  LaTeX before math-verify, and a plain-text fallback for answers it does not parse ("Yes");
+* MathVista's ``precision`` for float answers (its answers are rounded to that many decimals).
+
+A response without a readable answer scores 0 and is marked ``parsed=False``: it is counted,
+never an error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from megatron_revisual.rl.rewards import answers_match, extract_answer
+
+__all__ = [
+    "OPTION_LETTERS",
+    "Grade",
+    "grade_response",
+    "option_letter",
+    "parse_inline_options",
+]
+
+OPTION_LETTERS = "ABCDEFGH"
+
+# "\text{B}", "\mathrm{B}", "\textbf{(B)}": unwrap before reading the letter.
+_LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
+# A letter alone, or with a separator and the option text: "B", "(B)", "B.", "B)", "B: 3 cm",
+# "(B) 3 cm". Upper case only ("a = 3" is an expression), and "A triangle" is not option A.
+_LETTER = re.compile(r"\(?([A-H])\)?|\(([A-H])\)\s*\S.*|([A-H])\s*[.:)]\s*.*", re.DOTALL)
+_LONE_LETTER_LINE = re.compile(r"\**\(?([A-H])\)?[.)]?\**")
+# WeMath's options come in one string: "A. 300, 400;B. 400, 300; E. No correct answer".
+_INLINE_OPTION = re.compile(
+    r"(?:^|;)\s*([A-H])\s*[.:：]\s*(.*?)\s*(?=;\s*[A-H]\s*[.:：]|$)", re.DOTALL
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Grade:
+    """The outcome for one response.
+
+    ``extracted`` is the final answer as written by the model (None if there is none),
+    ``prediction`` what was compared (the option letter for choice questions), ``parsed``
+    whether a comparable prediction was found at all.
+    """
+
+    extracted: str | None
+    prediction: str | None
+    parsed: bool
+    correct: bool
+
+
+def parse_inline_options(options: str) -> tuple[str, ...]:
+    """Option texts in letter order from "A. x;B. y; C. z" (WeMath's format); () if none."""
+    found = _INLINE_OPTION.findall(options.strip())
+    letters = [letter for letter, _ in found]
+    if letters != list(OPTION_LETTERS[: len(letters)]):
+        return ()
+    return tuple(text.strip().rstrip(";").strip() for _, text in found)
+
+
+def _latexify(text: str) -> str:
+    """Unicode math as LaTeX, so that math-verify reads gold answers like MathVerse's "2√{3}",
+    "3π" or "60°"."""
+    text = text.replace("√{", "\\sqrt{")
+    text = re.sub(r"√\s*(\d+(?:\.\d+)?|[A-Za-z])", r"\\sqrt{\1}", text)
+    return text.replace("π", "\\pi ").replace("°", "^{\\circ}").strip()
+
+
+def _unwrap_latex(text: str) -> str:
+    previous = None
+    while previous != text:
+        previous, text = text, _LATEX_WRAPPER.sub(r"\1", text)
+    return text.replace("$", "").strip()
+
+
+def _normalize_text(text: str) -> str:
+    text = _unwrap_latex(text).casefold()
+    return re.sub(r"[\s.,;:!?'\"`]+", "", text)
+
+
+def option_letter(answer: str, choices: tuple[str, ...] = ()) -> str | None:
+    """The option letter an extracted answer names, or None.
+
+    A letter beyond ``len(choices)`` (when choices are known) is rejected; an answer that is not
+    a letter is matched against the option texts (text first, then math-verify).
+    """
+    text = _unwrap_latex(answer)
+    match = _LETTER.fullmatch(text)
+    if match:
+        letter = next(g for g in match.groups() if g)
+        if not choices or OPTION_LETTERS.index(letter) < len(choices):
+            return letter
+        # Out of range, so not a letter: an option's text may still be "F" (WeMath has such).
+    if not choices:
+        return None
+    wanted = _normalize_text(text)
+    for i, choice in enumerate(choices):
+        if wanted and wanted == _normalize_text(choice):
+            return OPTION_LETTERS[i]
+    for i, choice in enumerate(choices):
+        if answers_match(_latexify(text), _latexify(choice)):
+            return OPTION_LETTERS[i]
+    return None
+
+
+def _trailing_letter(response: str) -> str | None:
+    lines = [line.strip() for line in response.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    match = _LONE_LETTER_LINE.fullmatch(lines[-1])
+    return match.group(1) if match else None
+
+
+def _round_to(value: str, precision: int) -> float | None:
+    try:
+        return round(float(value.replace(",", "")), precision)
+    except ValueError:
+        return None
+
+
+def _free_form_correct(extracted: str, ground_truth: str, *, precision: int | None = None) -> bool:
+    if precision is not None:
+        pred, gold = _round_to(extracted, precision), _round_to(ground_truth, precision)
+        if pred is not None and gold is not None:
+            return pred == gold
+    if answers_match(_latexify(extracted), _latexify(ground_truth)):
+        return True
+    # math-verify reads words as products of symbols; plain-text answers are compared as text.
+    wanted = _normalize_text(ground_truth)
+    return bool(wanted) and wanted == _normalize_text(extracted)
+
+
+def grade_response(
+    response: str,
+    ground_truth: str,
+    *,
+    multiple_choice: bool,
+    choices: tuple[str, ...] = (),
+    precision: int | None = None,
+) -> Grade:
+    """Grade one response; ``ground_truth`` is the option letter when ``multiple_choice``."""
+    extracted = extract_answer(response)
+    if multiple_choice:
+        letter = option_letter(extracted, choices) if extracted is not None else None
+        if letter is None and extracted is None:
+            letter = _trailing_letter(response)
+        if letter is None:
+            return Grade(extracted=extracted, prediction=None, parsed=False, correct=False)
+        return Grade(
+            extracted=extracted,
+            prediction=letter,
+            parsed=True,
+            correct=letter == ground_truth.strip().upper(),
+        )
+    if extracted is None:
+        return Grade(extracted=None, prediction=None, parsed=False, correct=False)
+    correct = _free_form_correct(extracted, ground_truth, precision=precision)
+    return Grade(extracted=extracted, prediction=extracted, parsed=True, correct=correct)
