@@ -59,10 +59,38 @@ class ModelConfig:
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision: VisionConfig | None = None
+    # Language-model layer modules: `auto` is Transformer Engine when a GPU and TE are present,
+    # else the local (plain torch) spec; see `models.qwen25_vl.provider.layer_backend`.
+    layer_backend: Literal["auto", "local", "transformer_engine"] = "auto"
 
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """FP8 (through Transformer Engine) for the language model's transformer layers only.
+
+    The vision tower, the merger, the embedding and the output layer stay in `model.params_dtype`
+    (bf16). Field names and defaults are Megatron-Core's `TransformerConfig` ones, so each maps
+    onto the language `TransformerConfig` unchanged (TE's own DelayedScaling defaults differ:
+    amax history 1024, algo `max`; set them here if wanted).
+    """
+
+    fp8: Literal["e4m3", "hybrid"] | None = None  # hybrid: e4m3 forward, e5m2 gradients
+    # delayed: amax history; tensorwise: per-tensor current scaling; mxfp8: Blackwell only;
+    # blockwise: 1x128 / 128x128 block scaling.
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1  # delayed recipe only
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"  # delayed recipe only
+    fp8_wgrad: bool = True  # false: weight gradients in bf16
+    fp8_param: bool = False  # keep GEMM weights in fp8 (TE decides which)
+    # Keep the first / last N language layers in bf16 (not with the delayed recipe).
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
 
 
 @dataclass(kw_only=True)
@@ -124,6 +152,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     @property
     def model_parallel_size(self) -> int:

@@ -7,7 +7,14 @@ All failures are collected and reported together.
 
 from __future__ import annotations
 
-from megatron_revisual.config.schema import RunConfig
+import dataclasses
+from typing import Literal
+
+from megatron_revisual.config.schema import PrecisionConfig, RunConfig
+
+LayerBackend = Literal["local", "transformer_engine"]
+FP8_FORMATS = ["e4m3", "hybrid"]
+FP8_RECIPES_WITH_BF16_EDGES = ["tensorwise", "mxfp8", "blockwise"]
 
 
 class ConfigValidationError(ValueError):
@@ -153,5 +160,91 @@ def validate_config(cfg: RunConfig) -> None:
     if o.clip_grad < 0:
         problems.append(f"optim.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
 
+    problems += _precision_problems(cfg)
+
     if problems:
         raise ConfigValidationError(problems)
+
+
+def _precision_problems(cfg: RunConfig) -> list[str]:
+    """FP8 runs through Transformer Engine in bf16 training; options that would have no effect
+    are errors (no dead flags)."""
+    pr, m = cfg.precision, cfg.model
+    defaults = PrecisionConfig()
+    changed = [
+        f.name for f in dataclasses.fields(pr)
+        if f.name != "fp8" and getattr(pr, f.name) != getattr(defaults, f.name)
+    ]
+    if pr.fp8 is None:
+        return [
+            f"precision.{name}={getattr(pr, name)!r} has no effect while precision.fp8 is null; "
+            f"set precision.fp8 to one of {FP8_FORMATS} or leave it out"
+            for name in changed
+        ]
+    problems = []
+    if m.layer_backend == "local":
+        problems.append(
+            f"precision.fp8={pr.fp8!r} runs through Transformer Engine but model.layer_backend='local'; "
+            "use one of ['auto', 'transformer_engine']"
+        )
+    if m.params_dtype != "bf16":
+        problems.append(f"precision.fp8={pr.fp8!r} needs model.params_dtype='bf16'; got {m.params_dtype!r}")
+    if pr.fp8_recipe != "delayed":
+        problems += [
+            f"precision.{name}={getattr(pr, name)!r} only applies to precision.fp8_recipe='delayed' "
+            f"(got {pr.fp8_recipe!r})"
+            for name in ("fp8_amax_history_len", "fp8_amax_compute_algo") if name in changed
+        ]
+    if pr.fp8_amax_history_len < 1:
+        problems.append(f"precision.fp8_amax_history_len={pr.fp8_amax_history_len} must be >= 1")
+    if pr.fp8_margin < 0:
+        problems.append(f"precision.fp8_margin={pr.fp8_margin} must be >= 0")
+    if pr.first_last_layers_bf16:
+        if pr.fp8_recipe == "delayed":
+            problems.append(
+                "precision.first_last_layers_bf16=true is not supported with precision.fp8_recipe='delayed'; "
+                f"use one of {FP8_RECIPES_WITH_BF16_EDGES}"
+            )
+        # Megatron-Core's bound: at most one stage's worth of layers at either end.
+        per_stage = m.num_layers // max(cfg.parallel.pipeline_model_parallel_size, 1)
+        for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+            value = getattr(pr, name)
+            if not 0 <= value <= per_stage:
+                problems.append(f"precision.{name}={value} must be in [0, {per_stage}] (layers per pipeline stage)")
+    else:
+        problems += [
+            f"precision.{name}={getattr(pr, name)} has no effect while precision.first_last_layers_bf16 is false"
+            for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16") if name in changed
+        ]
+    return problems
+
+
+def resolve_layer_backend(cfg: RunConfig, *, cuda_available: bool, te_installed: bool) -> LayerBackend:
+    """The language model's layer backend on a machine with these facts (`auto`: Transformer
+    Engine when a GPU and TE are both present). Kept apart from `validate_config`, which also runs
+    on machines that only prepare a GPU job, and free of probing so it can be tested anywhere."""
+    requested = cfg.model.layer_backend
+    missing = []
+    if not cuda_available:
+        missing.append("no CUDA device is visible (torch.cuda.is_available() is False)")
+    if not te_installed:
+        missing.append("transformer_engine is not installed (the project's `gpu` extra)")
+    if requested == "local":
+        backend: LayerBackend = "local"
+    elif requested == "transformer_engine":
+        if missing:
+            raise ConfigValidationError(
+                [f"model.layer_backend='transformer_engine' cannot run here: {'; '.join(missing)}; "
+                 "use model.layer_backend='auto' or 'local'"]
+            )
+        backend = "transformer_engine"
+    else:
+        backend = "local" if missing else "transformer_engine"
+    fp8 = cfg.precision.fp8
+    if fp8 is not None and backend != "transformer_engine":
+        why = "; ".join(missing) or "model.layer_backend='local'"
+        raise ConfigValidationError(
+            [f"precision.fp8={fp8!r} needs the transformer_engine layer backend, but model.layer_backend="
+             f"{requested!r} resolves to 'local' here ({why}); set precision.fp8=null to run without a GPU"]
+        )
+    return backend

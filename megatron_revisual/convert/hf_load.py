@@ -66,14 +66,22 @@ def mapping_context(model: ModelConfig, tp_size: int) -> MappingContext:
     )
 
 
-def model_rules(model: ModelConfig) -> dict[str, Rule]:
+def model_rules(model: ModelConfig, layer_backend: str = "local") -> dict[str, Rule]:
+    """The mapping's rules for this model config, by Megatron name."""
     rules = qwen25_vl_rules(
         num_layers=model.num_layers,
         vision_depth=model.vision.depth if model.vision is not None else None,
         tie_word_embeddings=model.tie_word_embeddings,
         text_only=model.vision is None,
+        layer_backend=layer_backend,
     )
     return {r.megatron: r for r in rules}
+
+
+def model_layer_backend(model: torch.nn.Module) -> str:
+    """Which layer spec built `model`: Transformer Engine fuses the norms into the linears."""
+    te = any(name.endswith("linear_qkv.layer_norm_weight") for name, _ in model.named_parameters())
+    return "transformer_engine" if te else "local"
 
 
 _LM_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.*)$")
@@ -98,7 +106,7 @@ def load_hf_weights(
     model: torch.nn.Module, reader: SafetensorsReader, model_cfg: ModelConfig, *, tp_rank: int, tp_size: int
 ) -> int:
     """Copy the HF checkpoint into this rank's parameters; returns how many were filled."""
-    rules = model_rules(model_cfg)
+    rules = model_rules(model_cfg, model_layer_backend(model))
     ctx = mapping_context(model_cfg, tp_size)
     params = dict(model.named_parameters())
     filled = 0

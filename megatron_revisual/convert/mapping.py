@@ -3,7 +3,8 @@
 A `Rule` names a Megatron parameter (global layer numbers), the HF tensor(s) it is made of and a
 `Kind` saying how the layouts relate. `to_megatron` turns HF tensors into one tensor-parallel
 rank's shard; `to_hf` turns the shards of all TP ranks back into the HF tensors. The same table
-serves in-memory loading, the converter and streaming weights to the inference engine.
+serves in-memory loading, the converter and streaming weights to the inference engine, for the
+local and the Transformer Engine layer specs alike (`te_names` renames the fused norm weights).
 
 Kinds (TP = tensor-parallel size, r = rank):
 - REPLICATED: identical on every rank (norms, row-parallel biases).
@@ -22,8 +23,11 @@ Kinds (TP = tensor-parallel size, r = rank):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -179,14 +183,50 @@ def to_hf_patch(weight: torch.Tensor, in_channels: int, temporal_patch: int, pat
     return weight.reshape(weight.shape[0], in_channels, temporal_patch, patch, patch)
 
 
+# Transformer Engine's spec fuses each pre-norm into the linear after it (LayerNormLinear), so
+# the norm weight lives in that module; layouts are unchanged, only names move. Language-model
+# layers only: the vision tower keeps its own spec on every backend.
+TE_LANGUAGE_LAYER_RENAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+_LANGUAGE_LAYER = re.compile(r"^(language_model\.decoder\.layers\.\d+)\.(.+)$")
+
+
+def te_names(rules: list[Rule]) -> list[Rule]:
+    """`rules` (local-spec names) with the Megatron names the Transformer Engine spec gives."""
+    renamed = []
+    for rule in rules:
+        match = _LANGUAGE_LAYER.match(rule.megatron)
+        if match and match.group(2) in TE_LANGUAGE_LAYER_RENAMES:
+            rule = dataclasses.replace(rule, megatron=f"{match.group(1)}.{TE_LANGUAGE_LAYER_RENAMES[match.group(2)]}")
+        renamed.append(rule)
+    return renamed
+
+
 def qwen25_vl_rules(
-    *, num_layers: int, vision_depth: int | None, tie_word_embeddings: bool, text_only: bool = False
+    *,
+    num_layers: int,
+    vision_depth: int | None,
+    tie_word_embeddings: bool,
+    text_only: bool = False,
+    layer_backend: Literal["local", "transformer_engine"] = "local",
 ) -> list[Rule]:
     """Every rule of a Qwen2.5-VL (or, with text_only, Qwen2) model, global layer numbers.
 
-    Megatron names are those of our model: `language_model.*` (Megatron GPTModel, local spec)
-    and `vision_model.*`. HF names are the checkpoint (Hub) names: `model.*`, `lm_head.*`, `visual.*`.
+    Megatron names are those of our model: `language_model.*` (Megatron GPTModel) and
+    `vision_model.*`, as the language model's `layer_backend` names them (see `te_names`).
+    HF names are the checkpoint (Hub) names: `model.*`, `lm_head.*`, `visual.*`.
     """
+    if layer_backend not in ("local", "transformer_engine"):
+        raise ValueError(f"layer_backend={layer_backend!r}; use 'local' or 'transformer_engine'")
+    rules = _local_rules(num_layers, vision_depth, tie_word_embeddings, text_only)
+    return te_names(rules) if layer_backend == "transformer_engine" else rules
+
+
+def _local_rules(
+    num_layers: int, vision_depth: int | None, tie_word_embeddings: bool, text_only: bool
+) -> list[Rule]:
     lm = "language_model"
     rules = [Rule(f"{lm}.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Kind.VOCAB)]
     for i in range(num_layers):

@@ -21,15 +21,22 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_revisual.parallel.norm import RMSNorm
 
 
-def local_gpt_layer_spec(*, qk_layernorm: bool = False) -> ModuleSpec:
-    """One transformer layer: local linear/attention modules, RMSNorm in every norm slot."""
+def local_gpt_layer_spec(
+    *, qk_layernorm: bool = False, core_attention: type | None = None
+) -> ModuleSpec:
+    """One transformer layer: local linear/attention modules, RMSNorm in every norm slot.
+    `core_attention` replaces Megatron's `DotProductAttention` (which refuses packed rows),
+    e.g. `models.qwen25_vl.packed_attention.PackedCausalAttention`."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     attention = spec.submodules.self_attention
     qk_norm = RMSNorm if qk_layernorm else IdentityOp
     attention = dataclasses.replace(
         attention,
         submodules=dataclasses.replace(
-            attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm
+            attention.submodules,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+            core_attention=core_attention or attention.submodules.core_attention,
         ),
     )
     submodules = dataclasses.replace(
@@ -46,10 +53,11 @@ def local_gpt_block_spec(
     *,
     vp_stage: int | None = None,
     pp_rank: int | None = None,
+    core_attention: type | None = None,
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage (counted from `config` and the parallel state) plus
     RMSNorm as the final norm; q/k norms follow `config.qk_layernorm`, which is also what
-    Megatron reads to all-reduce their grads."""
+    Megatron reads to all-reduce their grads; `core_attention` as in `local_gpt_layer_spec`."""
     if config.pipeline_model_parallel_layout is not None:
         raise NotImplementedError(
             "local_gpt_block_spec splits layers evenly; pipeline_model_parallel_layout is not supported"
@@ -59,5 +67,5 @@ def local_gpt_block_spec(
             f"local_gpt_block_spec uses RMSNorm but config.normalization={config.normalization!r}"
         )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    layer = local_gpt_layer_spec(qk_layernorm=config.qk_layernorm)
+    layer = local_gpt_layer_spec(qk_layernorm=config.qk_layernorm, core_attention=core_attention)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)

@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_revisual.config.schema import ModelConfig
+from megatron_revisual.models.qwen25_vl.packed_attention import check_packed_mrope
 from megatron_revisual.models.qwen25_vl.vision import Qwen25VisionModel
 
 
@@ -131,7 +132,11 @@ class Qwen25VLModel(MegatronModule):
         packed_seq_params: PackedSeqParams | None = None,
     ) -> Tensor:
         """Per-token loss [batch, seq] when `labels` are given, else logits [batch, seq, vocab/TP]
-        (last stage), or this stage's hidden states (other stages)."""
+        (last stage), or this stage's hidden states (other stages).
+
+        Packed rows (batch 1, `packed_seq_params.qkv_format="thd"`, see data.packing) take
+        position_ids [3, 1, T] covering the padded row, so Megatron applies M-RoPE per token."""
+        check_packed_mrope(self.config, position_ids, packed_seq_params)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(

@@ -61,6 +61,76 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
 }
 
 
+def hf_config_dict(model: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face config.json of `model` (the inverse of `model_fields_from_hf`).
+
+    Qwen2.5-VL in transformers 5's layout (text fields under `text_config`, as `save_pretrained`
+    writes them; `model_fields_from_hf` also reads the released flat layout), or a flat Qwen2
+    config for a text-only model. `Qwen2_5_VLConfig(**d)` / `Qwen2Config(**d)` build it. Token ids
+    that belong to the tokenizer (bos/eos/pad, vision start/end) are left to transformers'
+    defaults, which are Qwen's; a converter should copy them from the source checkpoint.
+    """
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(model.rotary_base)}
+    text: dict[str, Any] = {
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.layernorm_epsilon,
+        "use_sliding_window": False,
+        "max_window_layers": model.num_layers,
+        "attention_dropout": 0.0,
+        "rope_parameters": rope,
+    }
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[model.params_dtype]
+    if model.vision is None:
+        if model.kv_channels is not None:  # Qwen2 reads head_dim from its config
+            text["head_dim"] = model.kv_channels
+        return {
+            "model_type": "qwen2",
+            "architectures": ["Qwen2ForCausalLM"],
+            **text,
+            "tie_word_embeddings": model.tie_word_embeddings,
+            "dtype": dtype,
+        }
+    # transformers' Qwen2.5-VL text attention always uses hidden_size // heads as head_dim.
+    if model.head_dim != model.hidden_size // model.num_attention_heads:
+        raise ValueError(
+            f"model.kv_channels={model.kv_channels} differs from hidden_size // num_attention_heads = "
+            f"{model.hidden_size // model.num_attention_heads}, which HF Qwen2.5-VL cannot express"
+        )
+    rope["mrope_section"] = list(model.mrope_section)
+    v = model.vision
+    return {
+        "model_type": "qwen2_5_vl",
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": {
+            "depth": v.depth,
+            "hidden_size": v.hidden_size,
+            "num_heads": v.num_heads,
+            "intermediate_size": v.intermediate_size,
+            "hidden_act": "silu",
+            "in_channels": v.in_channels,
+            "patch_size": v.patch_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "tokens_per_second": v.tokens_per_second,
+            "out_hidden_size": model.hidden_size,
+        },
+        "image_token_id": model.image_token_id,
+        "video_token_id": model.video_token_id,
+        "tie_word_embeddings": model.tie_word_embeddings,
+        "dtype": dtype,
+    }
+
+
 def model_fields_from_hf(hf_dir: str | Path) -> dict[str, Any]:
     """ModelConfig fields read from an HF Qwen2.5-VL or Qwen2 checkpoint's config.json."""
     path = Path(hf_dir) / "config.json"

@@ -2,21 +2,56 @@
 
 The Qwen2 decoder is Megatron's GPT with RMSNorm, SwiGLU, GQA with QKV bias and no other
 linear biases, M-RoPE (plain rope for text-only Qwen2), theta 1e6. Layer specs are picked by
-the backend: the local spec with our SP-capable RMSNorm on CPU; the Transformer Engine spec
-on GPU is not written yet and raises.
+the backend: the local spec with our SP-capable RMSNorm on CPU, whose language-model attention
+is `PackedCausalAttention` (SDPA; padded batches and packed THD rows alike); the Transformer
+Engine spec (`te_specs.py`, fused layernorm-linear, TE attention with THD) on a GPU with TE,
+chosen by `layer_backend`. FP8 (`cfg.precision`) goes into the language `TransformerConfig`
+only; the vision tower's config never gets it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_revisual.config.schema import RunConfig
+from megatron_revisual.config.schema import PrecisionConfig, RunConfig
+from megatron_revisual.config.validate import LayerBackend, resolve_layer_backend
 from megatron_revisual.convert.mapping import padded_vocab_size
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def layer_backend(cfg: RunConfig) -> LayerBackend:
+    """The language model's layer backend on this machine: `cfg.model.layer_backend`, with `auto`
+    meaning Transformer Engine when a GPU is visible and TE is installed. Raises
+    ConfigValidationError when the request (or FP8) cannot run here. Never imports TE."""
+    cuda = torch.cuda.is_available()
+    # find_spec locates the package without importing it (and is skipped without a GPU).
+    te = cuda and importlib.util.find_spec("transformer_engine") is not None
+    return resolve_layer_backend(cfg, cuda_available=cuda, te_installed=te)
+
+
+def fp8_fields(precision: PrecisionConfig) -> dict[str, Any]:
+    """The language `TransformerConfig`'s FP8 fields; empty without FP8 (Megatron's defaults)."""
+    if precision.fp8 is None:
+        return {}
+    p = precision
+    return {
+        "fp8": p.fp8,
+        "fp8_recipe": p.fp8_recipe,
+        "fp8_margin": p.fp8_margin,
+        "fp8_amax_history_len": p.fp8_amax_history_len,
+        "fp8_amax_compute_algo": p.fp8_amax_compute_algo,
+        "fp8_wgrad": p.fp8_wgrad,
+        "fp8_param": p.fp8_param,
+        "first_last_layers_bf16": p.first_last_layers_bf16,
+        "num_layers_at_start_in_bf16": p.num_layers_at_start_in_bf16,
+        "num_layers_at_end_in_bf16": p.num_layers_at_end_in_bf16,
+    }
 
 
 def transformer_config(cfg: RunConfig) -> TransformerConfig:
@@ -50,6 +85,8 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         fp16=m.params_dtype == "fp16",
         use_cpu_initialization=not torch.cuda.is_available(),
         mrope_section=list(m.mrope_section) if m.vision is not None else None,
+        # Language layers only: the vision tower, merger and output layer stay in bf16.
+        **fp8_fields(cfg.precision),
     )
 
 
@@ -58,19 +95,27 @@ def build_qwen25_vl(
 ):
     """The Qwen2.5-VL (or text-only Qwen2) model of this rank's pipeline stage, random init."""
     from megatron_revisual.models.qwen25_vl.model import Qwen25VLModel
+    from megatron_revisual.models.qwen25_vl.packed_attention import PackedCausalAttention
     from megatron_revisual.models.qwen25_vl.vision import vision_transformer_config
     from megatron_revisual.parallel.specs import local_gpt_block_spec
 
-    if torch.cuda.is_available():
-        raise NotImplementedError("the Transformer Engine layer spec for GPUs is not written yet")
+    backend = layer_backend(cfg)
     m = cfg.model
     config = transformer_config(cfg)
+    if backend == "transformer_engine":
+        from megatron_revisual.models.qwen25_vl.te_specs import te_gpt_block_spec
+
+        language_spec = te_gpt_block_spec(config, vp_stage=vp_stage)
+    else:
+        language_spec = local_gpt_block_spec(
+            config, vp_stage=vp_stage, core_attention=PackedCausalAttention
+        )
     vision_config = None
     if m.vision is not None and pre_process:
         vision_config = vision_transformer_config(m.vision, cfg.parallel, TORCH_DTYPES[m.params_dtype])
     return Qwen25VLModel(
         language_config=config,
-        language_spec=local_gpt_block_spec(config, vp_stage=vp_stage),
+        language_spec=language_spec,
         vision_config=vision_config,
         model=m,
         vocab_size=padded_vocab_size(m.vocab_size, cfg.parallel.tensor_model_parallel_size),

@@ -1,0 +1,175 @@
+"""Causal core attention for the language model on the local (non-Transformer-Engine) spec:
+padded batches, and packed (THD) rows where each sequence attends only to itself.
+
+A packed row is batch 1 holding sequences back to back, bounded by
+`packed_seq_params.cu_seqlens_q` (or `cu_seqlens_q_padded` when sequences carry padding at their
+end, e.g. for the context-parallel split or to make the row divisible for sequence
+parallelism). Each segment is one causal `scaled_dot_product_attention` call, so the work is
+sum(L_i^2), not T^2, and a token never sees another sequence. Padding sits after a segment's
+real tokens, so causality alone keeps real tokens from attending to it.
+
+Rotary embeddings under packing (why `qkv_format="thd"` is exact for M-RoPE here)
+----------------------------------------------------------------------------------
+Megatron-Core 0.16.1's GPTModel builds M-RoPE frequencies from the per-token position ids
+[3, 1, T] (`MultimodalRotaryEmbedding`: one row of frequencies per token, [T, 1, 1, d]), whatever
+the packing. The attention then calls `_apply_rotary_pos_emb_thd` with the (padded) cu_seqlens,
+which has two cases: when the frequencies cover exactly `cu_seqlens[-1]` tokens it takes
+sequence i's rows at offset cu_seqlens[i] (per-token, exact); otherwise it restarts every
+sequence at row 0 (1-D rope, wrong for images). With context parallelism 1 and
+`position_ids.shape[-1] == cu_seqlens_padded[-1]` we are always in the exact case, and
+`check_packed_mrope` enforces both, plus `apply_rope_fusion=False` (with fusion Megatron hands
+THD rope to Transformer Engine's kernel instead of the offset-aware case above). So the same PackedSeqParams (qkv_format "thd")
+serves this attention and Transformer Engine's THD attention on GPU, without the vision tower's
+trick of calling the packed row "sbhd". Under CP > 1 GPTModel slices the frequencies with the
+padded-batch rule, which is wrong for THD: that path is for the Transformer Engine spec to
+solve and is refused here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+# Megatron's local softmax fills masked scores with this value (not -inf), so a fully masked
+# row gets uniform weights instead of NaN; kept for explicit masks.
+_MASKED_SCORE = -10000.0
+
+
+def segment_bounds(packed_seq_params: PackedSeqParams) -> list[int]:
+    """The segment boundaries attention and rope use: the padded cu_seqlens when given."""
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    if cu is None:
+        raise ValueError("packed_seq_params carries neither cu_seqlens_q nor cu_seqlens_q_padded")
+    return [int(b) for b in cu.tolist()]
+
+
+class PackedCausalAttention(MegatronModule):
+    """Causal softmax attention with GQA, for padded batches and packed rows.
+
+    Drop-in for Megatron's core attention (`DotProductAttention` signature). Without
+    packed_seq_params it attends causally over each row, or with `attention_mask` (bool
+    [b, 1, sq, sk], True = masked) exactly as given, as Megatron's local attention does.
+    With packed_seq_params (qkv_format "thd": [t, heads, d]; "sbhd": [t, 1, heads, d]) it attends
+    causally within each segment of the cu_seqlens.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        if attn_mask_type is not AttnMaskType.causal:
+            raise ValueError(f"the language model's attention is causal; got attn_mask_type={attn_mask_type}")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"attention_dropout={dropout}: Qwen2.5-VL trains without attention dropout")
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"softmax_type={config.softmax_type!r} is not supported; use 'vanilla'")
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """query [s, b, heads, d], key/value [s, b, groups, d] (thd: no b) -> [s, b, heads*d]."""
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by PackedCausalAttention")
+        if self.config.context_parallel_size > 1:
+            # Each rank holds only its chunks of every sequence; attending needs the ring exchange.
+            raise NotImplementedError(
+                "context parallel attention runs through Transformer Engine's THD attention (GPU)"
+            )
+        if packed_seq_params is None:
+            return self._padded(query, key, value, attention_mask)
+        if attention_mask is not None:
+            raise ValueError("a packed row takes its segments from cu_seqlens, not an attention_mask")
+        if query.dim() == 3:  # thd: Megatron squeezed the dummy batch dimension
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+        tokens, batch = query.shape[:2]
+        if batch != 1:
+            raise ValueError(f"a packed row has batch 1, got {batch}")
+        bounds = segment_bounds(packed_seq_params)
+        if bounds[0] != 0 or bounds[-1] != tokens:
+            raise ValueError(f"cu_seqlens {bounds} do not cover the {tokens} packed tokens")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [1, heads, t, d]
+        # Each segment's output goes back to [L, 1, heads, d] before the one concatenating copy,
+        # so the result is already in Megatron's [t, 1, heads * d] layout.
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                    is_causal=True, scale=self.softmax_scale, enable_gqa=True,
+                ).permute(2, 0, 1, 3)
+                for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+                if e > s
+            ],
+            dim=0,
+        )
+        return out.view(tokens, 1, -1)
+
+    def _padded(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        sq, b = query.shape[:2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        if mask is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=sq > 1, scale=self.softmax_scale, enable_gqa=True
+            )
+        else:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, _MASKED_SCORE)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, scale=self.softmax_scale, enable_gqa=True
+            )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def check_packed_mrope(
+    config: TransformerConfig, position_ids: torch.Tensor, packed_seq_params: PackedSeqParams | None
+) -> None:
+    """Refuse packed inputs for which Megatron would silently apply 1-D rope per sequence
+    (see the module docstring): the frequencies must cover exactly the padded packed row."""
+    if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+        return
+    if config.mrope_section is None:
+        return  # plain rope numbers every sequence from 0, which is what Qwen2 does
+    if config.apply_rope_fusion:
+        raise ValueError(
+            "apply_rope_fusion=True sends THD rope to Transformer Engine's fused kernel, not Megatron's "
+            "per-token (offset) path that M-RoPE needs: set apply_rope_fusion=False for packed batches"
+        )
+    if config.context_parallel_size > 1:
+        # GPTModel slices the M-RoPE frequencies with the padded-batch CP rule; the attention
+        # would need them unsliced ([T] per token) to pick each sequence's CP chunks exactly.
+        raise NotImplementedError(
+            "packed M-RoPE under context parallelism: Megatron-Core 0.16.1 slices the M-RoPE "
+            "frequencies per CP rank as if the row were one sequence, which is wrong for THD"
+        )
+    total = segment_bounds(packed_seq_params)[-1]
+    if position_ids.dim() != 3 or position_ids.shape[1] != 1 or position_ids.shape[-1] != total:
+        raise ValueError(
+            f"packed M-RoPE position_ids must be [3, 1, {total}] (the padded packed row), got "
+            f"{tuple(position_ids.shape)}"
+        )
