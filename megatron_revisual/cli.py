@@ -6,6 +6,7 @@
     revisual eval --model-name NAME --openai-base-url URL --dataset-dir DIR --datasets all
     revisual serve MODEL_DIR [--port 8000]
     revisual infer --model DIR --image PATH --question TEXT
+    revisual convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M]   (also mcore-to-hf, verify)
 
 Heavy imports (torch, megatron, vllm) happen inside the subcommands so `--help` and config
 checks stay fast.
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "megatron_revisual.evaluation.runner", "ReVisual benchmarks through an OpenAI-compatible endpoint"),
         ("serve", "megatron_revisual.serving", "vLLM's OpenAI-compatible server for an HF model directory"),
         ("infer", "megatron_revisual.rollout.infer", "one-shot generation for an image and a question"),
+        ("convert", "megatron_revisual.convert.cli", "HF <-> Megatron distributed checkpoints, and verify"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=_lazy_command(module, name))

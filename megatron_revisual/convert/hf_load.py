@@ -7,12 +7,10 @@ a missing HF tensor or a shape mismatch is an error naming both sides.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
 
 from megatron_revisual.config.schema import ModelConfig
 from megatron_revisual.convert.mapping import (
@@ -23,33 +21,10 @@ from megatron_revisual.convert.mapping import (
     qwen25_vl_rules,
     to_megatron,
 )
+from megatron_revisual.convert.safetensors_io import HFCheckpoint
 
-
-class SafetensorsReader:
-    """HF checkpoint tensors by name, from model.safetensors or a sharded index."""
-
-    def __init__(self, hf_dir: str | Path) -> None:
-        self.dir = Path(hf_dir)
-        index = self.dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.dir / "model.safetensors").exists():
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-        else:
-            raise FileNotFoundError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
-        self.weight_map: dict[str, str] = weight_map
-
-    def keys(self) -> set[str]:
-        return set(self.weight_map)
-
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            file = self.weight_map[name]
-        except KeyError:
-            raise KeyError(f"{self.dir}: tensor {name!r} is missing from the checkpoint") from None
-        with safe_open(self.dir / file, "pt") as f:
-            return f.get_tensor(name)
+# The one reader of HF checkpoints (lazy, one tensor at a time, named errors).
+SafetensorsReader = HFCheckpoint
 
 
 def mapping_context(model: ModelConfig, tp_size: int) -> MappingContext:
@@ -66,21 +41,28 @@ def mapping_context(model: ModelConfig, tp_size: int) -> MappingContext:
     )
 
 
-def model_rules(model: ModelConfig, layer_backend: str = "local") -> dict[str, Rule]:
-    """The mapping's rules for this model config, by Megatron name."""
-    rules = qwen25_vl_rules(
+def model_rule_list(model: ModelConfig, layer_backend: str = "local") -> list[Rule]:
+    """The mapping's rules for this model config, in mapping (export) order."""
+    return qwen25_vl_rules(
         num_layers=model.num_layers,
         vision_depth=model.vision.depth if model.vision is not None else None,
         tie_word_embeddings=model.tie_word_embeddings,
         text_only=model.vision is None,
         layer_backend=layer_backend,
     )
-    return {r.megatron: r for r in rules}
 
 
-def model_layer_backend(model: torch.nn.Module) -> str:
-    """Which layer spec built `model`: Transformer Engine fuses the norms into the linears."""
-    te = any(name.endswith("linear_qkv.layer_norm_weight") for name, _ in model.named_parameters())
+def model_rules(model: ModelConfig, layer_backend: str = "local") -> dict[str, Rule]:
+    """The mapping's rules for this model config, by Megatron name."""
+    return {r.megatron: r for r in model_rule_list(model, layer_backend)}
+
+
+def model_layer_backend(param_names: Iterable[str]) -> str:
+    """Which layer spec built a model: Transformer Engine fuses the norms into the linears."""
+    te = any(
+        n.startswith("language_model.decoder.layers.") and n.endswith("layer_norm_weight")
+        for n in param_names
+    )
     return "transformer_engine" if te else "local"
 
 
@@ -106,9 +88,9 @@ def load_hf_weights(
     model: torch.nn.Module, reader: SafetensorsReader, model_cfg: ModelConfig, *, tp_rank: int, tp_size: int
 ) -> int:
     """Copy the HF checkpoint into this rank's parameters; returns how many were filled."""
-    rules = model_rules(model_cfg, model_layer_backend(model))
-    ctx = mapping_context(model_cfg, tp_size)
     params = dict(model.named_parameters())
+    rules = model_rules(model_cfg, model_layer_backend(params))
+    ctx = mapping_context(model_cfg, tp_size)
     filled = 0
     for local, name in global_param_names(model).items():
         rule = rules.get(name)

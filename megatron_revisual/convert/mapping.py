@@ -157,6 +157,10 @@ def _split_hf_fused(t: torch.Tensor, a: AttentionShape) -> list[torch.Tensor]:
     return list(t.split([a.num_heads * a.head_dim, a.num_query_groups * a.head_dim, a.num_query_groups * a.head_dim]))
 
 
+def _cat(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim=dim)
+
+
 def to_hf(rule: Rule, shards: list[torch.Tensor], ctx: MappingContext) -> list[torch.Tensor]:
     """The HF tensors of `rule` from the shards of all TP ranks (in rank order)."""
     if len(shards) != ctx.tp_size:
@@ -166,12 +170,14 @@ def to_hf(rule: Rule, shards: list[torch.Tensor], ctx: MappingContext) -> list[t
         return [shards[0]]
     if k is Kind.PATCH:
         raise ValueError(f"{rule.megatron}: PATCH needs the HF kernel shape; use to_hf_patch")
+    # A single shard is returned as a view: a streaming export then holds 1x the largest
+    # tensor (the 1 GB embedding of 7B), not 2x.
     if k is Kind.COLUMN:
-        return [torch.cat(shards, dim=0)]
+        return [_cat(shards, 0)]
     if k is Kind.ROW:
-        return [torch.cat(shards, dim=1)]
+        return [_cat(shards, 1)]
     if k is Kind.VOCAB:
-        return [torch.cat(shards, dim=0)[: ctx.vocab_size]]
+        return [_cat(shards, 0)[: ctx.vocab_size]]
     if k is Kind.GATE_UP:
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
