@@ -98,7 +98,8 @@ def validate_config(cfg: RunConfig) -> None:
         bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
         if bad:
             problems.append(f"model.vision.fullatt_block_indexes={v.fullatt_block_indexes}: {bad} outside [0, {v.depth})")
-    if m.head_dim % 2 or 2 * sum(m.mrope_section) != m.head_dim:
+    # M-RoPE applies only with a vision tower; a text-only Qwen2 uses plain rope.
+    if m.vision is not None and (m.head_dim % 2 or 2 * sum(m.mrope_section) != m.head_dim):
         problems.append(
             f"model.mrope_section={m.mrope_section} must sum to head_dim/2={m.head_dim // 2} "
             f"(head_dim={m.head_dim})"

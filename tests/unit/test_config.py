@@ -138,3 +138,16 @@ def test_cli_config_exit_codes(capsys):
     assert "# layout: world 8 = TP 2 x PP 1 x CP 1 x DP 4" in capsys.readouterr().out
     assert main(["config", str(SEVEN_B), "parallel.tensor_model_parallel_size=8"]) == 2
     assert "use one of [1, 2, 4]" in capsys.readouterr().err
+
+
+def test_text_only_model_skips_mrope_check():
+    # a Qwen2 config.json has no mrope_section; the preset default [16, 24, 24] must not be checked
+    cfg = config_from_dict({"model": {"preset": "qwen25_vl_3b", "vision": None, "kv_channels": 32,
+                                      "num_attention_heads": 16, "hidden_size": 512}})
+    assert cfg.model.vision is None
+    from megatron_revisual.config import validate_config
+
+    validate_config(cfg)
+    with pytest.raises(ConfigValidationError, match="mrope_section"):
+        validate_config(config_from_dict({"model": {"preset": "qwen25_vl_3b", "kv_channels": 32,
+                                                    "num_attention_heads": 16, "hidden_size": 512}}))

