@@ -55,10 +55,8 @@ from megatron_revisual.convert.export import (
 )
 from megatron_revisual.convert.hf_load import global_param_names, mapping_context
 from megatron_revisual.convert.hf_write import (
-    check_output_target,
     config_mismatches,
     copy_side_files,
-    staged_output_dir,
     write_hf_side_files,
     write_hf_weights,
 )
@@ -69,6 +67,7 @@ from megatron_revisual.convert.safetensors_io import (
     HFCheckpoint,
     TensorSpec,
 )
+from megatron_revisual.staged_dir import check_output_target, staged_output_dir
 
 MODEL_META_FILE = "revisual_model.json"
 HF_FILES_DIR = "hf_files"

@@ -1,4 +1,4 @@
-"""Writing a Hugging Face model directory, and the staging that makes every output all-or-nothing.
+"""Writing a Hugging Face model directory (staged with `megatron_revisual.staged_dir`).
 
     with staged_output_dir(out, overwrite=False) as tmp:      # .<name>.partial-XXXX beside out
         write_hf_weights(tmp, specs, tensor_stream)            # safetensors shards + index
@@ -13,11 +13,9 @@ written from `hf_config_dict` when there is none.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -36,45 +34,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 _WEIGHT_FILES = {INDEX_FILE, "pytorch_model.bin.index.json"}
 # Architecture fields compared between a config.json and the model being written.
 _IGNORED_FIELDS = {"name", "hf_path", "params_dtype", "layer_backend"}
-
-
-def check_output_target(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out} already exists and is not empty; pass --overwrite to replace it"
-        )
-
-
-@contextlib.contextmanager
-def staged_output_dir(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """A fresh hidden directory beside `out_dir`, renamed to `out_dir` when the block succeeds
-    and deleted when it raises; an existing `out_dir` is replaced only after the new one is
-    complete (and only with overwrite=True)."""
-    out = Path(out_dir).expanduser().resolve()
-    check_output_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)
-    try:
-        yield staging
-        check_output_target(out, overwrite)  # another writer may have filled it meanwhile
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            try:
-                staging.rename(out)
-            except BaseException:
-                (old / out.name).rename(out)
-                old.rmdir()
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def side_files(src_dir: str | Path) -> list[Path]:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from megatron_revisual.staged_dir import staged_output_dir
 from megatron_revisual.testing import tiny_tokenizer
 
 if TYPE_CHECKING:
@@ -313,36 +312,6 @@ def make_tiny_checkpoint(
     crash never leaves a half-written checkpoint; with overwrite=True an existing `out_dir` is
     replaced only after the new one is complete. Returns the resolved `out_dir`.
     """
-    out = Path(out_dir).expanduser().resolve()
-
-    def check_target() -> None:
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"{out} already exists and is not empty; pass overwrite=True to replace it"
-            )
-
-    check_target()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would survive the rename
-    try:
+    with staged_output_dir(out_dir, overwrite=overwrite, overwrite_hint="overwrite=True") as staging:
         _write_checkpoint(staging, text_only=text_only, seed=seed, spec=spec)
-        check_target()  # another writer may have filled it meanwhile
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            try:
-                staging.rename(out)
-            except BaseException:
-                (old / out.name).rename(out)  # put the previous checkpoint back
-                old.rmdir()
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser().resolve()

@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_revisual.convert.cli import parse_size
-from megatron_revisual.convert.hf_write import staged_output_dir
 from megatron_revisual.convert.safetensors_io import (
     INDEX_FILE,
     ConvertError,
@@ -18,6 +17,7 @@ from megatron_revisual.convert.safetensors_io import (
     TensorSpec,
     plan_shards,
 )
+from megatron_revisual.staged_dir import staged_output_dir
 
 
 def _tensors() -> dict[str, torch.Tensor]:
