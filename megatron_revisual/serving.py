@@ -12,9 +12,9 @@ vLLM flag goes through ``--vllm-args="..."`` unchanged.
     # GPUs:
     revisual serve /ckpt/Revisual-R1-final --tensor-parallel-size 4 --port 8000
 
-MODEL_DIR must be a Hugging Face directory (config.json + *.safetensors). A Megatron checkpoint
-is refused with an error that says so: exporting it to HF belongs to the conversion issue
-(`revisual convert`), which does not exist yet.
+MODEL_DIR is a Hugging Face directory (config.json + *.safetensors) or a Megatron checkpoint
+(converted or written by training), which is first exported to HF with `revisual convert
+mcore-to-hf` into --export-dir (default: MODEL_DIR + "_hf"; an existing complete export is reused).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "build_server_command",
     "check_model_dir",
     "run_serve",
+    "servable_model_dir",
 ]
 
 _CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -81,10 +82,9 @@ def check_model_dir(model_dir: str | Path) -> Path:
     marker = _megatron_marker(path)
     if marker:
         raise ModelDirError(
-            f"{path} is a Megatron checkpoint (found {marker}); `revisual serve` needs a Hugging "
-            "Face directory (config.json + *.safetensors). Export to HF comes with the "
-            "conversion issue (`revisual convert`); export the checkpoint there first and "
-            "serve the exported directory."
+            f"{path} is a Megatron checkpoint (found {marker}); vLLM needs a Hugging Face "
+            "directory (config.json + *.safetensors): export it with `revisual convert "
+            "mcore-to-hf` (`revisual serve` does that itself)"
         )
     missing = [
         n for n, ok in (("config.json", has_config), ("*.safetensors", has_weights)) if not ok
@@ -92,6 +92,27 @@ def check_model_dir(model_dir: str | Path) -> Path:
     raise ModelDirError(
         f"{path}: not a Hugging Face model directory, missing {' and '.join(missing)}"
     )
+
+
+def servable_model_dir(model_dir: str | Path, export_dir: str | Path | None = None) -> Path:
+    """An HF directory vLLM can serve: `model_dir` itself, or the HF export of a Megatron
+    checkpoint (written to `export_dir`, default MODEL_DIR + "_hf", reused when complete)."""
+    path = Path(model_dir).expanduser().resolve()
+    try:
+        return check_model_dir(path)
+    except ModelDirError:
+        if not path.is_dir() or _megatron_marker(path) is None:
+            raise
+    out = Path(export_dir).expanduser().resolve() if export_dir else path.with_name(path.name + "_hf")
+    try:
+        return check_model_dir(out)
+    except ModelDirError:
+        pass
+    from megatron_revisual.convert.dist_ckpt import convert_mcore_to_hf
+
+    print(f"exporting Megatron checkpoint {path} to {out}", flush=True)
+    convert_mcore_to_hf(path, out)
+    return check_model_dir(out)
 
 
 def _has_chat_template(path: Path) -> bool:
@@ -238,7 +259,11 @@ class VLLMServer:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `revisual serve`."""
     p = parser
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("model_dir", type=Path, help="Hugging Face directory or Megatron checkpoint")
+    p.add_argument(
+        "--export-dir", type=Path, default=None,
+        help='where a Megatron checkpoint is exported to HF (default: MODEL_DIR + "_hf")',
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -263,8 +288,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """`revisual serve`: run vLLM's server in the foreground until it exits or is interrupted."""
     try:
+        model_dir = servable_model_dir(args.model_dir, args.export_dir)
         cmd = build_server_command(
-            args.model_dir,
+            model_dir,
             host=args.host,
             port=args.port,
             served_model_name=args.served_model_name,
@@ -274,7 +300,14 @@ def run_serve(args: argparse.Namespace) -> int:
             chat_template=args.chat_template,
             extra_args=shlex.split(args.vllm_args),
         )
-    except ModelDirError as e:
+    except (ModelDirError, FileExistsError) as e:
+        print(f"revisual serve: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a failed export names the checkpoint file / tensor itself
+        from megatron_revisual.convert.safetensors_io import ConvertError
+
+        if not isinstance(e, ConvertError):
+            raise
         print(f"revisual serve: error: {e}", file=sys.stderr)
         return 2
     print(shlex.join(cmd), flush=True)

@@ -85,9 +85,12 @@ def test_run_serve_dry_run_and_error(tmp_path, capsys):
     assert run_serve(args) == 0
     out = capsys.readouterr().out
     assert "--port 9001" in out and out.rstrip().endswith("--enforce-eager --max-num-seqs 4")
+    # looks like a Megatron checkpoint, so serve tries to export it, and the export names the problem
     (tmp_path / "ckpt" / "iter_0000001").mkdir(parents=True)
     assert run_serve(parser.parse_args([str(tmp_path / "ckpt"), "--dry-run"])) == 2
-    assert "Megatron checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'ckpt'}" in err and "not a Megatron distributed checkpoint" in err
+    assert not (tmp_path / "ckpt_hf").exists()
 
 
 def test_split_and_format_responses():
