@@ -8,11 +8,21 @@ Vision embeddings replace the image / video placeholder tokens in the token embe
 full sequence, before the sequence-parallel scatter and before any context-parallel split,
 so every rank's slice already holds them. Position ids are M-RoPE's [3, batch, seq] from
 `rope_index` (plain [batch, seq] for a text-only Qwen2 model).
+
+Context parallelism (CP > 1) takes packed THD rows only, given WHOLE on every CP rank: input_ids
+and labels [1, T], position_ids [3, 1, T], T the padded row of `data.packing.pack_sequences(...,
+cp_size=cp)` (every sequence padded to a multiple of 2 * cp; with SP also pad_to_multiple_of=
+2 * cp * tp, so each rank's T / cp tokens divide over TP). The model
+embeds and scatters the vision embeddings on the full row, keeps this rank's tokens
+(`cp_token_indices`: chunks r and 2cp-1-r of every sequence), and the rope picks the same rows
+from full-row frequencies (`packed_attention.FullRowMRoPE`). Outputs (per-token loss, logits)
+cover this rank's tokens only, in `cp_token_indices` order: split loss_mask etc. with
+`split_for_context_parallel`. The attention itself runs CP only in Transformer Engine (GPU).
 """
 
 from __future__ import annotations
 
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -22,8 +32,40 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_revisual.config.schema import ModelConfig
-from megatron_revisual.models.qwen25_vl.packed_attention import check_packed_mrope
+from megatron_revisual.models.qwen25_vl.packed_attention import (
+    FullRowMRoPE,
+    check_packed_mrope,
+    segment_bounds,
+)
 from megatron_revisual.models.qwen25_vl.vision import Qwen25VisionModel
+from megatron_revisual.parallel.context_parallel import cp_rank_indices
+
+
+def cp_token_indices(packed_seq_params: PackedSeqParams) -> Tensor:
+    """Indices in the full padded packed row of the tokens this CP rank holds, in the order of
+    the model's outputs (all of them when CP is 1)."""
+    return cp_rank_indices(
+        segment_bounds(packed_seq_params),
+        parallel_state.get_context_parallel_world_size(),
+        parallel_state.get_context_parallel_rank(),
+    )
+
+
+def split_for_context_parallel(
+    tensor: Tensor, packed_seq_params: PackedSeqParams, seq_dim: int = 1
+) -> Tensor:
+    """This CP rank's tokens of a full packed-row tensor (labels, loss_mask, advantages ...)
+    along `seq_dim`, matching the model's per-token outputs; identity when CP is 1."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return tensor
+    index = cp_token_indices(packed_seq_params)
+    dim = seq_dim % tensor.dim()
+    if tensor.shape[dim] != segment_bounds(packed_seq_params)[-1]:
+        raise ValueError(
+            f"expected the full packed row ({segment_bounds(packed_seq_params)[-1]} tokens) on dim "
+            f"{seq_dim}, got shape {tuple(tensor.shape)}"
+        )
+    return tensor.index_select(dim, index.to(tensor.device))
 
 
 class Qwen25VLModel(MegatronModule):
@@ -70,6 +112,9 @@ class Qwen25VLModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,
             vp_stage=vp_stage,
         )
+        if language_config.context_parallel_size > 1 and model.vision is not None:
+            # Full-row M-RoPE frequencies: Megatron's THD rope picks each CP rank's rows itself.
+            self.language_model.rotary_pos_emb = FullRowMRoPE(self.language_model.rotary_pos_emb)
         # Read by Megatron's finalize_model_grads to all-reduce tied embedding grads across PP.
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
 
@@ -135,8 +180,14 @@ class Qwen25VLModel(MegatronModule):
         (last stage), or this stage's hidden states (other stages).
 
         Packed rows (batch 1, `packed_seq_params.qkv_format="thd"`, see data.packing) take
-        position_ids [3, 1, T] covering the padded row, so Megatron applies M-RoPE per token."""
+        position_ids [3, 1, T] covering the padded row, so Megatron applies M-RoPE per token.
+        Under CP the inputs are the full row and the outputs this rank's tokens (module doc)."""
         check_packed_mrope(self.config, position_ids, packed_seq_params)
+        cp = self.config.context_parallel_size > 1
+        if cp and (packed_seq_params is None or packed_seq_params.qkv_format != "thd"):
+            raise NotImplementedError(
+                "context parallelism takes packed THD rows (data.packing.pack_sequences(cp_size=...))"
+            )
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(
@@ -146,13 +197,16 @@ class Qwen25VLModel(MegatronModule):
                 pixel_values_videos=pixel_values_videos,
                 video_grid_thw=video_grid_thw,
             )
-            if self.config.context_parallel_size > 1:
-                raise NotImplementedError(
-                    "context parallelism runs through Transformer Engine's THD attention (GPU); "
-                    "split inputs with megatron_revisual.parallel.context_parallel"
-                )
+            if cp:  # after the vision scatter, before the SP scatter
+                decoder_input = split_for_context_parallel(decoder_input, packed_seq_params, seq_dim=0)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        if cp:
+            # Position ids stay whole: FullRowMRoPE needs every token's frequencies.
+            if input_ids is not None:
+                input_ids = split_for_context_parallel(input_ids, packed_seq_params)
+            if labels is not None:
+                labels = split_for_context_parallel(labels, packed_seq_params)
         return self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,

@@ -15,14 +15,23 @@ Megatron-Core 0.16.1's GPTModel builds M-RoPE frequencies from the per-token pos
 the packing. The attention then calls `_apply_rotary_pos_emb_thd` with the (padded) cu_seqlens,
 which has two cases: when the frequencies cover exactly `cu_seqlens[-1]` tokens it takes
 sequence i's rows at offset cu_seqlens[i] (per-token, exact); otherwise it restarts every
-sequence at row 0 (1-D rope, wrong for images). With context parallelism 1 and
-`position_ids.shape[-1] == cu_seqlens_padded[-1]` we are always in the exact case, and
-`check_packed_mrope` enforces both, plus `apply_rope_fusion=False` (with fusion Megatron hands
-THD rope to Transformer Engine's kernel instead of the offset-aware case above). So the same PackedSeqParams (qkv_format "thd")
+sequence at row 0 (1-D rope, wrong for images). With `position_ids.shape[-1] ==
+cu_seqlens_padded[-1]` we are always in the exact case, and `check_packed_mrope` enforces it,
+plus `apply_rope_fusion=False` (with fusion Megatron hands THD rope to Transformer Engine's
+kernel instead of the offset-aware case above). So the same PackedSeqParams (qkv_format "thd")
 serves this attention and Transformer Engine's THD attention on GPU, without the vision tower's
-trick of calling the packed row "sbhd". Under CP > 1 GPTModel slices the frequencies with the
-padded-batch rule, which is wrong for THD: that path is for the Transformer Engine spec to
-solve and is refused here.
+trick of calling the packed row "sbhd".
+
+Context parallelism (CP > 1, THD only). The exact case is CP-aware: on CP rank r it splits the
+rank's tokens into per-sequence runs of L_i / cp (L_i from the padded cu_seqlens) and gives
+sequence i the frequency rows cu[i] + [r*c, (r+1)*c) and cu[i] + [L_i - (r+1)*c, L_i - r*c)
+(c = L_i / (2 cp)): exactly chunks r and 2cp-1-r, the rows `parallel.context_parallel.
+cp_rank_indices` selects -- PROVIDED the frequencies still cover the whole padded row
+(freqs.size(0) == cu_seqlens_padded[-1]). `MultimodalRotaryEmbedding.forward`, however, slices
+its output with `get_pos_emb_on_this_cp_rank` whenever its CP group has more than one rank (the
+padded-batch rule, as if the row were one sequence); the [T / cp] rows left then fall into the
+restart case: wrong. `FullRowMRoPE` is that module without the slice, so under CP every rank
+computes the full row's frequencies from the full position ids and the attention picks its rows.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -146,30 +156,66 @@ class PackedCausalAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
+class FullRowMRoPE(torch.nn.Module):
+    """Megatron's `MultimodalRotaryEmbedding` without its per-CP-rank slice: [T, 1, 1, d]
+    frequencies for every token of the full packed row (see the module docstring).
+
+    Wraps the module GPTModel built (it has no parameters or buffers, so no state-dict name
+    changes) and ignores the `cp_group` GPTModel passes; `check_packed_mrope` refuses a
+    `packed_seq_params.cp_group`, which would make the attention use another group anyway.
+    """
+
+    def __init__(self, inner: MultimodalRotaryEmbedding) -> None:
+        super().__init__()
+        self.inner = inner
+        self.inner.cp_group = None  # its forward falls back to this group when given none
+
+    def forward(
+        self, position_ids: torch.Tensor, mrope_section: list[int], cp_group=None
+    ) -> torch.Tensor:
+        return self.inner(position_ids, mrope_section, cp_group=None)
+
+
 def check_packed_mrope(
     config: TransformerConfig, position_ids: torch.Tensor, packed_seq_params: PackedSeqParams | None
 ) -> None:
-    """Refuse packed inputs for which Megatron would silently apply 1-D rope per sequence
-    (see the module docstring): the frequencies must cover exactly the padded packed row."""
+    """Refuse packed inputs for which Megatron would silently apply wrong rotary positions (see
+    the module docstring): M-RoPE frequencies must cover exactly the padded packed row, and under
+    CP every segment must split into 2 * cp equal chunks."""
     if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
         return
+    cp = config.context_parallel_size
+    bounds = segment_bounds(packed_seq_params)
+    total = bounds[-1]
+    if cp > 1:
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+        bad = [n for n in lengths if n % (2 * cp)]
+        if bad:
+            raise ValueError(
+                f"context parallelism {cp} needs every packed segment to be a multiple of 2 * cp = "
+                f"{2 * cp}; got segment lengths {lengths} (pack with cp_size={cp})"
+            )
+        if packed_seq_params.cp_group is not None:
+            # TE attention would switch to that group while the rope keeps the model's CP group.
+            raise ValueError("packed_seq_params.cp_group (dynamic CP) is not supported")
     if config.mrope_section is None:
-        return  # plain rope numbers every sequence from 0, which is what Qwen2 does
+        # Plain rope numbers every sequence from 0 through Megatron's restart case, unless the
+        # rope length (max_seqlen * cp) happens to equal the row: then the offset case numbers
+        # sequence i from cu[i]. That coincidence needs CP > 1 and several sequences.
+        rope_len = max(packed_seq_params.max_seqlen_q or 0, packed_seq_params.max_seqlen_kv or 0) * cp
+        if cp > 1 and len(bounds) > 2 and rope_len == total:
+            raise ValueError(
+                f"max_seqlen * cp = {rope_len} equals the packed row's {total} tokens: Megatron's "
+                "THD rope would not restart positions per sequence; raise max_seqlen_q/kv by one"
+            )
+        return
     if config.apply_rope_fusion:
         raise ValueError(
             "apply_rope_fusion=True sends THD rope to Transformer Engine's fused kernel, not Megatron's "
             "per-token (offset) path that M-RoPE needs: set apply_rope_fusion=False for packed batches"
         )
-    if config.context_parallel_size > 1:
-        # GPTModel slices the M-RoPE frequencies with the padded-batch CP rule; the attention
-        # would need them unsliced ([T] per token) to pick each sequence's CP chunks exactly.
-        raise NotImplementedError(
-            "packed M-RoPE under context parallelism: Megatron-Core 0.16.1 slices the M-RoPE "
-            "frequencies per CP rank as if the row were one sequence, which is wrong for THD"
-        )
-    total = segment_bounds(packed_seq_params)[-1]
     if position_ids.dim() != 3 or position_ids.shape[1] != 1 or position_ids.shape[-1] != total:
         raise ValueError(
-            f"packed M-RoPE position_ids must be [3, 1, {total}] (the padded packed row), got "
-            f"{tuple(position_ids.shape)}"
+            f"packed M-RoPE position_ids must be [3, 1, {total}] (the padded packed row"
+            f"{', every CP rank' if cp > 1 else ''}), got {tuple(position_ids.shape)}"
         )
