@@ -131,7 +131,7 @@ def _random_stream_tensors(model_dir: str):
     reader = SafetensorsReader(model_dir)
     gen = torch.Generator().manual_seed(1)
     out = {}
-    for name in sorted(reader.keys()):
+    for name in sorted(reader.names()):
         t = reader.get(name)
         out[name] = torch.empty_like(t).normal_(0, 0.02, generator=gen) + (
             1.0 if t.ndim == 1 and name.endswith("norm.weight") else 0.0

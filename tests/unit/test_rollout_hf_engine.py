@@ -41,7 +41,7 @@ def test_checkpoint_names_are_the_saved_names(tiny, vl_engine):
     from transformers import AutoModelForCausalLM
 
     names = checkpoint_parameter_names(vl_engine.model)
-    assert set(names) == SafetensorsReader(tiny["vl_a"]).keys()
+    assert set(names) == set(SafetensorsReader(tiny["vl_a"]).names())
     assert (
         names["model.layers.1.mlp.up_proj.weight"]
         == "model.language_model.layers.1.mlp.up_proj.weight"
@@ -52,7 +52,7 @@ def test_checkpoint_names_are_the_saved_names(tiny, vl_engine):
     lm_names = checkpoint_parameter_names(lm)
     # tied: the saved checkpoint has no lm_head.weight, and neither do the names
     assert (
-        set(lm_names) == SafetensorsReader(tiny["lm"]).keys() and "lm_head.weight" not in lm_names
+        set(lm_names) == set(SafetensorsReader(tiny["lm"]).names()) and "lm_head.weight" not in lm_names
     )
     assert lm_names["model.embed_tokens.weight"] == "model.embed_tokens.weight"
 
@@ -62,7 +62,7 @@ def test_update_weights_loads_every_tensor_by_checkpoint_name(tiny, vl_engine):
 
     reader = SafetensorsReader(tiny["vl_b"])
     stats = vl_engine.update_weights(
-        ((n, reader.get(n)) for n in sorted(reader.keys())), bucket_bytes=1 << 17
+        ((n, reader.get(n)) for n in sorted(reader.names())), bucket_bytes=1 << 17
     )
     want = AutoModelForImageTextToText.from_pretrained(
         tiny["vl_b"], dtype=torch.float32
@@ -72,7 +72,7 @@ def test_update_weights_loads_every_tensor_by_checkpoint_name(tiny, vl_engine):
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
     assert stats.tensors == 57 and stats.bytes == sum(
-        reader.get(n).numel() * 4 for n in reader.keys()
+        reader.get(n).numel() * 4 for n in reader.names()
     )
     assert stats.max_bucket_bytes <= max(1 << 17, 768 * 128 * 4) and stats.buckets >= 20
 
