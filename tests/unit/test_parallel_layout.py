@@ -61,10 +61,16 @@ def test_run_distributed_checks_the_layout_before_spawning() -> None:
 
 @pytest.fixture
 def compat_undone_afterwards():
+    """Run the test from a process without the redirects and leave the process as it was:
+    earlier tests in the same pytest process (in-process ranks) may have installed them."""
     already_installed = cpu_compat._device_mode is not None
-    yield
-    if not already_installed:
+    if already_installed:
         cpu_compat._uninstall_cpu_compat()
+    yield
+    if cpu_compat._device_mode is not None:
+        cpu_compat._uninstall_cpu_compat()
+    if already_installed:
+        install_cpu_compat()
 
 
 def test_install_is_a_no_op_with_a_gpu(monkeypatch, compat_undone_afterwards) -> None:
