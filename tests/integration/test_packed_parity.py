@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mixed_batch import mixed_batch_inputs, scaled_tiny_checkpoint
 
 from megatron_revisual.config import load_config
 from megatron_revisual.parallel import run_distributed
@@ -81,32 +82,13 @@ def _rank(cfg, hf_dir: str, batch) -> dict:
 def reference(tmp_path_factory):
     """Tiny checkpoint (QKV x4), the three samples, HF logits / per-token loss / grads of the
     right-padded batch."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from megatron_revisual.data.packing import Sample
-    from megatron_revisual.demo import demo_image
     from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig
-    from megatron_revisual.testing.tiny_checkpoint import make_tiny_checkpoint
 
-    hf_dir = tmp_path_factory.mktemp("packed") / "tiny"
-    make_tiny_checkpoint(hf_dir, seed=3)
-    weights = load_file(hf_dir / "model.safetensors")
-    for name in weights:
-        if any(k in name for k in ("q_proj", "k_proj", "attn.qkv")):
-            weights[name] = weights[name] * 4  # attention far from uniform: rope errors show
-    save_file(weights, hf_dir / "model.safetensors", metadata={"format": "pt"})
-
-    proc = AutoProcessor.from_pretrained(hf_dir)
-    proc.tokenizer.padding_side = "right"
-    chats = [
-        [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare the two figures."}],
-        [{"type": "text", "text": "What is 3 + 4? Think step by step, then answer."}],
-        [{"type": "image"}, {"type": "text", "text": "Describe the triangle."}],
-    ]
-    texts = [proc.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True) for c in chats]
-    images = [demo_image(84, 56), demo_image(168, 112), demo_image(196, 140)]
-    inputs = proc(text=texts, images=images, padding=True, return_tensors="pt")
+    hf_dir = scaled_tiny_checkpoint(tmp_path_factory.mktemp("packed") / "tiny")
+    proc, inputs = mixed_batch_inputs(hf_dir)
     ids, attn, grid = inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"]
     assert grid.tolist() == [[1, 4, 6], [1, 8, 12], [1, 10, 14]]
 

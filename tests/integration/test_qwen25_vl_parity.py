@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mixed_batch import mixed_batch_inputs, scaled_tiny_checkpoint
 
 from megatron_revisual.config import load_config
 from megatron_revisual.parallel import run_distributed
@@ -98,31 +99,12 @@ def _rank(cfg, hf_dir: str, batch: dict) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Tiny checkpoint (QKV scaled x4), the mixed batch, HF logits and HF gradients."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    from megatron_revisual.demo import demo_image
     from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig, rope_index
-    from megatron_revisual.testing.tiny_checkpoint import make_tiny_checkpoint
 
-    hf_dir = tmp_path_factory.mktemp("parity") / "tiny"
-    make_tiny_checkpoint(hf_dir, seed=3)
-    weights = load_file(hf_dir / "model.safetensors")
-    for name in weights:
-        if any(k in name for k in ("q_proj", "k_proj", "attn.qkv")):
-            weights[name] = weights[name] * 4
-    save_file(weights, hf_dir / "model.safetensors", metadata={"format": "pt"})
-
-    proc = AutoProcessor.from_pretrained(hf_dir)
-    proc.tokenizer.padding_side = "right"
-    chats = [
-        [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare the two figures."}],
-        [{"type": "text", "text": "What is 3 + 4? Think step by step, then answer."}],
-        [{"type": "image"}, {"type": "text", "text": "Describe the triangle."}],
-    ]
-    texts = [proc.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True) for c in chats]
-    images = [demo_image(84, 56), demo_image(168, 112), demo_image(196, 140)]
-    inputs = proc(text=texts, images=images, padding=True, return_tensors="pt")
+    hf_dir = scaled_tiny_checkpoint(tmp_path_factory.mktemp("parity") / "tiny")
+    proc, inputs = mixed_batch_inputs(hf_dir)
     ids, attn, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
     if ids.shape[1] % 2:  # sequence parallel at TP=2 splits the sequence in two
         ids = torch.cat([ids, torch.full((ids.shape[0], 1), proc.tokenizer.pad_token_id)], 1)
