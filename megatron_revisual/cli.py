@@ -7,6 +7,7 @@
     revisual serve MODEL_DIR [--port 8000]
     revisual infer --model DIR --image PATH --question TEXT
     revisual convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M]   (also mcore-to-hf, verify)
+    revisual train configs/tiny_cpu_demo.yaml [dotted.overrides ...] [--resume auto|none|DIR]
 
 Heavy imports (torch, megatron, vllm) happen inside the subcommands so `--help` and config
 checks stay fast.
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "megatron_revisual.serving", "vLLM's OpenAI-compatible server for an HF model directory"),
         ("infer", "megatron_revisual.rollout.infer", "one-shot generation for an image and a question"),
         ("convert", "megatron_revisual.convert.cli", "HF <-> Megatron distributed checkpoints, and verify"),
+        ("train", "megatron_revisual.train.runner", "the staged curriculum: cold-start SFT, multimodal GRPO, text GRPO"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=_lazy_command(module, name))

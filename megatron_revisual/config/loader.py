@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -54,7 +55,30 @@ def read_raw_config(path: str | Path | None, overrides: list[str] | tuple[str, .
         raw = loaded or {}
     for item in overrides:
         apply_override(raw, item)
-    return raw
+    return _interpolate(raw, raw)
+
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(node: Any, top: dict[str, Any]) -> Any:
+    """`${output_dir}` (any top-level scalar key) inside strings becomes that key's value, so
+    a recipe can keep its data and model beside its outputs and one override moves them all."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, top) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, top) for v in node]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def value(m: re.Match[str]) -> str:
+        key = m.group(1)
+        v = top.get(key)
+        if v is None or isinstance(v, dict | list) or (isinstance(v, str) and "${" in v):
+            raise ConfigError(f"${{{key}}} in {node!r}: no top-level scalar '{key}' to substitute")
+        return str(v)
+
+    return _REFERENCE.sub(value, node)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -158,6 +182,13 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: {where}={value!r} is not allowed; use one of {list(args)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping, got {value!r}")
+        return {
+            _convert(k, args[0], f"{where}", source): _convert(v, args[1], f"{where}.{k}", source)
+            for k, v in value.items()
+        }
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{source}: {where} must be a list, got {value!r}")

@@ -141,6 +141,174 @@ class TrainConfig:
     train_iters: int = 100
 
 
+# --- the staged runner (`revisual train`) -------------------------------------------------------
+StageName = Literal["cold_start", "mrl", "trl"]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """A dataset for a stage (see `data.datasets.DatasetSpec`, which these fields fill).
+
+    format_prompt: jinja text using `{{ content }}` or a .jinja path; `revisual` (the default)
+    is the ReVisual-R1 instruction appended to the question, `none` the raw question.
+    """
+
+    path: str
+    prompt_key: str = "problem"
+    answer_key: str | None = "answer"
+    image_key: str | None = "images"
+    response_key: str | None = None
+    format_prompt: str = "revisual"
+    system_prompt: str | None = None
+    image_check: Literal["decode", "open", "none"] = "decode"
+
+
+@dataclass(kw_only=True)
+class SFTStageConfig:
+    """Cold-start SFT: chat-formatted (prompt, response) pairs, loss on assistant tokens only,
+    packed into rows of `max_length` tokens. A step is `global_batch_size` conversations; the
+    stage runs `epochs` passes over the data unless `train_iters` says how many steps.
+    `optim` overrides fields of the run's `optim` (e.g. lr 2e-5); `lr_warmup_fraction` sets the
+    warm-up as a share of the stage's steps (the paper: 0.05)."""
+
+    data: DataConfig
+    epochs: int = 1
+    train_iters: int | None = None
+    global_batch_size: int = 128
+    max_length: int = 32768
+    lr_warmup_fraction: float = 0.05
+    optim: dict[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Sampling of the GRPO stages (Table 5 of the paper by default) and the engine that does it.
+    engine `vllm` (the default) runs vLLM in a process of its own next to rank 0 on CPU;
+    `transformers` runs HF generate in rank 0 (slow; for tests and machines without vLLM)."""
+
+    engine: Literal["vllm", "transformers"] = "vllm"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    max_prompt_length: int = 8192
+    max_response_length: int = 8192
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    enforce_eager: bool = False
+    cpu_kv_cache_gib: float | None = None
+    weight_bucket_mb: int = 512
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    """Validation of a GRPO stage every `every` steps (0: never) and at its end, on `data` with
+    its own sampling; reports the mean of each reward term (`val/accuracy`, ...)."""
+
+    data: DataConfig | None = None
+    every: int = 0
+    n: int = 1
+    temperature: float = 0.3
+    top_p: float = 1.0
+    max_prompts: int | None = None
+
+
+@dataclass(kw_only=True)
+class PADConfig:
+    """Prioritized Advantage Distillation (`rl.pad`): keep samples with t_low <= |A| <= t_high
+    and draw ceil(ratio * N) of them with probabilities softmax(|A| / tau); tau goes linearly
+    from tau_start to tau over the stage when tau_start is set."""
+
+    enabled: bool = True
+    mode: Literal["paper", "released"] = "paper"
+    t_low: float = 0.05
+    t_high: float = 10.0
+    ratio: float = 1.0
+    tau: float = 0.3
+    tau_start: float | None = None
+    alpha: float = 1.0
+    replacement: bool = False
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """The GRPO objective (defaults: the paper's Table 5 and the released MRL config)."""
+
+    kl_coef: float = 2e-3
+    kl_kind: Literal["k1", "k2", "k3", "kl", "mse", "low_var_kl"] = "low_var_kl"
+    clip_low: float = 0.2
+    clip_high: float = 0.25
+    clip_dual: float = 3.0
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    normalize_std: bool = True
+    entropy_coef: float = 0.02
+    entropy_warmup_steps: int = 140
+    entropy_decay: float = 0.985
+    entropy_decay_style: Literal["exp", "linear"] = "exp"
+    ppo_epochs: int = 1
+    # Reward terms and weights (rl.rewards.REWARD_TERMS); length budget for efficient_length.
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
+    length_budget: int | None = None
+    reward_workers: int = 0  # 0: in rank 0's process; N: a pool of N processes with timeouts
+    reward_timeout_s: float = 30.0
+    pad: PADConfig = field(default_factory=PADConfig)
+
+
+@dataclass(kw_only=True)
+class GRPOStageConfig:
+    """A GRPO stage (mrl: multimodal, trl: text). Each step samples `rollout_batch_size`
+    prompts x `rollout.n` responses, scores them, selects with PAD, then updates the policy in
+    mini-batches of `global_batch_size` prompts' worth of samples (x n), `rl.ppo_epochs` times.
+    `micro_batch_tokens` caps a packed row (prompt + response tokens)."""
+
+    data: DataConfig
+    steps: int
+    rollout_batch_size: int = 512
+    global_batch_size: int = 128
+    micro_batch_tokens: int = 16384
+    freeze_vision_tower: bool = False
+    optim: dict[str, float | int | str] = field(default_factory=dict)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Checkpoints every `every` steps (and at each stage's end and on a stop request), keeping
+    the last `keep_last` (stage-end checkpoints are kept as well). `dir` defaults to
+    <output_dir>/checkpoints."""
+
+    every: int = 50
+    keep_last: int = 2
+    dir: str | None = None
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Console progress, <output_dir>/metrics.jsonl, and wandb (offline unless told)."""
+
+    progress_bar: bool = True
+    wandb: bool = True
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "megatron-revisual"
+    wandb_dir: str | None = None
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    """Inputs the runner writes before training when they are missing (the tiny CPU demo):
+    a tiny random model at `model.hf_path` and the synthetic demo datasets in `synthetic_data`."""
+
+    tiny_model: bool = False
+    tiny_model_seed: int = 0
+    synthetic_data: str | None = None
+    synthetic_seed: int = 0
+    synthetic_task: Literal["dots", "digit"] = "dots"
+    synthetic_max_dots: int = 4
+    synthetic_sizes: dict[str, int] = field(default_factory=dict)
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """A complete run: what `revisual` commands and launchers are given."""
@@ -153,6 +321,14 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # `revisual train`: the stages to run, in order, and their settings.
+    stages: list[StageName] = field(default_factory=list)
+    cold_start: SFTStageConfig | None = None
+    mrl: GRPOStageConfig | None = None
+    trl: GRPOStageConfig | None = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     @property
     def model_parallel_size(self) -> int:

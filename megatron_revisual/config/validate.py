@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from megatron_revisual.config.schema import PrecisionConfig, RunConfig
+from megatron_revisual.config.schema import OptimConfig, PrecisionConfig, RunConfig
 
 LayerBackend = Literal["local", "transformer_engine"]
 FP8_FORMATS = ["e4m3", "hybrid"]
@@ -162,6 +162,7 @@ def validate_config(cfg: RunConfig) -> None:
         problems.append(f"optim.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
 
     problems += _precision_problems(cfg)
+    problems += _stage_problems(cfg)
 
     if problems:
         raise ConfigValidationError(problems)
@@ -249,3 +250,100 @@ def resolve_layer_backend(cfg: RunConfig, *, cuda_available: bool, te_installed:
              f"{requested!r} resolves to 'local' here ({why}); set precision.fp8=null to run without a GPU"]
         )
     return backend
+
+
+def _stage_problems(cfg: RunConfig) -> list[str]:
+    """The `revisual train` sections: every listed stage configured, sizes consistent."""
+    from megatron_revisual.rl.rewards import REWARD_TERMS
+
+    problems = []
+    if len(set(cfg.stages)) != len(cfg.stages):
+        problems.append(f"stages={cfg.stages} lists a stage twice")
+    for name in cfg.stages:
+        if getattr(cfg, name) is None:
+            problems.append(f"stages lists {name!r} but the config has no '{name}' section")
+    optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
+    sft = cfg.cold_start
+    if sft is not None:
+        if sft.data.response_key is None:
+            problems.append("cold_start.data.response_key must name the column holding the SFT responses")
+        if sft.epochs < 1 and sft.train_iters is None:
+            problems.append(f"cold_start.epochs={sft.epochs} must be >= 1")
+        if sft.train_iters is not None and sft.train_iters < 1:
+            problems.append(f"cold_start.train_iters={sft.train_iters} must be >= 1")
+        if sft.global_batch_size < 1 or sft.max_length < 2:
+            problems.append(
+                f"cold_start.global_batch_size={sft.global_batch_size} must be >= 1 and "
+                f"cold_start.max_length={sft.max_length} >= 2"
+            )
+        if not 0 <= sft.lr_warmup_fraction < 1:
+            problems.append(f"cold_start.lr_warmup_fraction={sft.lr_warmup_fraction} must be in [0, 1)")
+    for name in ("mrl", "trl"):
+        g = getattr(cfg, name)
+        if g is None:
+            continue
+        r, rl = g.rollout, g.rl
+        if g.steps < 1:
+            problems.append(f"{name}.steps={g.steps} must be >= 1")
+        if r.n < 2:
+            problems.append(f"{name}.rollout.n={r.n} must be >= 2 (GRPO normalises within a prompt's group)")
+        if g.rollout_batch_size < 1 or g.global_batch_size < 1:
+            problems.append(
+                f"{name}.rollout_batch_size={g.rollout_batch_size} and {name}.global_batch_size="
+                f"{g.global_batch_size} must be >= 1"
+            )
+        elif g.rollout_batch_size % g.global_batch_size:
+            problems.append(
+                f"{name}.rollout_batch_size={g.rollout_batch_size} prompts is not a multiple of "
+                f"{name}.global_batch_size={g.global_batch_size} (prompts per update)"
+            )
+        if r.max_response_length < 1 or r.max_prompt_length < 1:
+            problems.append(f"{name}.rollout.max_prompt_length and max_response_length must be >= 1")
+        elif g.micro_batch_tokens < r.max_prompt_length + r.max_response_length:
+            problems.append(
+                f"{name}.micro_batch_tokens={g.micro_batch_tokens} is smaller than the longest sample "
+                f"(rollout.max_prompt_length + max_response_length = "
+                f"{r.max_prompt_length + r.max_response_length})"
+            )
+        if not 0 < r.top_p <= 1 or r.temperature < 0:
+            problems.append(f"{name}.rollout: top_p={r.top_p} must be in (0, 1], temperature={r.temperature} >= 0")
+        world, tp = cfg.cluster.world_size, r.tensor_parallel_size
+        if tp < 1 or world % tp:
+            problems.append(
+                f"{name}.rollout.tensor_parallel_size={tp} must divide the world size {world}; "
+                f"use one of {divisors(world)}"
+            )
+        unknown = sorted(set(rl.reward_weights) - set(REWARD_TERMS))
+        if unknown:
+            problems.append(f"{name}.rl.reward_weights: unknown terms {unknown}; use {sorted(REWARD_TERMS)}")
+        if rl.ppo_epochs < 1:
+            problems.append(f"{name}.rl.ppo_epochs={rl.ppo_epochs} must be >= 1")
+        if rl.pad.enabled:
+            pad = rl.pad
+            if not 0 <= pad.t_low <= pad.t_high:
+                problems.append(f"{name}.rl.pad: need 0 <= t_low ({pad.t_low}) <= t_high ({pad.t_high})")
+            if not 0 < pad.ratio <= 1 or pad.tau <= 0 or (pad.tau_start is not None and pad.tau_start <= 0):
+                problems.append(
+                    f"{name}.rl.pad: ratio={pad.ratio} must be in (0, 1], tau={pad.tau} and "
+                    f"tau_start={pad.tau_start} > 0"
+                )
+        if g.validation.every < 0:
+            problems.append(f"{name}.validation.every={g.validation.every} must be >= 0")
+        if g.validation.every and g.validation.data is None:
+            problems.append(f"{name}.validation.every={g.validation.every} needs {name}.validation.data")
+        if name == "trl" and g.freeze_vision_tower:
+            problems.append("trl.freeze_vision_tower has no effect: text GRPO never runs the vision tower")
+    for name in ("cold_start", "mrl", "trl"):
+        stage = getattr(cfg, name)
+        if stage is not None:
+            bad = sorted(set(stage.optim) - optim_fields)
+            if bad:
+                problems.append(f"{name}.optim: unknown fields {bad}; use {sorted(optim_fields)}")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
+        problems.append(
+            f"checkpoint.every={cfg.checkpoint.every} must be >= 0 and checkpoint.keep_last="
+            f"{cfg.checkpoint.keep_last} >= 1"
+        )
+    if cfg.stages and "mrl" in cfg.stages and cfg.model.vision is None:
+        problems.append("stages includes 'mrl' (multimodal GRPO) but the model has no vision tower")
+    return problems

@@ -223,3 +223,19 @@ def _broadcast_bucket(
         flat = torch.empty(sum(_numel(s) for s in shapes), dtype=dtype, device=device)
     dist.broadcast(flat, src=src, group=group)
     return [t.view(s) for t, s in zip(flat.split([_numel(s) for s in shapes]), shapes, strict=True)]
+
+
+def hf_tensor_specs(
+    model: torch.nn.Module | list[torch.nn.Module], model_cfg: ModelConfig
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(HF name, shape, dtype) of every tensor `stream_hf_tensors` yields, in its order: what a
+    streaming safetensors writer needs up front. Collective over the pipeline group."""
+    tp, _, _, pp, _, pp_group = _parallel_info()
+    local = local_params_by_global_name(model)
+    rules = export_rules(model_cfg, model_layer_backend(list(local)))
+    ctx = mapping_context(model_cfg, tp)
+    return [
+        (name, shape, item.dtype)
+        for item in _plan(local, rules, model_cfg, ctx, pp, pp_group)
+        for name, shape in zip(item.rule.hf, item.hf_shapes, strict=True)
+    ]

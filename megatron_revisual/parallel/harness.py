@@ -21,6 +21,7 @@ import pickle
 import queue
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -144,6 +145,20 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so that a
+    killed launcher never leaves ranks or engines running on as orphans. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the call: nobody would signal us
+        os._exit(1)
+
+
 def _rank_main(
     rank: int,
     port: int,
@@ -158,6 +173,7 @@ def _rank_main(
     # Own process group, so that killing this rank also kills what it started (e.g. the Manager
     # process of dist_checkpointing) instead of orphaning it.
     os.setpgid(0, 0)
+    die_with_parent()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

@@ -286,6 +286,9 @@ def _handle(engine: RolloutEngine, conn: Connection, op: str, payload: Any) -> A
 
 
 def _serve(config: EngineConfig, env: dict[str, str], authkey: bytes, ready: Connection) -> None:
+    from megatron_revisual.parallel.harness import die_with_parent
+
+    die_with_parent()  # a killed trainer must not leave its engine running
     os.environ.update(env)
     if "OMP_NUM_THREADS" in env:
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))

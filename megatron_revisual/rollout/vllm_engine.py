@@ -28,6 +28,7 @@ embedding) cache and the multi-modal caches are reset: they hold results of the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -90,7 +91,8 @@ class VLLMEngine(RolloutEngine):
         if config.cpu_kv_cache_gib is not None:
             if on_gpu:
                 log.warning("cpu_kv_cache_gib=%s has no effect on a GPU", config.cpu_kv_cache_gib)
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+            # vLLM parses this variable as an integer number of GiB
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(config.cpu_kv_cache_gib)))
         from vllm import LLM
         from vllm.platforms import current_platform
 

@@ -49,8 +49,11 @@ __all__ = [
     "build_policy_batches",
     "compute_log_probs",
     "grpo_update",
+    "grads_are_finite",
     "mrope_config",
     "response_values",
+    "run_packed_schedule",
+    "token_log_probs_and_entropy",
 ]
 
 
@@ -271,7 +274,7 @@ def _real_vocab_size(model: torch.nn.Module) -> int:
     return int(inner.model_cfg.vocab_size)
 
 
-def _log_probs_and_entropy(
+def token_log_probs_and_entropy(
     logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vocab-parallel log p(label) and entropy; the TP-padding columns (global index >=
@@ -286,14 +289,15 @@ def _log_probs_and_entropy(
     return vocab_parallel_log_probs_and_entropy(logits, labels, vocab_start_index=start)
 
 
-def _run_schedule(
+def run_packed_schedule(
     model: torch.nn.Module | list[torch.nn.Module],
-    micro_batches: Sequence[PolicyMicroBatch],
-    loss_func: Callable[[PolicyMicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]],
+    micro_batches: Sequence[Any],
+    loss_func: Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]],
     *,
     forward_only: bool,
 ) -> list[dict[str, Any]]:
-    """Megatron's forward(-backward) schedule over the packed rows; results on the last stage."""
+    """Megatron's forward(-backward) schedule over packed rows (anything with a `.packed`
+    PackedBatch); `loss_func(item, logits)`; the results live on the last pipeline stage."""
     chunks = _chunks(model)
     if ps.get_context_parallel_world_size() > 1:
         raise NotImplementedError("grpo_step does not split RL tensors for context parallelism yet")
@@ -309,7 +313,7 @@ def _run_schedule(
         )
         return output, lambda logits: loss_func(mb, logits)
 
-    lengths = {mb.row_length for mb in micro_batches}
+    lengths = {int(mb.packed.input_ids.shape[1]) for mb in micro_batches}
     # Rows of different lengths: the pipeline stages exchange shapes before each activation.
     saved = config.variable_seq_lengths
     config.variable_seq_lengths = saved or len(lengths) > 1
@@ -352,10 +356,10 @@ def compute_log_probs(
         m.eval()
 
     def loss_func(mb: PolicyMicroBatch, logits: torch.Tensor):
-        lp, _ = _log_probs_and_entropy(logits, mb.packed.labels, vocab, temperature)
+        lp, _ = token_log_probs_and_entropy(logits, mb.packed.labels, vocab, temperature)
         return logits.new_zeros(()), {"log_probs": lp.float() * mb.packed.loss_mask}
 
-    out = _run_schedule(model, micro_batches, loss_func, forward_only=True)
+    out = run_packed_schedule(model, micro_batches, loss_func, forward_only=True)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         values = [o["log_probs"].reshape(mb.advantages.shape) for o, mb in zip(out, micro_batches, strict=True)]
     else:
@@ -373,6 +377,23 @@ def _global_counts(micro_batches: Sequence[PolicyMicroBatch]) -> tuple[float, fl
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
     return float(counts[0]), float(counts[1])
+
+
+def grads_are_finite(model: torch.nn.Module | list[torch.nn.Module]) -> bool:
+    """Whether every gradient on every rank is finite (collective over the world). Reads
+    Megatron DDP's `main_grad` buffers (after the schedule's DP reduction) or `.grad`."""
+    bad = 0.0
+    for chunk in _chunks(model):
+        for p in chunk.parameters():
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None and not bool(torch.isfinite(g).all()):
+                bad = 1.0
+                break
+    flag = torch.tensor([bad])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 def grpo_update(
@@ -397,7 +418,9 @@ def grpo_update(
     `optimizer`: a Megatron optimizer; `scheduler` (optional) is stepped once after it.
     Returns, identical on every rank: loss, pg_loss, kl (the aggregated KL to the reference, when
     reference log-probs are attached), entropy, pg_clipfrac_higher, pg_clipfrac_lower, ppo_kl
-    (token means), grad_norm, lr, update_successful, num_tokens, num_sequences.
+    (token means), grad_norm, lr, update_successful, skipped_non_finite, num_tokens,
+    num_sequences. A non-finite gradient on any rank skips the optimizer and scheduler step
+    (skipped_non_finite = 1, the gradients are dropped).
     """
     if agg not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {agg!r}; use one of {AGGREGATIONS}")
@@ -420,7 +443,7 @@ def grpo_update(
     names = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl")
 
     def loss_func(mb: PolicyMicroBatch, logits: torch.Tensor):
-        lp, entropy = _log_probs_and_entropy(logits, mb.packed.labels, vocab, temperature)
+        lp, entropy = token_log_probs_and_entropy(logits, mb.packed.labels, vocab, temperature)
         # One row per packed sequence, so the seq-mean aggregations see sequences.
         n = mb.num_sequences
         rows = (mb.sequence_index == torch.arange(n).unsqueeze(1)).float()  # [n, T]
@@ -448,11 +471,16 @@ def grpo_update(
         if hasattr(m, "zero_grad_buffer"):
             m.zero_grad_buffer()
     optimizer.zero_grad()
-    out = _run_schedule(chunks, micro_batches, loss_func, forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
+    out = run_packed_schedule(chunks, micro_batches, loss_func, forward_only=False)
     lr = float(optimizer.param_groups[0]["lr"])
-    if scheduler is not None:
-        scheduler.step(increment=1)
+    finite = grads_are_finite(chunks)
+    if finite:
+        update_successful, grad_norm, _ = optimizer.step()
+        if scheduler is not None:
+            scheduler.step(increment=1)
+    else:  # a NaN/inf anywhere would poison Adam's moments: no update, the caller logs it
+        update_successful, grad_norm = False, float("nan")
+        optimizer.zero_grad()
 
     totals = torch.zeros(len(names), dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -467,6 +495,7 @@ def grpo_update(
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         lr=lr,
         update_successful=float(bool(update_successful)),
+        skipped_non_finite=float(not finite),
         num_tokens=tokens,
         num_sequences=sequences,
     )

@@ -1,0 +1,365 @@
+"""GRPO + PAD steps for `train.stages.StageRunner` (the mrl and trl stages).
+
+The step is described in `train.stages`. Seeds: the rollout engine samples request i's j-th
+response with seed step_seed(seed, global step) + i * n + j, and PAD draws from a generator
+seeded the same way, so a step's numbers depend on the weights, the data position and the step
+number only. The engine starts from the stage's start weights; a resumed stage streams the
+checkpoint's weights into it before its first rollout (the same reload path an uninterrupted
+run's engine took).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_revisual.data.datasets import PromptLoader, load_prompt_dataset, rollout_request
+from megatron_revisual.rl.advantages import grpo_advantages
+from megatron_revisual.rl.losses import entropy_coefficient
+from megatron_revisual.rl.pad import pad_step
+from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_reward
+from megatron_revisual.rollout.engine import load_image
+from megatron_revisual.rollout.types import SamplingConfig
+from megatron_revisual.train.grpo_step import (
+    PolicySample,
+    attach_log_probs,
+    build_policy_batches,
+    compute_log_probs,
+    grpo_update,
+    mrope_config,
+    response_values,
+)
+from megatron_revisual.train.stages import (
+    _broadcast,
+    dataset_spec,
+    dp_info,
+    load_tokenizer_and_processor,
+    mean,
+    skipped_report,
+    sp_multiple,
+    step_seed,
+)
+
+__all__ = ["GRPOLoop"]
+
+# Always scored and logged, weighted or not: the demo's and the paper's headline numbers.
+_ALWAYS_LOGGED = ("accuracy", "format")
+_UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower",
+                   "ppo_kl", "grad_norm", "skipped_non_finite")
+
+
+class GRPOLoop:
+    warmup_steps = None
+
+    def __init__(self, runner: Any, name: str, stage_cfg: Any, hf_dir: Path,
+                 reference: torch.nn.Module | None, state: dict[str, Any] | None) -> None:
+        self.runner, self.cfg, self.stage, self.name = runner, runner.cfg, stage_cfg, name
+        self.engine_dir = hf_dir
+        self.reference = reference
+        self.rank = dist.get_rank()
+        vision = self.cfg.model.vision is not None
+        self.tokenizer, self.processor = load_tokenizer_and_processor(hf_dir, vision)
+        r = stage_cfg.rollout
+        self.dataset = load_prompt_dataset(
+            dataset_spec(stage_cfg.data), tokenizer=self.tokenizer, max_prompt_length=r.max_prompt_length
+        )
+        self.loader = PromptLoader(self.dataset, stage_cfg.rollout_batch_size, seed=self.cfg.train.seed)
+        v = stage_cfg.validation
+        self.val_dataset = load_prompt_dataset(dataset_spec(v.data)) if v.data is not None else None
+        rl = stage_cfg.rl
+        weights = dict(rl.reward_weights)
+        for term in _ALWAYS_LOGGED:
+            weights.setdefault(term, 0.0)
+        self.reward_cfg = RewardConfig(weights=weights, length_budget=rl.length_budget)
+        self.total_steps = stage_cfg.steps
+        self.updates_per_step = rl.ppo_epochs * max(1, stage_cfg.rollout_batch_size // stage_cfg.global_batch_size)
+        self.mrope = mrope_config(self.cfg.model)
+        self.engine = None
+        self.reward_pool = None
+        self.rollout_skips: Counter = Counter()
+        self._pixels: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    # --- set-up ------------------------------------------------------------------------------
+    def attach(self, ddp, optimizer, scheduler) -> None:
+        self.model, self.optimizer, self.scheduler = ddp, optimizer, scheduler
+
+    def describe(self) -> str:
+        s = self.stage
+        return (f"{len(self.dataset)} prompts, {s.rollout_batch_size} x n={s.rollout.n} per step, "
+                f"updates of {s.global_batch_size} prompts' samples, engine {s.rollout.engine}")
+
+    def data_report(self) -> dict[str, int]:
+        report = {"data/usable_rows": len(self.dataset), **skipped_report("data/skipped", self.dataset.skipped)}
+        if self.val_dataset is not None:
+            report.update(skipped_report("data/val_skipped", self.val_dataset.skipped))
+        return report
+
+    def data_state(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "rollout_skips": dict(self.rollout_skips)}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.rollout_skips.update(state.get("rollout_skips", {}))
+
+    def pad_tau(self, stage_step: int) -> float:
+        pad = self.stage.rl.pad
+        if pad.tau_start is None or self.total_steps <= 1:
+            return pad.tau
+        frac = (stage_step - 1) / (self.total_steps - 1)
+        return pad.tau_start + frac * (pad.tau - pad.tau_start)
+
+    def entropy_coef(self, stage_step: int) -> float:
+        rl = self.stage.rl
+        if rl.entropy_coef == 0:
+            return 0.0
+        exp = rl.entropy_decay_style == "exp"
+        return entropy_coefficient(
+            stage_step - 1, init=rl.entropy_coef, warmup_steps=rl.entropy_warmup_steps,
+            schedule=rl.entropy_decay_style, decay=rl.entropy_decay if exp else None,
+            total_steps=None if exp else self.total_steps,
+        )
+
+    def schedule_state(self, stage_step: int) -> dict[str, Any]:
+        return {"pad_tau": self.pad_tau(stage_step), "entropy_coef": self.entropy_coef(stage_step)}
+
+    def _start_engine(self):
+        from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig, create_engine
+        from megatron_revisual.rollout.remote import EngineProcess
+        from megatron_revisual.train.stages import env_threads
+
+        r = self.stage.rollout
+        settings = {
+            "model_path": str(self.engine_dir),
+            "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.cfg.model.params_dtype],
+            "max_model_len": r.max_prompt_length + r.max_response_length,
+            "max_prompt_tokens": r.max_prompt_length,
+            "seed": self.cfg.train.seed,
+            "max_images_per_prompt": 1 if self.cfg.model.vision is not None else 0,
+        }
+        if r.engine == "transformers":
+            return create_engine(HFEngineConfig(**settings))
+        on_gpu = torch.cuda.is_available()
+        config = VLLMEngineConfig(
+            **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=on_gpu,
+            cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
+        )
+        return EngineProcess(config, env=env_threads(), start_timeout_s=1800, call_timeout_s=3600)
+
+    def start(self, resumed_at: int) -> None:
+        if self.rank == 0:
+            self.engine = self._start_engine()
+            rl = self.stage.rl
+            if rl.reward_workers:
+                from megatron_revisual.rl.reward_pool import RewardPool
+
+                self.reward_pool = RewardPool.for_config(
+                    self.reward_cfg, num_workers=rl.reward_workers, timeout_s=rl.reward_timeout_s
+                )
+        if resumed_at > 0:
+            self._sync_weights()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.reward_pool is not None:
+            self.reward_pool.close()
+            self.reward_pool = None
+
+    # --- pieces of a step ------------------------------------------------------------------
+    def _sync_weights(self) -> float:
+        from megatron_revisual.convert.export import stream_hf_tensors
+
+        t0 = time.perf_counter()
+        bucket = self.stage.rollout.weight_bucket_mb * 2**20
+        stream = stream_hf_tensors(self.model, self.cfg.model, bucket_bytes=bucket)
+        if self.rank == 0:
+            self.engine.update_weights(stream, bucket_bytes=bucket)
+        else:
+            for _ in stream:  # collective gathers: follow rank 0
+                pass
+        return time.perf_counter() - t0
+
+    def _generate(self, records, sampling: SamplingConfig):
+        """Rank 0 samples; every rank gets the batch, samples ordered by (request, sample)."""
+        batch = None
+        if self.rank == 0:
+            batch = self.engine.generate([rollout_request(r, self.tokenizer) for r in records], sampling)
+        batch = _broadcast(batch)
+        return sorted(batch.samples, key=lambda s: (s.request_index, s.sample_index)), batch
+
+    def _score(self, records, samples) -> list[dict[str, float]]:
+        scores = None
+        if self.rank == 0:
+            items = [RewardSample(response=s.text, ground_truth=records[s.request_index].answer,
+                                  response_length=len(s.token_ids)) for s in samples]
+            if self.reward_pool is not None:
+                result = self.reward_pool.score(items)
+                scores = [sc if isinstance(sc, dict) else {"overall": 0.0} for sc in result.scores]
+            else:
+                scores = [compute_reward(item, self.reward_cfg) for item in items]
+        return _broadcast(scores)
+
+    def _vision_inputs(self, record, prompt_ids: list[int], where: str):
+        if not record.images:
+            return None, None
+        out = self.processor.image_processor(images=[load_image(im) for im in record.images], return_tensors="pt")
+        grid = out["image_grid_thw"]
+        merge = self.cfg.model.vision.spatial_merge_size
+        want = int((grid.prod(-1) // (merge * merge)).sum())
+        have = sum(1 for t in prompt_ids if t == self.cfg.model.image_token_id)
+        if want != have:
+            raise ValueError(f"{where}: the engine's prompt has {have} image placeholders, the "
+                             f"processor makes {want} image tokens; the engine and the trainer disagree")
+        return out["pixel_values"], grid
+
+    def _policy_samples(self, records, samples, advantages, chosen: list[int]) -> list[PolicySample]:
+        out = []
+        for i in chosen:
+            s = samples[i]
+            record = records[s.request_index]
+            pixels, grid = self._vision_inputs(record, s.prompt_token_ids, record.uid)
+            out.append(PolicySample(
+                prompt_ids=torch.tensor(s.prompt_token_ids, dtype=torch.long),
+                response_ids=torch.tensor(s.token_ids, dtype=torch.long),
+                advantage=float(advantages[i]), pixel_values=pixels, image_grid_thw=grid,
+            ))
+        return out
+
+    def _batches(self, policy_samples: list[PolicySample]):
+        return build_policy_batches(
+            policy_samples, config=self.mrope, micro_batch_tokens=self.stage.micro_batch_tokens,
+            pad_to_multiple_of=sp_multiple(self.cfg), pad_token_id=self.tokenizer.pad_token_id or 0,
+        )
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self, stage_step: int) -> dict[str, Any]:
+        stage, rl, r = self.stage, self.stage.rl, self.stage.rollout
+        global_step = self.runner.global_step + 1
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        records = self.loader.next_batch()
+        sampling = SamplingConfig(n=r.n, max_tokens=r.max_response_length, temperature=r.temperature,
+                                  top_p=r.top_p, top_k=r.top_k, seed=step_seed(self.cfg.train.seed, global_step))
+        samples, batch = self._generate(records, sampling)
+        self.rollout_skips.update(batch.skipped_counts())
+        times["time/rollout"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores = self._score(records, samples)
+        times["time/reward"] = time.perf_counter() - t
+
+        row: dict[str, Any] = {}
+        terms = sorted({k for sc in scores for k in sc})
+        for k in terms:
+            row[f"reward/{k}"] = mean([sc.get(k, 0.0) for sc in scores])
+        lengths = [len(s.token_ids) for s in samples]
+        row.update({
+            "response/length_mean": mean(lengths), "response/length_max": float(max(lengths, default=0)),
+            "response/clip_ratio": mean([float(s.finish_reason == "length") for s in samples]),
+            "rollout/samples": float(len(samples)), "rollout/skipped_requests": float(len(batch.skipped)),
+            **{f"rollout/skipped/{k}": float(v) for k, v in sorted(self.rollout_skips.items())},
+        })
+        # GRPO needs whole groups: requests the engine skipped have none; any other shape is a bug
+        groups = Counter(s.request_index for s in samples)
+        if any(c != r.n for c in groups.values()):
+            raise RuntimeError(f"rollout groups must have n={r.n} samples each, got {dict(groups)}")
+        if not samples:
+            return {**row, "skipped_step": 1.0, **times}
+        rewards = torch.tensor([sc["overall"] for sc in scores], dtype=torch.float32)
+        advantages = grpo_advantages(rewards, r.n, normalize_std=rl.normalize_std)
+        row.update({"adv/mean": float(advantages.mean()), "adv/abs_mean": float(advantages.abs().mean()),
+                    "adv/max": float(advantages.max()), "adv/min": float(advantages.min())})
+        if rl.pad.enabled:
+            gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, global_step, salt=1))
+            p = rl.pad
+            result = pad_step(advantages, mode=p.mode, t_low=p.t_low, t_high=p.t_high, ratio=p.ratio,
+                              tau=self.pad_tau(stage_step), alpha=p.alpha, replacement=p.replacement,
+                              generator=gen, step=global_step)
+            row.update(result.metrics)
+            chosen = result.indices.tolist()
+        else:
+            chosen = [i for i in range(len(samples)) if float(advantages[i]) != 0.0]
+        chosen = [i for i in chosen if samples[i].token_ids]
+        dp, dp_rank = dp_info()
+        per_update = stage.global_batch_size * r.n
+        minis = [chosen[k : k + per_update] for k in range(0, len(chosen), per_update)]
+        if len(minis) > 1 and len(minis[-1]) < dp:  # a tail too short to give every DP rank one
+            minis[-2] += minis.pop()
+        if not minis or len(minis[0]) < dp:
+            return {**row, "skipped_step": 1.0, **times}
+
+        # old and reference log-probs of every mini-batch before any update
+        t = time.perf_counter()
+        planned, diffs = [], []
+        for mini in minis:
+            mine = mini[dp_rank::dp]
+            batches = self._batches(self._policy_samples(records, samples, advantages, mine))
+            old = compute_log_probs(self.model, batches)
+            ref = compute_log_probs(self.reference, batches) if self.reference is not None else None
+            planned.append(attach_log_probs(batches, old=old, ref=ref))
+            for k, values in response_values(batches, old).items():
+                engine_lp = torch.tensor(samples[mine[k]].logprobs, dtype=torch.float32)
+                diffs.append((values - engine_lp).abs())
+        times["time/old_and_ref_logprob"] = time.perf_counter() - t
+        row.update(self._logprob_diff(diffs))
+
+        t = time.perf_counter()
+        beta = self.entropy_coef(stage_step)
+        updates = []
+        for _epoch in range(rl.ppo_epochs):
+            for batches in planned:
+                updates.append(grpo_update(
+                    self.model, self.optimizer, batches, clip_low=rl.clip_low, clip_high=rl.clip_high,
+                    clip_dual=rl.clip_dual, kl_coef=rl.kl_coef if self.reference is not None else 0.0,
+                    kl_kind=rl.kl_kind, entropy_coef=beta, agg=rl.loss_agg, scheduler=self.scheduler,
+                ))
+        times["time/update"] = time.perf_counter() - t
+        for k in _UPDATE_METRICS:
+            values = [u[k] for u in updates if k in u]
+            if values:
+                row[k] = mean(values)
+        row.update({"lr": updates[-1]["lr"], "entropy_coef": beta, "updates": float(len(updates)),
+                    "update/sequences": float(sum(u["num_sequences"] for u in updates))})
+        if any(u["skipped_non_finite"] for u in updates) and self.rank == 0:
+            self.runner.log.note(f"[{self.name}] step {stage_step}: non-finite gradient; update skipped")
+        times["time/sync"] = self._sync_weights()
+        return {**row, **times}
+
+    def _logprob_diff(self, diffs: list[torch.Tensor]) -> dict[str, float]:
+        """|Megatron - engine| log-prob over this step's response tokens (all DP ranks): small
+        when the engine holds the trainer's weights (a broken sync shows here first)."""
+        flat = torch.cat(diffs) if diffs else torch.zeros(0)
+        stats = torch.tensor([float(flat.sum()), float(flat.numel())], dtype=torch.float64)
+        top = torch.tensor([float(flat.max()) if flat.numel() else 0.0], dtype=torch.float64)
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(stats, group=ps.get_data_parallel_group())
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        n = float(stats[1])
+        return {"rollout/logprob_diff_mean": float(stats[0]) / n if n else math.nan,
+                "rollout/logprob_diff_max": float(top[0])}
+
+    def validation_due(self, stage_step: int) -> bool:
+        v = self.stage.validation
+        return bool(v.every and self.val_dataset is not None
+                    and (stage_step % v.every == 0 or stage_step == self.total_steps))
+
+    def validate(self) -> dict[str, float]:
+        """Mean reward terms on the validation set with its own sampling (rank 0 computes)."""
+        v = self.stage.validation
+        records = [self.val_dataset[i] for i in range(len(self.val_dataset))][: v.max_prompts]
+        sampling = SamplingConfig(n=v.n, max_tokens=self.stage.rollout.max_response_length,
+                                  temperature=v.temperature, top_p=v.top_p,
+                                  seed=step_seed(self.cfg.train.seed, 0, salt=2))
+        samples, _ = self._generate(records, sampling)
+        scores = self._score(records, samples)
+        out = {f"val/{k}": mean([sc.get(k, 0.0) for sc in scores]) for k in sorted({k for sc in scores for k in sc})}
+        out["val/response_length"] = mean([float(len(s.token_ids)) for s in samples])
+        return out

@@ -1,0 +1,257 @@
+"""`revisual train`: the staged ReVisual-R1 curriculum as one command, with exact resume.
+
+    # CPU (spawns cluster.nodes x devices_per_node gloo ranks itself): the tiny demo, ~10 min
+    .venv/bin/revisual train configs/tiny_cpu_demo.yaml
+    .venv/bin/revisual train configs/tiny_cpu_demo.yaml mrl.steps=4 --resume auto
+    # GPUs: one process per GPU under torchrun (what slurm/train.sbatch and launch_scripts/ do)
+    torchrun --nproc-per-node 8 -m megatron_revisual.cli train configs/qwen25_vl_7b_8xh100.yaml
+
+The stages a config lists (`stages: [cold_start, mrl, trl]`) run in order. The first starts
+from `model.hf_path`; each later one from the previous stage's final checkpoint. At the end of a
+stage the policy is exported as an HF model to <output_dir>/hf/<stage> and checkpointed.
+
+Resume (`--resume auto`, the default) continues from the newest complete checkpoint under
+<output_dir>/checkpoints: model, optimizer shard, LR schedule, data position, RNG states,
+stage and step; a run stopped and resumed ends with the weights of an uninterrupted run.
+A stop request (the file <output_dir>/STOP or $REVISUAL_STOP_FILE, which SIGUSR1/SIGTERM
+create) is honoured after the current step: checkpoint, delete the file, exit 75.
+A finished run leaves <output_dir>/DONE.json (final step, weights digest, HF export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; resume to continue
+DONE_FILE = "DONE.json"
+
+__all__ = ["EXIT_STOPPED", "add_train_arguments", "prepare_inputs", "run_train", "stop_file_path"]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML recipe, e.g. configs/tiny_cpu_demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mrl.steps=4")
+    parser.add_argument(
+        "--resume", default="auto",
+        help="auto: the newest complete checkpoint under <output_dir>/checkpoints, if any; "
+        "none: start fresh (refused when checkpoints exist); or a checkpoint directory",
+    )
+
+
+def stop_file_path(output_dir: str | Path) -> Path:
+    return Path(os.environ.get("REVISUAL_STOP_FILE") or Path(output_dir) / "STOP")
+
+
+def _under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _install_stop_signals(stop_file: Path) -> None:
+    """SIGUSR1 / SIGTERM become a stop request, honoured at the next step boundary."""
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        stop_file.parent.mkdir(parents=True, exist_ok=True)
+        stop_file.touch()
+        print(f"revisual train: got signal {signum}; stopping after the current step", file=sys.stderr)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
+
+def prepare_inputs(raw: dict[str, Any]) -> None:
+    """Write what `prepare` asks for and is missing: the tiny model, the synthetic datasets."""
+    from megatron_revisual.staged_dir import staged_output_dir
+
+    prep = raw.get("prepare") or {}
+    model = raw.get("model") or {}
+    if prep.get("tiny_model"):
+        hf = model.get("hf_path")
+        if not hf:
+            raise ValueError("prepare.tiny_model=true needs model.hf_path (where to write it)")
+        if not (Path(hf) / "config.json").exists():
+            from megatron_revisual.testing.tiny_checkpoint import make_tiny_checkpoint
+
+            make_tiny_checkpoint(hf, seed=int(prep.get("tiny_model_seed", 0)))
+            print(f"revisual train: wrote a tiny random Qwen2.5-VL to {hf}", file=sys.stderr)
+    data_dir = prep.get("synthetic_data")
+    if data_dir and not (Path(data_dir) / "README").exists():
+        from megatron_revisual.data.synthetic import write_demo_datasets
+
+        with staged_output_dir(data_dir, overwrite=True) as tmp:
+            written = write_demo_datasets(
+                tmp, seed=int(prep.get("synthetic_seed", 0)), task=prep.get("synthetic_task", "dots"),
+                max_dots=int(prep.get("synthetic_max_dots", 4)), **(prep.get("synthetic_sizes") or {}),
+            )
+            (tmp / "README").write_text(
+                "Synthetic data of the tiny CPU demo (megatron_revisual.data.synthetic):\n"
+                + "".join(f"  {k}: {v.name}\n" for k, v in written.items())
+            )
+        print(f"revisual train: wrote synthetic datasets to {data_dir}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace, *, prepare: bool):
+    from megatron_revisual.config import config_from_dict, read_raw_config, validate_config
+
+    raw = read_raw_config(args.config, args.overrides)
+    if prepare:
+        prepare_inputs(raw)
+    cfg = config_from_dict(raw, source=str(args.config) + (" + overrides" if args.overrides else ""))
+    validate_config(cfg)
+    if not cfg.stages:
+        from megatron_revisual.config import ConfigValidationError
+
+        raise ConfigValidationError(["stages is empty: list the stages to run, e.g. [cold_start, mrl, trl]"])
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if _under_torchrun():
+        return _torchrun_main(args)
+    cfg = _load(args, prepare=True)
+    out = Path(cfg.output_dir)
+    if (out / DONE_FILE).exists() and args.resume != "none":
+        print(f"revisual train: {out / DONE_FILE} exists; the run is complete", file=sys.stderr)
+        return 0
+    _install_stop_signals(stop_file_path(out))
+    from megatron_revisual.parallel import run_distributed
+
+    p = cfg.parallel
+    results = run_distributed(
+        train_rank,
+        world_size=cfg.cluster.world_size,
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        cp=p.context_parallel_size,
+        vpp=p.virtual_pipeline_model_parallel_size,
+        seed=cfg.train.seed,
+        args=(cfg, args.resume),
+        timeout_s=30 * 24 * 3600.0,
+    )
+    return 0 if results[0] == "done" else EXIT_STOPPED
+
+
+def _torchrun_main(args: argparse.Namespace) -> int:
+    """One rank of a torchrun world: rank 0 prepares inputs while the others wait."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_revisual.config import read_raw_config
+    from megatron_revisual.parallel import initialize_parallel
+
+    raw = read_raw_config(args.config, args.overrides)
+    backend = (raw.get("cluster") or {}).get("backend", "auto")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+    if dist.get_rank() == 0:
+        prepare_inputs(raw)
+    dist.barrier()
+    cfg = _load(args, prepare=False)
+    if dist.get_world_size() != cfg.cluster.world_size:
+        raise ValueError(
+            f"torchrun started {dist.get_world_size()} ranks but the config asks for cluster.nodes="
+            f"{cfg.cluster.nodes} x cluster.devices_per_node={cfg.cluster.devices_per_node}; "
+            "pass matching cluster.* overrides"
+        )
+    out = Path(cfg.output_dir)
+    if (out / DONE_FILE).exists() and args.resume != "none":
+        if dist.get_rank() == 0:
+            print(f"revisual train: {out / DONE_FILE} exists; the run is complete", file=sys.stderr)
+        dist.destroy_process_group()
+        return 0
+    _install_stop_signals(stop_file_path(out))
+    p = cfg.parallel
+    initialize_parallel(
+        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+        cp=p.context_parallel_size, vpp=p.virtual_pipeline_model_parallel_size, seed=cfg.train.seed,
+    )
+    status = train_rank(cfg, args.resume)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if status == "done" else EXIT_STOPPED
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside every rank
+
+
+def _resume_point(cfg: Any, resume: str) -> Path | None:
+    from megatron_revisual.train.checkpointing import find_latest
+
+    root = checkpoint_root(cfg)
+    if resume == "auto":
+        return find_latest(root)
+    if resume == "none":
+        if find_latest(root) is not None:
+            raise FileExistsError(
+                f"--resume none but {root} holds checkpoints; delete them or use --resume auto"
+            )
+        return None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete training checkpoint (no trainer_state.json)")
+    return path
+
+
+def checkpoint_root(cfg: Any) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+
+
+def train_rank(cfg: Any, resume: str) -> str:
+    """Run (the rest of) the curriculum on this rank; "done" or "stopped"."""
+    import warnings
+
+    import torch.distributed as dist
+
+    # Megatron's notices about missing TE / apex and deprecated torch collectives, once per
+    # rank and step, would bury the progress lines on CPU
+    for category in (UserWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch)\.")
+    warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf.*")
+
+    from megatron_revisual.train.checkpointing import read_trainer_state
+    from megatron_revisual.train.stages import StageRunner
+
+    start = _resume_point(cfg, resume)
+    state = read_trainer_state(start) if start is not None else None
+    first = 0
+    if state is not None:
+        first = cfg.stages.index(state["stage"]) + (1 if state["stage_complete"] else 0)
+        if dist.get_rank() == 0:
+            print(f"revisual train: resuming from {start} (stage {state['stage']}, step "
+                  f"{state['stage_step']}, global step {state['global_step']})", file=sys.stderr)
+    runner = StageRunner(cfg, resume_state=state, resume_dir=start)
+    try:
+        for name in cfg.stages[first:]:
+            mid_stage = state is not None and state["stage"] == name and not state["stage_complete"]
+            if runner.run_stage(name, resume=mid_stage) == "stopped":
+                return "stopped"
+        if runner.final_export is None:  # resumed after the last stage's end checkpoint
+            runner.final_export = Path(cfg.output_dir) / "hf" / cfg.stages[-1]
+        digest, export = runner.final_digest, runner.final_export
+        if dist.get_rank() == 0:
+            done = {
+                "global_step": runner.global_step,
+                "weights_sha256": digest,
+                "hf_export": str(export),
+                "stages": list(cfg.stages),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            path = Path(cfg.output_dir) / DONE_FILE
+            tmp = path.with_name(f".{DONE_FILE}.tmp")
+            tmp.write_text(json.dumps(done, indent=2) + "\n")
+            os.replace(tmp, path)
+            print(f"revisual train: done; final HF model in {export}", file=sys.stderr)
+        return "done"
+    finally:
+        runner.close()

@@ -1,0 +1,148 @@
+"""Cold-start SFT steps for `train.stages.StageRunner`.
+
+A step takes `global_batch_size` conversations in the resumable sampler's order; DP rank r
+formats every dp-th of them (`data.sft.SFTFormatter`: chat template, loss on assistant tokens,
+images through the processor), packs them into rows of at most `max_length` tokens (THD, each
+conversation its own attention segment) and runs Megatron's schedule over the rows as
+gradient-accumulation micro-batches. The loss is the mean token NLL over every target token of
+the step on all DP ranks, so it does not depend on how the step is cut into rows or ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_revisual.data.datasets import PromptLoader, load_prompt_dataset
+from megatron_revisual.data.packing import pack_sequences
+from megatron_revisual.data.sft import SFTFormatter, pack_groups
+from megatron_revisual.train.grpo_step import (
+    _chunks,
+    _from_last_stage,
+    _real_vocab_size,
+    grads_are_finite,
+    mrope_config,
+    run_packed_schedule,
+    token_log_probs_and_entropy,
+)
+from megatron_revisual.train.stages import (
+    dataset_spec,
+    dp_info,
+    load_tokenizer_and_processor,
+    skipped_report,
+    sp_multiple,
+)
+
+__all__ = ["SFTLoop"]
+
+
+class _Row:
+    """One packed row as `run_packed_schedule` takes it."""
+
+    def __init__(self, packed: Any) -> None:
+        self.packed = packed
+
+
+class SFTLoop:
+    updates_per_step = 1
+
+    def __init__(self, runner: Any, stage_cfg: Any, hf_dir: Path, state: dict[str, Any] | None) -> None:
+        self.runner, self.cfg, self.stage = runner, runner.cfg, stage_cfg
+        vision = self.cfg.model.vision is not None
+        self.tokenizer, self.processor = load_tokenizer_and_processor(hf_dir, vision)
+        self.dataset = load_prompt_dataset(dataset_spec(stage_cfg.data))
+        self.loader = PromptLoader(self.dataset, stage_cfg.global_batch_size, seed=self.cfg.train.seed)
+        self.formatter = SFTFormatter(self.tokenizer, max_length=stage_cfg.max_length, processor=self.processor)
+        per_epoch = self.loader.sampler.batches_per_epoch
+        self.total_steps = stage_cfg.train_iters or stage_cfg.epochs * per_epoch
+        self.warmup_steps = round(stage_cfg.lr_warmup_fraction * self.total_steps)
+        self.mrope = mrope_config(self.cfg.model)
+
+    def attach(self, ddp, optimizer, scheduler) -> None:
+        self.model, self.optimizer, self.scheduler = ddp, optimizer, scheduler
+
+    def start(self, resumed_at: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        return (f"{len(self.dataset)} conversations, {self.stage.global_batch_size} per step, "
+                f"{self.loader.sampler.batches_per_epoch} steps per epoch")
+
+    def data_report(self) -> dict[str, int]:
+        return {"data/usable_rows": len(self.dataset), **skipped_report("data/skipped", self.dataset.skipped)}
+
+    def data_state(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "formatter_counts": dict(self.formatter.counts)}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.formatter.counts.update(state.get("formatter_counts", {}))
+
+    def schedule_state(self, stage_step: int) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def validation_due(self, stage_step: int) -> bool:
+        return False
+
+    def step(self, stage_step: int) -> dict[str, Any]:
+        dp, dp_rank = dp_info()
+        records = self.loader.next_batch()
+        examples = [e for r in records[dp_rank::dp] if (e := self.formatter(r)) is not None]
+        counts = torch.tensor([len(examples), sum(e.num_target_tokens for e in examples)], dtype=torch.float64)
+        smallest = counts[:1].clone()
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        skipped = {f"sft/{k}": v for k, v in sorted(self.formatter.counts.items())}
+        if smallest.item() == 0:  # a DP rank with nothing to train on: no rank steps
+            return {"skipped_step": 1.0, **skipped}
+        tokens = float(counts[1])
+        rows = [
+            _Row(pack_sequences([examples[i].to_sample() for i in group], config=self.mrope,
+                                pad_to_multiple_of=sp_multiple(self.cfg),
+                                pad_token_id=self.tokenizer.pad_token_id or 0))
+            for group in pack_groups([e.num_tokens for e in examples], self.stage.max_length)
+        ]
+        vocab = _real_vocab_size(_chunks(self.model)[0])
+        undo = len(rows) * dp  # Megatron divides by the micro-batch count, DDP averages over DP
+
+        def loss_func(row: _Row, logits: torch.Tensor):
+            lp, _ = token_log_probs_and_entropy(logits, row.packed.labels, vocab, 1.0)
+            nll = -(lp.float() * row.packed.loss_mask).sum()
+            return nll / tokens * undo, {"nll": nll.detach().double()}
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = run_packed_schedule([self.model], rows, loss_func, forward_only=False)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        ok = grads_are_finite([self.model])
+        grad_norm = float("nan")
+        if ok:
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+        else:
+            self.optimizer.zero_grad()
+        total = torch.zeros(1, dtype=torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            total[0] = sum(float(o["nll"]) for o in out)
+            if dp > 1:
+                dist.all_reduce(total, group=ps.get_data_parallel_group())
+        total = _from_last_stage([total])[0]
+        return {
+            "loss": float(total[0]) / tokens,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": lr,
+            "sft/sequences": float(counts[0]),
+            "sft/target_tokens": tokens,
+            "sft/rows": float(len(rows)),
+            "skipped_non_finite": float(not ok),
+            **skipped,
+        }

@@ -1,0 +1,366 @@
+"""The stages of `revisual train` (see `train.runner`): cold-start SFT and GRPO with PAD.
+
+`StageRunner.run_stage(name)` builds the policy for the stage (weights from the previous
+stage's final checkpoint, or `model.hf_path`), a fresh Megatron optimizer and LR schedule, and
+steps a `SFTLoop` or `GRPOLoop`; it checkpoints every `checkpoint.every` global steps and on a
+stop request, and exports + checkpoints at the stage's end. Everything that decides a step's
+numbers (data order, rollout seeds, PAD draws) is a function of (train.seed, global step) or
+lives in the checkpoint, so a resumed run repeats an uninterrupted one exactly.
+
+GRPO step (every rank runs the same code; rank 0 owns the rollout engine and the rewards):
+  prompts (rollout_batch_size) -> engine samples n each (seeded) -> broadcast -> rewards
+  (rank 0, broadcast) -> group advantages -> PAD selection -> this DP rank's share, packed
+  -> old log-probs (policy) and reference log-probs (frozen stage-start model, when kl_coef>0)
+  -> ppo_epochs x mini-batches of global_batch_size prompts' worth of samples: `grpo_update`
+  -> weights streamed into the engine (`convert.export.stream_hf_tensors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_revisual.config.schema import DataConfig, OptimConfig, RunConfig
+from megatron_revisual.data.datasets import REVISUAL_FORMAT_PROMPT, DatasetSpec
+from megatron_revisual.train.checkpointing import (
+    find_stage_end,
+    load_rank_state,
+    optimizer_state,
+    restore_optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+__all__ = ["StageRunner", "dataset_spec", "weights_digest"]
+
+
+def dataset_spec(data: DataConfig) -> DatasetSpec:
+    fmt = {"revisual": REVISUAL_FORMAT_PROMPT, "none": None}.get(data.format_prompt, data.format_prompt)
+    return DatasetSpec(
+        path=data.path, prompt_key=data.prompt_key, answer_key=data.answer_key,
+        image_key=data.image_key, response_key=data.response_key, format_prompt=fmt,
+        system_prompt=data.system_prompt, image_check=data.image_check,
+    )
+
+
+def weights_digest(hf_dir: str | Path) -> str:
+    """sha256 over an HF directory's tensors (name, dtype, shape, bytes; names sorted): equal
+    for equal weights whatever the shard layout."""
+    from safetensors import safe_open
+
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    where = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                where[name] = f
+    h = hashlib.sha256()
+    for name in sorted(where):
+        with safe_open(str(where[name]), "pt") as st:
+            t = st.get_tensor(name).contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def step_seed(seed: int, global_step: int, salt: int = 0) -> int:
+    """A per-step seed (rollouts, PAD draws) from the run seed and the global step alone."""
+    digest = hashlib.sha256(f"{seed}:{global_step}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class StageRunner:
+    def __init__(self, cfg: RunConfig, *, resume_state: dict[str, Any] | None, resume_dir: Path | None) -> None:
+        from megatron_revisual.train.runner import checkpoint_root, stop_file_path
+
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.resume_state = resume_state
+        self.resume_dir = resume_dir
+        self.global_step = int(resume_state["global_step"]) if resume_state else 0
+        self.ckpt_root = checkpoint_root(cfg)
+        self.stop_file = stop_file_path(cfg.output_dir)
+        self.out = Path(cfg.output_dir)
+        self.final_export: Path | None = None
+        self.log = None
+        if self.rank == 0:
+            from megatron_revisual.config import config_to_dict
+            from megatron_revisual.train.metrics_log import MetricsLog
+
+            lc = cfg.logging
+            self.log = MetricsLog(
+                cfg.output_dir, run_name=cfg.name, config=config_to_dict(cfg), use_wandb=lc.wandb,
+                wandb_mode=lc.wandb_mode, wandb_project=lc.wandb_project, wandb_dir=lc.wandb_dir,
+                wandb_run_id=(resume_state or {}).get("wandb_run_id"), progress_bar=lc.progress_bar,
+                resume_step=self.global_step,
+            )
+
+    @property
+    def final_digest(self) -> str | None:
+        return weights_digest(self.final_export) if self.final_export else None
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+    # --- stage boundaries ------------------------------------------------------------------
+    def _previous_stage(self, name: str) -> str | None:
+        i = self.cfg.stages.index(name)
+        return self.cfg.stages[i - 1] if i > 0 else None
+
+    def _start_point(self, name: str) -> tuple[Path | None, Path]:
+        """(checkpoint to load at the stage's start or None for model.hf_path, HF dir of those
+        weights: what the rollout engine starts from)."""
+        prev = self._previous_stage(name)
+        if prev is None:
+            return None, Path(self.cfg.model.hf_path)
+        ckpt = find_stage_end(self.ckpt_root, prev)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"stage {name!r} starts from the end of {prev!r}, but {self.ckpt_root} has no "
+                f"checkpoint marked as the end of {prev!r}"
+            )
+        return ckpt, self.out / "hf" / prev
+
+    def _stop_requested(self) -> bool:
+        return bool(_broadcast(self.stop_file.exists() if self.rank == 0 else None))
+
+    def _build(self, name: str, stage_cfg: Any, load_from: Path | None, *, trainable: bool):
+        from megatron_revisual.convert.dist_ckpt import load_model_checkpoint
+        from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
+        from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+
+        cfg = self.cfg
+        model = build_qwen25_vl(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+        if load_from is not None:
+            load_model_checkpoint(model, load_from)
+        else:
+            load_hf_weights(model, SafetensorsReader(cfg.model.hf_path), cfg.model,
+                            tp_rank=ps.get_tensor_model_parallel_rank(),
+                            tp_size=ps.get_tensor_model_parallel_world_size())
+        if not trainable:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return model.eval()
+        if getattr(stage_cfg, "freeze_vision_tower", False) and model.vision_model is not None:
+            for p in model.vision_model.parameters():
+                p.requires_grad_(False)
+        return model
+
+    def _wrap(self, model: torch.nn.Module, stage_cfg: Any, total_steps: int, warmup: int | None):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES
+
+        cfg = self.cfg
+        o = OptimConfig(**{**dataclasses.asdict(cfg.optim), **stage_cfg.optim})
+        if warmup is not None and "lr_warmup_steps" not in stage_cfg.optim:
+            o.lr_warmup_steps = warmup
+        config = model.config
+        ddp = DistributedDataParallel(
+            config,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
+            ),
+            model,
+        )
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = ddp.no_sync
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad, bf16=cfg.model.params_dtype == "bf16",
+                fp16=cfg.model.params_dtype == "fp16", params_dtype=TORCH_DTYPES[cfg.model.params_dtype],
+                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            ),
+            [ddp],
+        )
+        decay = max(total_steps, o.lr_warmup_steps + 1)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0 if o.lr_warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=decay, lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
+        )
+        return ddp, optimizer, scheduler
+
+    def _save(self, name: str, stage_step: int, total: int, *, model, optimizer, scheduler, loop,
+              stage_end: bool) -> Path:
+        state = {
+            "global_step": self.global_step,
+            "stage": name,
+            "stage_step": stage_step,
+            "stage_steps_total": total,
+            "stage_complete": stage_end,
+            "stage_end": name if stage_end else None,
+            "data": loop.data_state(),
+            "wandb_run_id": self.log.wandb_run_id if self.log is not None else None,
+            "config_name": self.cfg.name,
+            **loop.schedule_state(stage_step),
+        }
+        state = _broadcast(state)  # rank 0's wandb id
+        rank_state = {"optimizer": optimizer_state(optimizer), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        path = save_checkpoint(
+            self.ckpt_root, self.global_step, model=model, model_cfg=self.cfg.model,
+            hf_side_dir=self.cfg.model.hf_path, rank_state=rank_state, trainer_state=state,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+        if self.log is not None:
+            self.log.note(f"[{name}] checkpoint {path}")
+        return path
+
+    def _export(self, name: str, ddp: torch.nn.Module) -> Path:
+        """The policy as an HF directory <output_dir>/hf/<name> (collective)."""
+        from megatron_revisual.convert.export import hf_tensor_specs, stream_hf_tensors
+        from megatron_revisual.convert.hf_write import write_hf_side_files, write_hf_weights
+        from megatron_revisual.convert.safetensors_io import TensorSpec
+        from megatron_revisual.staged_dir import staged_output_dir
+
+        out = self.out / "hf" / name
+        specs = [TensorSpec(n, s, d) for n, s, d in hf_tensor_specs(ddp, self.cfg.model)]
+        stream = stream_hf_tensors(ddp, self.cfg.model)
+        if self.rank == 0:
+            with staged_output_dir(out, overwrite=True) as tmp:
+                write_hf_weights(tmp, specs, stream)
+                write_hf_side_files(tmp, self.cfg.model, self.cfg.model.hf_path)
+        else:
+            for _ in stream:  # the gathers are collective
+                pass
+        dist.barrier()
+        return out
+
+    def run_stage(self, name: str, *, resume: bool) -> str:
+        from megatron_revisual.convert.dist_ckpt import load_model_checkpoint  # noqa: F401 (import cost up front)
+
+        cfg = self.cfg
+        stage_cfg = getattr(cfg, name)
+        start_ckpt, start_hf = self._start_point(name)
+        state = self.resume_state if resume else None
+        load_from = self.resume_dir if resume else start_ckpt
+        model = self._build(name, stage_cfg, load_from, trainable=True)
+        if name == "cold_start":
+            from megatron_revisual.train.sft_loop import SFTLoop
+
+            loop = SFTLoop(self, stage_cfg, start_hf, state)
+        else:
+            from megatron_revisual.train.grpo_loop import GRPOLoop
+
+            reference = None
+            if stage_cfg.rl.kl_coef > 0:
+                reference = self._build(name, stage_cfg, start_ckpt, trainable=False)
+            loop = GRPOLoop(self, name, stage_cfg, start_hf, reference, state)
+        total = loop.total_steps
+        ddp, optimizer, scheduler = self._wrap(model, stage_cfg, total * loop.updates_per_step, loop.warmup_steps)
+        loop.attach(ddp, optimizer, scheduler)
+        first = 1
+        if state is not None:
+            saved = load_rank_state(self.resume_dir)
+            restore_optimizer_state(optimizer, saved["optimizer"], str(self.resume_dir))
+            scheduler.load_state_dict(saved["scheduler"])
+            set_rng_state(saved["rng"])
+            loop.load_data_state(state["data"])
+            first = int(state["stage_step"]) + 1
+        loop.start(resumed_at=first - 1)
+        if self.log is not None:
+            self.log.note(f"[{name}] stage start: steps {first}..{total}; {loop.describe()}")
+            self.log.log({"global_step": self.global_step, "stage": name, "event": "stage_start", **loop.data_report()})
+        try:
+            for stage_step in range(first, total + 1):
+                t0 = time.perf_counter()
+                row = loop.step(stage_step)
+                self.global_step += 1
+                if loop.validation_due(stage_step):
+                    t_val = time.perf_counter()
+                    row.update(loop.validate())
+                    row["time/validation"] = time.perf_counter() - t_val
+                row = {"global_step": self.global_step, "stage": name, "stage_step": stage_step,
+                       **row, "time/step": time.perf_counter() - t0}
+                if self.log is not None:
+                    self.log.log(row)
+                    self.log.progress(name, stage_step, total, row)
+                stop = self._stop_requested()
+                every = cfg.checkpoint.every
+                if stage_step < total and (stop or (every and self.global_step % every == 0)):
+                    self._save(name, stage_step, total, model=model, optimizer=optimizer,
+                               scheduler=scheduler, loop=loop, stage_end=False)
+                if stop and stage_step < total:
+                    self._consume_stop()
+                    return "stopped"
+            self.final_export = self._export(name, ddp)
+            self._save(name, total, total, model=model, optimizer=optimizer, scheduler=scheduler,
+                       loop=loop, stage_end=True)
+        finally:
+            loop.close()
+        if self._stop_requested():
+            self._consume_stop()
+            return "stopped" if name != cfg.stages[-1] else "done"
+        return "done"
+
+    def _consume_stop(self) -> None:
+        if self.rank == 0:
+            self.stop_file.unlink(missing_ok=True)
+            self.log.note("stop requested: checkpoint written; exiting to be resumed")
+        dist.barrier()
+
+
+# --- shared by the loops ---------------------------------------------------------------------
+def load_tokenizer_and_processor(hf_dir: Path, with_vision: bool):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    processor = AutoProcessor.from_pretrained(hf_dir) if with_vision else None
+    return tokenizer, processor
+
+
+def dp_info() -> tuple[int, int]:
+    return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+
+def sp_multiple(cfg: RunConfig) -> int:
+    return cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+
+
+def skipped_report(prefix: str, counts: Counter | dict[str, int]) -> dict[str, int]:
+    return {f"{prefix}/{k}": int(v) for k, v in sorted(counts.items())}
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def env_threads() -> dict[str, str]:
+    """Threads for a helper process next to the ranks (the rollout engine on CPU)."""
+    return {"OMP_NUM_THREADS": os.environ.get("REVISUAL_ENGINE_THREADS", str(max(1, (os.cpu_count() or 1))))}
+
+
+def note(text: str) -> None:
+    if dist.get_rank() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)
