@@ -306,6 +306,7 @@ class PrepareConfig:
     synthetic_seed: int = 0
     synthetic_task: Literal["dots", "digit"] = "dots"
     synthetic_max_dots: int = 4
+    synthetic_digits: list[int] = field(default_factory=lambda: list(range(10)))
     synthetic_sizes: dict[str, int] = field(default_factory=dict)
 
 

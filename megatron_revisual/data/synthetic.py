@@ -226,7 +226,8 @@ def write_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def write_demo_datasets(out_dir: str | Path, *, seed: int = 0, n_sft: int = 256,
                         n_sft_images: int = 0, n_mrl: int = 256, n_trl: int = 256, n_val: int = 32,
-                        task: str = "dots", image_size: int = 56, max_dots: int = 4) -> dict[str, Path]:
+                        task: str = "dots", image_size: int = 56, max_dots: int = 4,
+                        digits: Sequence[int] = tuple(range(10))) -> dict[str, Path]:
     """The tiny demo's datasets: SFT (arithmetic, plus n_sft_images image rows), MRL (image
     questions, parquet) and TRL (arithmetic, jsonl), with validation splits drawn from seeds of
     their own (the answer spaces are small, so a validation question may also be a training
@@ -234,15 +235,18 @@ def write_demo_datasets(out_dir: str | Path, *, seed: int = 0, n_sft: int = 256,
     out = Path(out_dir)
     sft = arithmetic_rows(n_sft, seed=seed)
     if n_sft_images:
-        sft += image_rows(n_sft_images, seed=seed + 1_000, task=task, size=image_size, max_dots=max_dots)
+        sft += image_rows(n_sft_images, seed=seed + 1_000, task=task, size=image_size, max_dots=max_dots,
+                          digits=digits)
         random.Random(f"mix:{seed}").shuffle(sft)
     return {
         "sft": write_rows(sft, out / "sft.jsonl"),
         "mrl": write_rows(
-            image_rows(n_mrl, seed=seed, task=task, size=image_size, max_dots=max_dots), out / "mrl.parquet"
+            image_rows(n_mrl, seed=seed, task=task, size=image_size, max_dots=max_dots, digits=digits),
+            out / "mrl.parquet",
         ),
         "mrl_val": write_rows(
-            image_rows(n_val, seed=seed + 10_000, task=task, size=image_size, max_dots=max_dots),
+            image_rows(n_val, seed=seed + 10_000, task=task, size=image_size, max_dots=max_dots,
+                       digits=digits),
             out / "mrl_val.parquet",
         ),
         "trl": write_rows(arithmetic_rows(n_trl, seed=seed + 1), out / "trl.jsonl"),

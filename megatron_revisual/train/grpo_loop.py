@@ -72,7 +72,7 @@ class GRPOLoop:
         )
         self.loader = PromptLoader(self.dataset, stage_cfg.rollout_batch_size, seed=self.cfg.train.seed)
         v = stage_cfg.validation
-        self.val_dataset = load_prompt_dataset(dataset_spec(v.data)) if v.data is not None else None
+        self.val_dataset = load_prompt_dataset(dataset_spec(v.data)) if v.data is not None and v.every else None
         rl = stage_cfg.rl
         weights = dict(rl.reward_weights)
         for term in _ALWAYS_LOGGED:

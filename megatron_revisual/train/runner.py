@@ -88,7 +88,8 @@ def prepare_inputs(raw: dict[str, Any]) -> None:
         with staged_output_dir(data_dir, overwrite=True) as tmp:
             written = write_demo_datasets(
                 tmp, seed=int(prep.get("synthetic_seed", 0)), task=prep.get("synthetic_task", "dots"),
-                max_dots=int(prep.get("synthetic_max_dots", 4)), **(prep.get("synthetic_sizes") or {}),
+                max_dots=int(prep.get("synthetic_max_dots", 4)),
+                digits=tuple(prep.get("synthetic_digits", range(10))), **(prep.get("synthetic_sizes") or {}),
             )
             (tmp / "README").write_text(
                 "Synthetic data of the tiny CPU demo (megatron_revisual.data.synthetic):\n"
