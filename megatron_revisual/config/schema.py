@@ -139,6 +139,12 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 128
     train_iters: int = 100
+    # Activation recomputation of the language model (Megatron's TransformerConfig fields):
+    # `selective` recomputes core attention; `full` whole layers, `recompute_num_layers` of them
+    # per chunk (`block`) or in groups of that many (`uniform`).
+    recompute_granularity: Literal["selective", "full"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
 
 
 # --- the staged runner (`revisual train`) -------------------------------------------------------

@@ -154,6 +154,17 @@ def validate_config(cfg: RunConfig) -> None:
                 f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
             )
 
+    if t.recompute_granularity == "full":
+        if t.recompute_method is None or not t.recompute_num_layers or t.recompute_num_layers < 1:
+            problems.append(
+                "train.recompute_granularity='full' needs train.recompute_method ('uniform' or 'block') "
+                f"and train.recompute_num_layers >= 1; got {t.recompute_method!r} and {t.recompute_num_layers}"
+            )
+    elif t.recompute_method is not None or t.recompute_num_layers is not None:
+        problems.append(
+            f"train.recompute_method / recompute_num_layers have no effect with train.recompute_granularity="
+            f"{t.recompute_granularity!r}; they belong to 'full'"
+        )
     if o.min_lr > o.lr:
         problems.append(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
     if o.lr_warmup_steps < 0 or o.lr_warmup_steps > t.train_iters:

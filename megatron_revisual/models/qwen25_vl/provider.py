@@ -85,6 +85,9 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         fp16=m.params_dtype == "fp16",
         use_cpu_initialization=not torch.cuda.is_available(),
         mrope_section=list(m.mrope_section) if m.vision is not None else None,
+        recompute_granularity=cfg.train.recompute_granularity,
+        recompute_method=cfg.train.recompute_method,
+        recompute_num_layers=cfg.train.recompute_num_layers,
         # Language layers only: the vision tower, merger and output layer stay in bf16.
         **fp8_fields(cfg.precision),
     )
