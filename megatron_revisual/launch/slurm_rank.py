@@ -5,7 +5,8 @@
 
 Sets RANK / LOCAL_RANK / WORLD_SIZE from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, MASTER_ADDR
 from the first host of the allocation (`scontrol show hostnames`) and MASTER_PORT from the job id,
-then replaces itself with the command (exec). Because the trainer *is* the task, the signals Slurm
+sets OMP_NUM_THREADS=1 when unset and several ranks share the node (as torchrun does), then
+replaces itself with the command (exec). Because the trainer *is* the task, the signals Slurm
 sends to job steps (`--signal=USR1@N`) reach it directly and its exit code (75 = stopped,
 resumable) becomes srun's; torchrun, in contrast, exits 1 whatever its workers returned, and dies
 on SIGUSR1.
@@ -39,6 +40,16 @@ def first_host(nodelist: str) -> str:
     return out[0]
 
 
+def _tasks_on_this_node(environ: dict[str, str]) -> str:
+    """Tasks of this step on this node. SLURM_STEP_TASKS_PER_NODE lists them per node ("4(x2)",
+    "4,3"); the first entry is taken, exact whenever the step spreads its tasks evenly."""
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        value = environ.get(key, "")
+        if value:
+            return value.split(",")[0].split("(")[0]
+    return "1"
+
+
 def rank_env(environ: dict[str, str]) -> dict[str, str]:
     """The torch.distributed variables for this Slurm task (raises KeyError outside a step)."""
     missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST")
@@ -49,7 +60,7 @@ def rank_env(environ: dict[str, str]) -> dict[str, str]:
         "RANK": environ["SLURM_PROCID"],
         "LOCAL_RANK": environ["SLURM_LOCALID"],
         "WORLD_SIZE": environ["SLURM_NTASKS"],
-        "LOCAL_WORLD_SIZE": environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or "1",
+        "LOCAL_WORLD_SIZE": _tasks_on_this_node(environ),
         "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"]),
         "MASTER_PORT": str(master_port(environ.get("SLURM_JOB_ID"))),
     }
@@ -68,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as e:
         print(f"slurm_rank: {e.args[0]}", file=sys.stderr)
         return 2
+    # What torchrun does with several ranks per node; without it each rank takes every core,
+    # and CPU results differ from a torchrun launch (reduction order follows the thread count).
+    if "OMP_NUM_THREADS" not in os.environ and int(os.environ["LOCAL_WORLD_SIZE"]) > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
     if args.chdir:
         os.chdir(args.chdir)
     os.execvp(command[0], command)

@@ -16,7 +16,7 @@ import pytest
 from megatron_revisual.launch.slurm_jobs import job_info
 from megatron_revisual.launch.slurm_rank import master_port, rank_env
 
-SLURM_TASK = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4",
+SLURM_TASK = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
               "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456", "MASTER_ADDR": "gpu07"}
 
 
@@ -38,12 +38,13 @@ def test_master_port_follows_the_job_and_can_be_pinned(monkeypatch: pytest.Monke
 def test_wrapper_execs_the_command_with_the_rank_variables(tmp_path: Path) -> None:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **SLURM_TASK}
     env.pop("REVISUAL_MASTER_PORT", None)
-    probe = "import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')} | {'cwd': os.getcwd()}))"
+    env.pop("OMP_NUM_THREADS", None)
+    probe = "import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS')} | {'cwd': os.getcwd()}))"
     done = subprocess.run([sys.executable, "-m", "megatron_revisual.launch.slurm_rank", "--chdir", str(tmp_path),
                            "--", sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu07",
-                                       "MASTER_PORT": "23456", "cwd": str(tmp_path)}
+                                       "MASTER_PORT": "23456", "OMP_NUM_THREADS": "1", "cwd": str(tmp_path)}
     # exec: the command's exit code is the task's (75 = stopped, resumable, reaches srun).
     code = subprocess.run([sys.executable, "-m", "megatron_revisual.launch.slurm_rank", "--", sys.executable, "-c",
                            "raise SystemExit(75)"], env=env, timeout=60).returncode
