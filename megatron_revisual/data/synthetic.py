@@ -167,6 +167,12 @@ def image_rows(n: int, *, seed: int, task: str = "dots", size: int = 56, max_dot
             value = rng.choice(list(digits))
             image = render_digit(value, rng, size=size)
             question, trace = "What digit is shown in the image?", f"The image shows {value}."
+            if len(digits) <= 4:
+                # a few candidates are named (in random order), as in a multiple-choice benchmark:
+                # a text-only cold start then answers with one of them, so RL starts with both
+                options = [str(d) for d in digits]
+                rng.shuffle(options)
+                question = f"Which digit is shown in the image: {' or '.join(options)}?"
         else:
             raise ValueError(f"task={task!r}; use 'dots' or 'digit'")
         rows.append({
