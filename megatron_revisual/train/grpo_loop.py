@@ -302,9 +302,13 @@ class GRPOLoop:
         for mini in minis:
             mine = mini[dp_rank::dp]
             batches = self._batches(self._policy_samples(records, samples, advantages, mine))
-            old = compute_log_probs(self.model, batches)
-            ref = compute_log_probs(self.reference, batches) if self.reference is not None else None
+            # the policy being optimised is the one that sampled: logits / rollout temperature
+            old = compute_log_probs(self.model, batches, temperature=r.temperature or 1.0)
+            ref = (compute_log_probs(self.reference, batches, temperature=r.temperature or 1.0)
+                   if self.reference is not None else None)
             planned.append(attach_log_probs(batches, old=old, ref=ref))
+            if r.temperature != 1.0:  # the engine reports untempered log-probs: nothing to compare
+                continue
             for k, values in response_values(batches, old).items():
                 engine_lp = torch.tensor(samples[mine[k]].logprobs, dtype=torch.float32)
                 diffs.append((values - engine_lp).abs())
@@ -320,6 +324,7 @@ class GRPOLoop:
                     self.model, self.optimizer, batches, clip_low=rl.clip_low, clip_high=rl.clip_high,
                     clip_dual=rl.clip_dual, kl_coef=rl.kl_coef if self.reference is not None else 0.0,
                     kl_kind=rl.kl_kind, entropy_coef=beta, agg=rl.loss_agg, scheduler=self.scheduler,
+                    temperature=r.temperature or 1.0,
                 ))
         times["time/update"] = time.perf_counter() - t
         for k in _UPDATE_METRICS:
