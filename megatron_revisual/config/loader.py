@@ -137,7 +137,7 @@ def _resolve_model_section(model: dict[str, Any], source: str) -> dict[str, Any]
         if preset not in PRESETS:
             raise ConfigError(f"{source}: model.preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
         base = _asdict_shallow(PRESETS[preset]())
-    elif model.get("hf_path"):
+    elif model.get("hf_path") and not _has_required_fields(model):
         try:
             base = model_fields_from_hf(model["hf_path"])
         except (FileNotFoundError, ValueError, KeyError) as e:
@@ -150,6 +150,13 @@ def _resolve_model_section(model: dict[str, Any], source: str) -> dict[str, Any]
         else:
             merged["vision"] = vision_override
     return merged
+
+
+def _has_required_fields(model: dict[str, Any]) -> bool:
+    """Every size is given (e.g. a dumped config): hf_path then only says where the weights are."""
+    required = [f.name for f in dataclasses.fields(ModelConfig)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    return all(name in model for name in required)
 
 
 def _asdict_shallow(obj: Any) -> dict[str, Any]:
