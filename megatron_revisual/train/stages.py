@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -254,8 +252,6 @@ class StageRunner:
         return out
 
     def run_stage(self, name: str, *, resume: bool) -> str:
-        from megatron_revisual.convert.dist_ckpt import load_model_checkpoint  # noqa: F401 (import cost up front)
-
         cfg = self.cfg
         stage_cfg = getattr(cfg, name)
         start_ckpt, start_hf = self._start_point(name)
@@ -353,14 +349,6 @@ def mean(values: list[float]) -> float:
 
 
 def env_threads() -> dict[str, str]:
-    """Threads for a helper process next to the ranks (the rollout engine on CPU)."""
-    return {"OMP_NUM_THREADS": os.environ.get("REVISUAL_ENGINE_THREADS", str(max(1, (os.cpu_count() or 1))))}
-
-
-def note(text: str) -> None:
-    if dist.get_rank() == 0:
-        print(text, file=sys.stderr, flush=True)
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
+    """Threads of the rollout engine's process next to the ranks (REVISUAL_ENGINE_THREADS, else
+    every core: on CPU the ranks wait while the engine generates)."""
+    return {"OMP_NUM_THREADS": os.environ.get("REVISUAL_ENGINE_THREADS", str(max(1, os.cpu_count() or 1)))}
