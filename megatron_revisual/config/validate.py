@@ -355,14 +355,25 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
             f"checkpoint.every={cfg.checkpoint.every} must be >= 0 and checkpoint.keep_last="
             f"{cfg.checkpoint.keep_last} >= 1"
         )
-    if cfg.stages and cfg.parallel.context_parallel_size > 1:
+    if cfg.stages and "mrl" in cfg.stages and cfg.model.vision is None:
+        problems.append("stages includes 'mrl' (multimodal GRPO) but the model has no vision tower")
+    return problems
+
+
+def validate_for_training(cfg: RunConfig) -> None:
+    """What `revisual train` (and the launchers that start it) need beyond `validate_config`:
+    stages to run, and a layout its packed SFT / GRPO steps can execute. Kept apart so that the
+    same recipe still loads at CP > 1 for model tests, conversion or sizing."""
+    problems = []
+    if not cfg.stages:
+        problems.append("stages is empty: list the stages to run, e.g. [cold_start, mrl, trl]")
+    if cfg.parallel.context_parallel_size > 1:
         problems.append(
             f"parallel.context_parallel_size={cfg.parallel.context_parallel_size}: the packed SFT / GRPO "
             "steps of `revisual train` do not split their per-token tensors over CP yet; use 1"
         )
-    if cfg.stages and cfg.parallel.virtual_pipeline_model_parallel_size is not None:
+    if cfg.parallel.virtual_pipeline_model_parallel_size is not None:
         problems.append("parallel.virtual_pipeline_model_parallel_size: `revisual train` builds one "
                         "model chunk per pipeline stage; leave it unset")
-    if cfg.stages and "mrl" in cfg.stages and cfg.model.vision is None:
-        problems.append("stages includes 'mrl' (multimodal GRPO) but the model has no vision tower")
-    return problems
+    if problems:
+        raise ConfigValidationError(problems)

@@ -26,6 +26,7 @@ from megatron_revisual.config import (
     load_config,
     read_raw_config,
 )
+from megatron_revisual.config.validate import validate_for_training
 
 # The trainer's "stopped, resumable" exit code (EX_TEMPFAIL): it checkpointed on a stop request.
 EXIT_STOPPED = 75
@@ -147,6 +148,7 @@ def validate_plan(plan: LaunchPlan) -> RunConfig:
         with tempfile.TemporaryDirectory(prefix="revisual-launch-check-") as tmp:
             stand_in = _tiny_model_stand_in(plan.recipe, overrides, Path(tmp))
             cfg = load_config(plan.recipe, overrides + stand_in)
+            validate_for_training(cfg)  # the job is `revisual train`
     except ConfigValidationError as e:
         raise LaunchError(f"{where} does not fit:\n  - " + "\n  - ".join(e.problems)) from None
     except ConfigError as e:

@@ -100,16 +100,14 @@ def prepare_inputs(raw: dict[str, Any]) -> None:
 
 def _load(args: argparse.Namespace, *, prepare: bool):
     from megatron_revisual.config import config_from_dict, read_raw_config, validate_config
+    from megatron_revisual.config.validate import validate_for_training
 
     raw = read_raw_config(args.config, args.overrides)
     if prepare:
         prepare_inputs(raw)
     cfg = config_from_dict(raw, source=str(args.config) + (" + overrides" if args.overrides else ""))
     validate_config(cfg)
-    if not cfg.stages:
-        from megatron_revisual.config import ConfigValidationError
-
-        raise ConfigValidationError(["stages is empty: list the stages to run, e.g. [cold_start, mrl, trl]"])
+    validate_for_training(cfg)
     return cfg
 
 

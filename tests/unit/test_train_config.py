@@ -85,8 +85,7 @@ def test_stage_checks_name_the_numbers(tmp_path):
         _tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "mrl.rollout.n=1", "mrl.rollout_batch_size=12",
               "mrl.micro_batch_tokens=100", "trl.rollout.tensor_parallel_size=3",
               "mrl.rl.reward_weights={accuracy: 1.0, speling: 0.5}", "stages=[cold_start, mrl, mrl]",
-              "cold_start.optim={lr: 1.0e-3, lr_sceduler: cosine}", "parallel.context_parallel_size=2",
-              "train.seq_length=64")
+              "cold_start.optim={lr: 1.0e-3, lr_sceduler: cosine}")
     text = str(e.value)
     for expected in (
         "mrl.rollout.n=1 must be >= 2",
@@ -97,7 +96,6 @@ def test_stage_checks_name_the_numbers(tmp_path):
         "mrl.rl.reward_weights: unknown terms ['speling']",
         "lists a stage twice",
         "cold_start.optim: unknown fields ['lr_sceduler']",
-        "parallel.context_parallel_size=2: the packed SFT / GRPO steps",
     ):
         assert expected in text, expected
 
@@ -111,3 +109,15 @@ def test_tiny_demo_config_is_valid(tmp_path):
     cfg = _tiny(tmp_path, f"model.hf_path={tmp_path}/hf")
     assert cfg.stages == ["cold_start", "mrl", "trl"]
     assert cfg.mrl.rollout.engine == "vllm" and cfg.logging.wandb_mode == "offline"
+
+
+def test_training_refuses_layouts_its_steps_cannot_run(tmp_path):
+    from megatron_revisual.config.validate import validate_for_training
+
+    cfg = _tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "parallel.context_parallel_size=2", "train.seq_length=64",
+                "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false")
+    assert cfg.parallel.context_parallel_size == 2  # loads: model tests and conversion use CP
+    with pytest.raises(ConfigValidationError, match="context_parallel_size=2: the packed SFT / GRPO steps"):
+        validate_for_training(cfg)
+    with pytest.raises(ConfigValidationError, match="stages is empty"):
+        validate_for_training(_tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "stages=[]"))
