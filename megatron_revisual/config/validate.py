@@ -355,8 +355,6 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
             f"checkpoint.every={cfg.checkpoint.every} must be >= 0 and checkpoint.keep_last="
             f"{cfg.checkpoint.keep_last} >= 1"
         )
-    if cfg.stages and "mrl" in cfg.stages and cfg.model.vision is None:
-        problems.append("stages includes 'mrl' (multimodal GRPO) but the model has no vision tower")
     return problems
 
 
@@ -367,6 +365,8 @@ def validate_for_training(cfg: RunConfig) -> None:
     problems = []
     if not cfg.stages:
         problems.append("stages is empty: list the stages to run, e.g. [cold_start, mrl, trl]")
+    if "mrl" in cfg.stages and cfg.model.vision is None:
+        problems.append("stages includes 'mrl' (multimodal GRPO) but the model has no vision tower")
     if cfg.parallel.context_parallel_size > 1:
         problems.append(
             f"parallel.context_parallel_size={cfg.parallel.context_parallel_size}: the packed SFT / GRPO "

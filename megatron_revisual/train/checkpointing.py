@@ -38,6 +38,7 @@ __all__ = [
     "optimizer_state",
     "prune_checkpoints",
     "read_trainer_state",
+    "remove_stale_writes",
     "restore_optimizer_state",
     "rng_state",
     "save_checkpoint",
@@ -80,6 +81,20 @@ def find_stage_end(root: str | Path, stage: str) -> Path | None:
         if read_trainer_state(ckpt).get("stage_end") == stage:
             return ckpt
     return None
+
+
+def remove_stale_writes(root: str | Path) -> list[Path]:
+    """Delete what a killed save left behind: hidden `.iter_*` staging / deleting directories and
+    temporary tracker files. Only the run's rank 0 calls this, before it writes anything."""
+    removed = []
+    for path in Path(root).iterdir():
+        if path.name.startswith((".iter_", f".{TRACKER_FILE}.")):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
@@ -216,6 +231,7 @@ def save_checkpoint(
     staging = None
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_writes(root)
         if final.exists():  # an earlier attempt at this iteration, now superseded
             old = final.with_name(f".{final.name}.replaced")
             shutil.rmtree(old, ignore_errors=True)

@@ -7,7 +7,12 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from megatron_revisual.train.checkpointing import find_latest, find_stage_end, prune_checkpoints
+from megatron_revisual.train.checkpointing import (
+    find_latest,
+    find_stage_end,
+    prune_checkpoints,
+    remove_stale_writes,
+)
 from megatron_revisual.train.grpo_step import grads_are_finite
 from megatron_revisual.train.metrics_log import format_eta, truncate_jsonl
 from megatron_revisual.train.stages import step_seed, weights_digest
@@ -80,3 +85,14 @@ def test_step_seed_depends_on_run_seed_step_and_salt_only():
 
 def test_format_eta():
     assert (format_eta(59.6), format_eta(3725), format_eta(float("nan"))) == ("1m00s", "1h02m05s", "?")
+
+
+def test_stale_writes_of_a_killed_save_are_removed(tmp_path):
+    _ckpt(tmp_path, 2)
+    (tmp_path / ".iter_0000004.partial-x1").mkdir()
+    (tmp_path / ".iter_0000004.partial-x1" / "common.pt").write_bytes(b"half")
+    (tmp_path / ".latest_checkpointed_iteration.txt.0utjyko0").write_text("4")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2\n")
+    removed = remove_stale_writes(tmp_path)
+    assert sorted(p.name for p in removed) == [".iter_0000004.partial-x1", ".latest_checkpointed_iteration.txt.0utjyko0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
