@@ -84,7 +84,6 @@ class GRPOLoop:
         self.engine = None
         self.reward_pool = None
         self.rollout_skips: Counter = Counter()
-        self._pixels: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     # --- set-up ------------------------------------------------------------------------------
     def attach(self, ddp, optimizer, scheduler) -> None:
@@ -223,10 +222,13 @@ class GRPOLoop:
 
     def _policy_samples(self, records, samples, advantages, chosen: list[int]) -> list[PolicySample]:
         out = []
+        vision: dict[int, tuple[Any, Any]] = {}  # a request's n samples share its image
         for i in chosen:
             s = samples[i]
             record = records[s.request_index]
-            pixels, grid = self._vision_inputs(record, s.prompt_token_ids, record.uid)
+            if s.request_index not in vision:
+                vision[s.request_index] = self._vision_inputs(record, s.prompt_token_ids, record.uid)
+            pixels, grid = vision[s.request_index]
             out.append(PolicySample(
                 prompt_ids=torch.tensor(s.prompt_token_ids, dtype=torch.long),
                 response_ids=torch.tensor(s.token_ids, dtype=torch.long),

@@ -53,6 +53,7 @@ __all__ = [
     "mrope_config",
     "response_values",
     "run_packed_schedule",
+    "step_if_finite",
     "token_log_probs_and_entropy",
 ]
 
@@ -396,6 +397,20 @@ def grads_are_finite(model: torch.nn.Module | list[torch.nn.Module]) -> bool:
     return flag.item() == 0.0
 
 
+def step_if_finite(model: torch.nn.Module | list[torch.nn.Module], optimizer: Any,
+                   scheduler: Any | None = None) -> tuple[bool, bool, float]:
+    """The optimizer (and scheduler) step after a backward pass, unless some gradient on some
+    rank is not finite: a NaN/inf would poison Adam's moments, so the gradients are dropped
+    instead and the caller logs it. Returns (finite, update_successful, grad_norm)."""
+    if not grads_are_finite(model):
+        optimizer.zero_grad()
+        return False, False, float("nan")
+    update_successful, grad_norm, _ = optimizer.step()
+    if scheduler is not None:
+        scheduler.step(increment=1)
+    return True, bool(update_successful), float(grad_norm) if grad_norm is not None else float("nan")
+
+
 def grpo_update(
     model: torch.nn.Module | list[torch.nn.Module],
     optimizer: Any,
@@ -473,14 +488,7 @@ def grpo_update(
     optimizer.zero_grad()
     out = run_packed_schedule(chunks, micro_batches, loss_func, forward_only=False)
     lr = float(optimizer.param_groups[0]["lr"])
-    finite = grads_are_finite(chunks)
-    if finite:
-        update_successful, grad_norm, _ = optimizer.step()
-        if scheduler is not None:
-            scheduler.step(increment=1)
-    else:  # a NaN/inf anywhere would poison Adam's moments: no update, the caller logs it
-        update_successful, grad_norm = False, float("nan")
-        optimizer.zero_grad()
+    finite, update_successful, grad_norm = step_if_finite(chunks, optimizer, scheduler)
 
     totals = torch.zeros(len(names), dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -492,7 +500,7 @@ def grpo_update(
     if not has_ref:
         metrics.pop("kl")
     metrics.update(
-        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        grad_norm=grad_norm,
         lr=lr,
         update_successful=float(bool(update_successful)),
         skipped_non_finite=float(not finite),

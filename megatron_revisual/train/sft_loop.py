@@ -24,9 +24,9 @@ from megatron_revisual.train.grpo_step import (
     _chunks,
     _from_last_stage,
     _real_vocab_size,
-    grads_are_finite,
     mrope_config,
     run_packed_schedule,
+    step_if_finite,
     token_log_probs_and_entropy,
 )
 from megatron_revisual.train.stages import (
@@ -123,13 +123,7 @@ class SFTLoop:
         self.optimizer.zero_grad()
         out = run_packed_schedule([self.model], rows, loss_func, forward_only=False)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        ok = grads_are_finite([self.model])
-        grad_norm = float("nan")
-        if ok:
-            _, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(increment=1)
-        else:
-            self.optimizer.zero_grad()
+        ok, _, grad_norm = step_if_finite([self.model], self.optimizer, self.scheduler)
         total = torch.zeros(1, dtype=torch.float64)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             total[0] = sum(float(o["nll"]) for o in out)
@@ -138,7 +132,7 @@ class SFTLoop:
         total = _from_last_stage([total])[0]
         return {
             "loss": float(total[0]) / tokens,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "lr": lr,
             "sft/sequences": float(counts[0]),
             "sft/target_tokens": tokens,

@@ -2,8 +2,8 @@
 the parallel stack, the Megatron optimizer and the LR schedule work together from a `RunConfig`.
 
 Runs inside ranks already set up by `megatron_revisual.parallel` (see `smoke_train_rank`).
-The staged SFT/GRPO runner replaces this once it exists; the pieces it shares
-(`build_optimizer`) are meant to be reused there.
+The staged runner (`train.stages`) builds its DDP wrapper and optimizer with the same
+`wrap_ddp` / `build_optimizer`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,33 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_revisual.config.schema import RunConfig
+from megatron_revisual.config.schema import OptimConfig, RunConfig
 from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
 from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES, build_qwen25_vl
 
 
-def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel]):
-    """Megatron optimizer (distributed when configured) and its LR/WD schedule."""
-    o, t = cfg.optim, cfg.train
+def wrap_ddp(cfg: RunConfig, model: torch.nn.Module) -> DistributedDataParallel:
+    """Megatron DDP around `model` (fp32 gradient reduction; buckets for the distributed
+    optimizer when configured), with the model config's grad-finalize and no-sync hooks set."""
+    config = model.config
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
+        ),
+        model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel], *,
+                    optim: OptimConfig | None = None, decay_steps: int | None = None):
+    """Megatron optimizer (distributed when configured) and its LR/WD schedule, from `optim`
+    (default cfg.optim) decaying over `decay_steps` (default cfg.train.train_iters)."""
+    o = optim or cfg.optim
+    decay = cfg.train.train_iters if decay_steps is None else decay_steps
     opt = get_megatron_optimizer(
         OptimizerConfig(
             optimizer=o.optimizer,
@@ -52,11 +71,11 @@ def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel])
         max_lr=o.lr,
         min_lr=o.min_lr,
         lr_warmup_steps=o.lr_warmup_steps,
-        lr_decay_steps=t.train_iters,
+        lr_decay_steps=decay,
         lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=t.train_iters,
+        wd_incr_steps=decay,
         wd_incr_style="constant",
     )
     return opt, sched
@@ -85,13 +104,7 @@ def smoke_train_rank(cfg: RunConfig, token_ids: list[int]) -> list[dict[str, flo
             tp_rank=ps.get_tensor_model_parallel_rank(),
             tp_size=ps.get_tensor_model_parallel_world_size(),
         )
-    config = model.config
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
-    )
-    model = DistributedDataParallel(config, ddp_config, model)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
+    model = wrap_ddp(cfg, model)
     optimizer, scheduler = build_optimizer(cfg, [model])
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -164,45 +164,16 @@ class StageRunner:
         return model
 
     def _wrap(self, model: torch.nn.Module, stage_cfg: Any, total_steps: int, warmup: int | None):
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        """DDP, a fresh optimizer and LR schedule for the stage (the run's optim with the stage's
+        overrides; `warmup` steps unless the stage sets lr_warmup_steps itself)."""
+        from megatron_revisual.train.smoke import build_optimizer, wrap_ddp
 
-        from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES
-
-        cfg = self.cfg
-        o = OptimConfig(**{**dataclasses.asdict(cfg.optim), **stage_cfg.optim})
+        o = OptimConfig(**{**dataclasses.asdict(self.cfg.optim), **stage_cfg.optim})
         if warmup is not None and "lr_warmup_steps" not in stage_cfg.optim:
             o.lr_warmup_steps = warmup
-        config = model.config
-        ddp = DistributedDataParallel(
-            config,
-            DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
-            ),
-            model,
-        )
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = ddp.no_sync
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad, bf16=cfg.model.params_dtype == "bf16",
-                fp16=cfg.model.params_dtype == "fp16", params_dtype=TORCH_DTYPES[cfg.model.params_dtype],
-                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            ),
-            [ddp],
-        )
-        decay = max(total_steps, o.lr_warmup_steps + 1)
-        scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0 if o.lr_warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=decay, lr_decay_style=o.lr_decay_style,
-            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
+        ddp = wrap_ddp(self.cfg, model)
+        optimizer, scheduler = build_optimizer(
+            self.cfg, [ddp], optim=o, decay_steps=max(total_steps, o.lr_warmup_steps + 1)
         )
         return ddp, optimizer, scheduler
 
