@@ -3,12 +3,14 @@ of both against a plain in-memory copy of the same bytes.
 
 1. Rollout: the tiny random Qwen2.5-VL (`make_tiny_checkpoint`, fp32), P prompts (half with an
    image) x N samples x T new tokens, temperature 1, seed 0. Tokens/s counts generated tokens
-   (a sample may stop early at EOS). Target from the issue: vLLM >= 1.0x transformers.
+   (a sample may stop early at EOS). vLLM runs twice: plain CPU weights (F.linear, the
+   default) and oneDNN-prepacked weights. Target from the issue: vLLM >= 1.0x transformers.
 2. Weight sync: a random text-only Qwen2 of ~0.51 B parameters (hidden 1536, 20 layers, ffn
    4352, 12 heads / 2 KV groups, fp32, 2.05 GB) written once to a temporary directory. The
    stream is the model's HF tensors, already in memory (as `stream_hf_tensors` yields them);
-   timed from the first tensor pulled to the engine ready again (vLLM: the in-place layerwise
-   reload, CPU repacking included; transformers: copies into the parameters). Baseline: the
+   timed from the first tensor pulled to the engine ready again (vLLM with plain CPU weights,
+   the default: load_weights into the live parameters; vLLM prepacked: the layerwise reload,
+   oneDNN repacking included; transformers: copies into the parameters). Baseline: the
    same tensors copied into preallocated tensors of the same shapes (`Tensor.copy_`), in the
    same process. Target from the issue: sync >= 0.25x the copy.
    Also measured: the same sync into a vLLM engine in another process (`EngineProcess`, the
@@ -101,8 +103,10 @@ def bench_generate(
     from megatron_revisual.rollout.types import SamplingConfig
 
     common = {"model_path": model_dir, "dtype": dtype, "max_model_len": 1024}
-    if kind == "vllm":
-        config = VLLMEngineConfig(**common, enforce_eager=True, max_num_seqs=256)
+    if kind.startswith("vllm"):
+        config = VLLMEngineConfig(
+            **common, enforce_eager=True, max_num_seqs=256, cpu_prepack_weights=kind.endswith("prepacked")
+        )
     else:
         config = HFEngineConfig(**common)
     start = time.perf_counter()
@@ -168,13 +172,18 @@ def bench_sync(kind: str, model_dir: str, dtype: str, bucket_bytes: int) -> dict
     result = {"engine": kind, "params": sum(t.numel() for t in tensors.values())}
     result["memcpy"] = _memcpy(tensors)
     common = {"model_path": model_dir, "dtype": dtype, "max_model_len": 512}
+    vllm_common = common | {
+        "enforce_eager": True,
+        "max_num_seqs": 8,
+        "cpu_prepack_weights": kind.endswith("prepacked"),
+    }
     if kind == "transformers":
         engine = create_engine(HFEngineConfig(**common))
-    elif kind == "vllm":
-        engine = create_engine(VLLMEngineConfig(**common, enforce_eager=True, max_num_seqs=8))
-    else:  # vllm-process
-        config = VLLMEngineConfig(**common, enforce_eager=True, max_num_seqs=8)
+    elif kind.startswith("vllm-process"):
+        config = VLLMEngineConfig(**vllm_common)
         engine = EngineProcess(config, env=ENV, start_timeout_s=1200, call_timeout_s=1200)
+    else:
+        engine = create_engine(VLLMEngineConfig(**vllm_common))
     runs = []
     for _ in range(2):  # the first sync also pays for first-touch allocations
         stats = engine.update_weights(iter(tensors.items()), bucket_bytes=bucket_bytes)
@@ -197,6 +206,12 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--skip-sync", action="store_true")
+    parser.add_argument(
+        "--sync-engines",
+        default="vllm,vllm-prepacked,vllm-process,transformers",
+        help="comma-separated: vllm (plain CPU weights), vllm-prepacked (oneDNN), "
+        "vllm-process, vllm-process-prepacked, transformers",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -210,11 +225,12 @@ def main() -> None:
                 k: _in_child(
                     bench_generate, k, tiny, args.prompts, args.samples, args.tokens, args.dtype
                 )
-                for k in ("vllm", "transformers")
+                for k in ("vllm", "vllm-prepacked", "transformers")
             }
-            gen["vllm_vs_transformers"] = (
-                gen["vllm"]["tokens_per_s"] / gen["transformers"]["tokens_per_s"]
-            )
+            for k in ("vllm", "vllm-prepacked"):
+                gen[f"{k}_vs_transformers"] = (
+                    gen[k]["tokens_per_s"] / gen["transformers"]["tokens_per_s"]
+                )
             results["generate"] = gen
             print(json.dumps(gen, indent=1), flush=True)
         if not args.skip_sync:
@@ -231,7 +247,7 @@ def main() -> None:
             )
             sync = {
                 k: _in_child(bench_sync, k, big, args.dtype, args.bucket_mb << 20)
-                for k in ("vllm", "vllm-process", "transformers")
+                for k in args.sync_engines.split(",")
             }
             results["sync"] = sync
             print(json.dumps(sync, indent=1), flush=True)

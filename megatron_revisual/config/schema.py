@@ -190,7 +190,9 @@ class SFTStageConfig:
 class RolloutConfig:
     """Sampling of the GRPO stages (Table 5 of the paper by default) and the engine that does it.
     engine `vllm` (the default) runs vLLM in a process of its own next to rank 0 on CPU;
-    `transformers` runs HF generate in rank 0 (slow; for tests and machines without vLLM)."""
+    `transformers` runs HF generate in rank 0 (slow; for tests and machines without vLLM).
+    cpu_prepack_weights (CPU vLLM only): let vLLM repack linear weights for oneDNN; off, weight
+    syncs copy straight into the live weights (see rollout.vllm_engine)."""
 
     engine: Literal["vllm", "transformers"] = "vllm"
     n: int = 8
@@ -203,6 +205,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = False
     cpu_kv_cache_gib: float | None = None
+    cpu_prepack_weights: bool = False
     weight_bucket_mb: int = 512
 
 

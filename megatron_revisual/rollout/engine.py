@@ -99,7 +99,13 @@ class VLLMEngineConfig(EngineConfig):
     engine per rank of an existing torchrun world (the colocated GPU setup); otherwise
     ``tensor_parallel_size`` > 1 starts vLLM's own worker processes, which generate but cannot
     take an in-process weight stream. ``gpu_memory_utilization`` and ``enable_sleep_mode``
-    apply on GPUs; ``cpu_kv_cache_gib`` on CPU (vLLM's ``VLLM_CPU_KVCACHE_SPACE``)."""
+    apply on GPUs; ``cpu_kv_cache_gib`` on CPU (vLLM's ``VLLM_CPU_KVCACHE_SPACE``).
+
+    ``cpu_prepack_weights`` (CPU only): False keeps every linear layer's weight as a plain
+    tensor used through ``torch.nn.functional.linear``, so a weight sync is one copy per tensor
+    into the live parameters; True lets vLLM repack the weights for oneDNN, which makes every
+    sync rebuild each layer and repack it (about half the sync time, benchmarks/bench_rollout.py).
+    """
 
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
@@ -108,6 +114,7 @@ class VLLMEngineConfig(EngineConfig):
     enable_sleep_mode: bool = True
     distributed_executor_backend: str | None = None
     cpu_kv_cache_gib: float | None = None
+    cpu_prepack_weights: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -16,17 +16,23 @@ handed to the worker through ``LLM.collective_rpc``; only an in-process worker (
 uni-process executor, or ``external_launcher`` where every training rank is a vLLM worker) can
 consume it without serialising the weights.
 
-Weight sync goes through the worker's in-place reload (``Worker.reload_weights(
-weights_iterator=...)``, vLLM's layerwise reload): each layer is rebuilt in checkpoint layout,
-loaded with the model's own ``load_weights`` (so HF names, fused QKV / gate-up and TP slicing are
-vLLM's), re-processed (the CPU backend's prepacked linear weights) and copied into the original
-storage. Plain ``model.load_weights`` after start-up fails on CPU for exactly that reason (the
-prepacked layers keep zero-size parameters). Afterwards the prefix cache, the encoder (vision
-embedding) cache and the multi-modal caches are reset: they hold results of the old weights.
+Weight sync always goes through the model's own ``load_weights`` (so HF names, fused QKV /
+gate-up and TP slicing are vLLM's), in one of two ways:
+- CPU with plain weights (``cpu_prepack_weights=False``, the default): while the engine starts,
+  vLLM's CPU GEMM dispatch is replaced for 2-D linear weights by ``torch.nn.functional.linear``
+  on the parameter itself, so after start-up every parameter still holds its weight and the
+  sync is ``model.load_weights(stream)``: one copy per tensor into the live storage.
+- otherwise (GPU, or CPU with oneDNN-prepacked weights): the worker's layerwise reload
+  (``Worker.reload_weights(weights_iterator=...)``): each layer is rebuilt in checkpoint
+  layout, loaded, re-processed (on CPU: repacked for oneDNN, which also empties the weight
+  parameter, so plain ``load_weights`` cannot be used there) and copied into the original storage.
+Afterwards the prefix cache, the encoder (vision embedding) cache and the multi-modal caches are
+reset: they hold results of the old weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -82,6 +88,64 @@ def _reload_weights_in_worker(worker: Any, weights: Iterable[tuple[str, torch.Te
     return len(tied)
 
 
+def _load_weights_in_place(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Runs inside vLLM's worker: copies the stream into the live parameters (the plain CPU
+    layout, where no layer transformed its weight after loading); returns how many parameters
+    were written."""
+    model = worker.model_runner.get_model()
+    with torch.inference_mode():
+        loaded = model.load_weights(weights)
+    return len(loaded) if loaded is not None else -1
+
+
+@contextlib.contextmanager
+def _plain_cpu_linear_weights():
+    """While vLLM builds its model: 2-D linear weights stay as they are (used through
+    ``F.linear``) instead of being repacked for oneDNN / the SGL kernels, which would empty the
+    parameter. Other weights (e.g. causal-conv) keep vLLM's own dispatch."""
+    from vllm.model_executor.layers import utils as layer_utils
+
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+
+    def keep_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.ndim != 2 or weight.is_meta:
+            original(layer, remove_weight)
+            return
+        layer.cpu_linear = torch.nn.functional.linear
+
+    layer_utils.dispatch_cpu_unquantized_gemm = keep_weight
+    try:
+        yield
+    finally:
+        layer_utils.dispatch_cpu_unquantized_gemm = original
+
+
+def _check_plain_weights(llm: Any) -> None:
+    """Every linear layer must have kept a full weight; a vLLM that dispatches CPU GEMMs some
+    other way than ``layers.utils.dispatch_cpu_unquantized_gemm`` would fail here, not later
+    in a weight sync."""
+
+    def empty_linear_weights(worker: Any) -> list[str]:
+        from vllm.model_executor.layers.linear import LinearBase
+
+        model = worker.model_runner.get_model()
+        return [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, LinearBase) and getattr(m, "weight", None) is not None
+            and m.weight.numel() == 0
+        ]
+
+    empty = [n for names in llm.collective_rpc(empty_linear_weights) for n in names]
+    if empty:
+        raise RolloutEngineError(
+            f"cpu_prepack_weights=False, but vLLM emptied {len(empty)} linear weights after "
+            f"start-up (first: {empty[0]}); this vLLM's CPU GEMM dispatch is not the one "
+            "patched here: set cpu_prepack_weights=True"
+        )
+
+
 class VLLMEngine(RolloutEngine):
     def __init__(self, config: VLLMEngineConfig) -> None:
         # Read by vLLM when the engine is built: keep the engine core (and for TP=1 the worker)
@@ -126,12 +190,23 @@ class VLLMEngine(RolloutEngine):
             # ("CPU Generator does not use offset" when the runner rewinds the discarded
             # sample's generator). Whole-prompt prefills never discard a sample.
             kwargs["enable_chunked_prefill"] = False
+        # plain CPU weights need the in-process worker that the patch reaches
+        self._plain_weights = (
+            not on_gpu
+            and not config.cpu_prepack_weights
+            and config.tensor_parallel_size == 1
+            and config.distributed_executor_backend in (None, "uni", "external_launcher")
+        )
+        layout = _plain_cpu_linear_weights() if self._plain_weights else contextlib.nullcontext()
         try:
-            self.llm = LLM(**kwargs)
+            with layout:
+                self.llm = LLM(**kwargs)
         except Exception as e:
             raise RolloutEngineError(
                 f"vLLM failed to start on {config.model_path}: {type(e).__name__}: {e}"
             ) from e
+        if self._plain_weights:
+            _check_plain_weights(self.llm)
         backend = self.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
         self._in_process = backend in ("uni", "external_launcher")
         if sleep:
@@ -146,7 +221,8 @@ class VLLMEngine(RolloutEngine):
             sleep_note=sleep_note,
             weight_sync=self._in_process,
             weight_sync_note=(
-                f"in-place reload through collective_rpc ({backend} executor)"
+                f"{'load_weights into plain CPU weights' if self._plain_weights else 'in-place layerwise reload'}"
+                f" through collective_rpc ({backend} executor)"
                 if self._in_process
                 else f"the {backend!r} executor runs workers in other processes; use "
                 "distributed_executor_backend='external_launcher' for an in-process weight stream"
@@ -257,12 +333,15 @@ class VLLMEngine(RolloutEngine):
         flat = (item for bucket in buckets for item in bucket)
         start = time.perf_counter()
         try:
-            # One reload over the whole stream: vLLM processes a layer once all its tensors
-            # arrived, so a layer split across buckets is still loaded whole.
-            self.llm.collective_rpc(_reload_weights_in_worker, args=(flat,))
+            if self._plain_weights:
+                self.llm.collective_rpc(_load_weights_in_place, args=(flat,))
+            else:
+                # One reload over the whole stream: vLLM processes a layer once all its
+                # tensors arrived, so a layer split across buckets is still loaded whole.
+                self.llm.collective_rpc(_reload_weights_in_worker, args=(flat,))
         except Exception as e:
-            # The reload put every layer back in checkpoint layout before reading the stream:
-            # after a failure part-way the model is neither the old nor the new one.
+            # Part of the stream is in the weights (the layerwise reload even put every layer
+            # back in checkpoint layout first): the model is neither the old nor the new one.
             self._dead = (
                 f"weight update failed after {meter.tensors} tensors ({type(e).__name__}: {e}); "
                 "the engine's weights are in an undefined state"

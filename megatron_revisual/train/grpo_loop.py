@@ -149,6 +149,7 @@ class GRPOLoop:
             **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
             gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=on_gpu,
             cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
+            cpu_prepack_weights=r.cpu_prepack_weights,
         )
         return EngineProcess(config, env=env_threads(), start_timeout_s=1800, call_timeout_s=3600)
 

@@ -225,12 +225,13 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _vllm_process(model_dir: Path) -> EngineProcess:
+def _vllm_process(model_dir: Path, *, prepack: bool) -> EngineProcess:
     config = VLLMEngineConfig(
         model_path=str(model_dir),
         enforce_eager=True,
         max_num_seqs=64,
         cpu_kv_cache_gib=1,
+        cpu_prepack_weights=prepack,
         **ENGINE_SETTINGS,
     )
     return EngineProcess(
@@ -238,16 +239,24 @@ def _vllm_process(model_dir: Path) -> EngineProcess:
     )
 
 
+# Both CPU weight layouts are synced and checked: the VL engine keeps plain weights (the
+# default: load_weights into the live parameters), the text-only one has oneDNN-prepacked
+# weights (the layerwise reload, incl. re-packing the tied output layer).
 @pytest.fixture(scope="module")
 def vl_engine(checkpoints):
-    with _vllm_process(checkpoints["vl_a"]) as engine:
+    with _vllm_process(checkpoints["vl_a"], prepack=False) as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
 def lm_engine(checkpoints):
-    with _vllm_process(checkpoints["lm_a"]) as engine:
+    with _vllm_process(checkpoints["lm_a"], prepack=True) as engine:
         yield engine
+
+
+def test_each_engine_uses_its_cpu_weight_layout(vl_engine, lm_engine):
+    assert vl_engine.capabilities.weight_sync_note.startswith("load_weights into plain CPU weights")
+    assert lm_engine.capabilities.weight_sync_note.startswith("in-place layerwise reload")
 
 
 @pytest.fixture(scope="module")
