@@ -61,6 +61,7 @@ from megatron_revisual.convert.hf_write import (
     write_hf_weights,
 )
 from megatron_revisual.convert.mapping import Rule, to_megatron
+from megatron_revisual.convert.prefetch import PEAK_FACTOR, Prefetcher
 from megatron_revisual.convert.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ConvertError,
@@ -289,9 +290,8 @@ def _hf_to_mcore_rank(jobs: list[tuple[ModelConfig, str, str]]) -> int:
         model = build_meta_stage(run_config_for(model_cfg, tp, pp))
         shards = _HFShards(model, model_cfg, hf_dir)
         agree_on_errors(shards.check())
-        written += save_sharded_lazily(
-            model.sharded_state_dict(), ckpt_dir, shards.shard, set(shards.params)
-        )
+        nbytes = {name: p.numel() * p.element_size() for name, p in shards.params.items()}
+        written += save_sharded_lazily(model.sharded_state_dict(), ckpt_dir, shards.shard, nbytes)
     return written
 
 
@@ -416,15 +416,30 @@ def _mcore_to_hf_rank(
             for n, s in zip(rule.hf, hf_shapes(rule, loc.shape, ctx, model_cfg), strict=True)
         ]
 
-    def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        for rule in rules:
-            param = read_param(reader, locations[rule.megatron])
-            hf = rule_to_hf(rule, [param], ctx, model_cfg)
-            del param
+    nbytes = {s.name: s.nbytes for s in specs}
+    rule_bytes = [sum(nbytes[n] for n in rule.hf) for rule in rules]
+
+    def read_and_map(i: int) -> list[torch.Tensor]:
+        rule = rules[i]
+        return rule_to_hf(rule, [read_param(reader, locations[rule.megatron])], ctx, model_cfg)
+
+    def stream(ahead: Prefetcher) -> Iterator[tuple[str, torch.Tensor]]:
+        for i, rule in enumerate(rules):
+            hf = ahead.get(i)
             for name in rule.hf:
                 yield name, hf.pop(0)
 
-    return write_hf_weights(Path(out_dir), specs, stream(), max_shard_bytes=max_shard_bytes)
+    # The next parameters are read and mapped while this one is written (budget: the largest)
+    with Prefetcher(
+        range(len(rules)),
+        produce=read_and_map,
+        nbytes=lambda i: PEAK_FACTOR * rule_bytes[i],
+        budget_bytes=max(rule_bytes, default=0),
+        name="mcore-to-hf-read",
+    ) as ahead:
+        return write_hf_weights(
+            Path(out_dir), specs, stream(ahead), max_shard_bytes=max_shard_bytes
+        )
 
 
 def convert_mcore_to_hf(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -33,7 +34,10 @@ import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 
 from megatron_revisual.convert.hf_load import global_param_names
+from megatron_revisual.convert.prefetch import PEAK_FACTOR, Prefetcher
 from megatron_revisual.convert.safetensors_io import ConvertError
+
+log = logging.getLogger(__name__)
 
 # A conversion of a 32B model on slow disks takes a while; a stuck rank still ends eventually.
 CONVERT_TIMEOUT_S = 6 * 3600.0
@@ -50,11 +54,13 @@ def save_sharded_lazily(
     sharded_state_dict: dict,
     ckpt_dir: str,
     materialize: Callable[[str], torch.Tensor],
-    param_names: set[str],
+    param_nbytes: dict[str, int],
 ) -> int:
     """dist_checkpointing's torch_dist save of a (meta-device) model's `sharded_state_dict`,
-    where each parameter's data is `materialize(name)`, called when the writer reaches it and
-    dropped once its chunks are written. Collective over the world. Returns bytes written here."""
+    where each parameter's data is `materialize(name)` (`param_nbytes`: the parameters and the
+    bytes each materialises to), computed on a background thread shortly before the writer
+    reaches it and dropped once its chunks are written. Collective over the world. Returns
+    bytes written here."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import (
@@ -74,7 +80,7 @@ def save_sharded_lazily(
     sources: dict[tuple[str, tuple[int, ...]], _Source] = {}
     uses: dict[str, int] = {}
     for name, value in list(sharded_state_dict.items()):
-        if isinstance(value, ShardedTensor | ShardedTensorFactory) and name not in param_names:
+        if isinstance(value, ShardedTensor | ShardedTensorFactory) and name not in param_nbytes:
             raise ConvertError(
                 f"{name}: in the model's sharded_state_dict but not a parameter; cannot fill it from HF"
             )
@@ -96,7 +102,7 @@ def save_sharded_lazily(
     flat, _, _ = _replace_state_dict_keys_with_sharded_keys(
         sharded_part, keep_only_main_replica=True
     )
-    planner = _LazySavePlanner(sources, uses, materialize)
+    planner = _LazySavePlanner(sources, uses, materialize, param_nbytes)
     # One thread, no copy-ahead: the serial loader, which resolves a tensor only after writing
     # the previous one (what `release_previous` relies on).
     writer = FileSystemWriter(
@@ -115,7 +121,7 @@ def save_sharded_lazily(
         )
     finally:
         torch.serialization.set_crc32_options(crc)
-        planner.release_previous()
+        planner.close()
     if dist.get_rank() == 0:
         save_config(CheckpointingConfig("torch_dist", 1), ckpt_dir)
     dist.barrier()
@@ -130,16 +136,67 @@ class _LazySavePlanner(MCoreSavePlanner):
     torch's FileSystemWriter keeps a reference to every tensor it wrote (its `tensor_dict`, per
     key) until the file is closed, which would hold the embedding, the output layer and a layer's
     worth of weights. So once the (serial) writer asks for the next tensor, the previous one's
-    storage is released here, under the writer's reference."""
+    storage is released here, under the writer's reference.
+
+    The serial writer resolves the items in the order of the final plan, so `finish_plan` knows
+    which parameters come next: a `Prefetcher` materialises them while the writer writes (its
+    budget: the largest parameter). Should the writer ever ask out of that order, the parameter
+    is materialised on the spot and prefetching stops."""
 
     def __init__(
-        self, sources: dict, uses: dict[str, int], materialize: Callable[[str], torch.Tensor]
+        self,
+        sources: dict,
+        uses: dict[str, int],
+        materialize: Callable[[str], torch.Tensor],
+        param_nbytes: dict[str, int],
     ) -> None:
         super().__init__(dedup_replicated_tensors=None, flatten_state_dict=False)
         self.sources, self.uses, self.materialize = sources, dict(uses), materialize
+        self.param_nbytes = param_nbytes
         self.cache: dict[str, torch.Tensor] = {}
         self.previous: torch.Tensor | None = None
         self.bytes_written = 0
+        self.ahead: Prefetcher | None = None
+
+    def finish_plan(self, new_plan):  # noqa: ANN001, ANN201 (torch's signature)
+        from torch.distributed.checkpoint.planner import WriteItemType
+
+        plan = super().finish_plan(new_plan)
+        order: dict[str, None] = {}  # parameters in the order of their first write item
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                continue
+            src = self.sources.get((item.index.fqn, tuple(item.index.offset)))
+            if src is not None:
+                order.setdefault(src.param)
+        if order:
+            self.ahead = Prefetcher(
+                order,
+                produce=self.materialize,
+                nbytes=lambda param: PEAK_FACTOR * self.param_nbytes[param],
+                budget_bytes=max(self.param_nbytes[p] for p in order),
+                name="hf-to-mcore-read",
+            )
+        return plan
+
+    def _take(self, param: str) -> torch.Tensor:
+        if self.ahead is not None:
+            if self.ahead.peek_next() == param:
+                return self.ahead.get(param)
+            log.warning(
+                "hf-to-mcore: the writer asked for %s, not the planned %s; reading on demand from here",
+                param,
+                self.ahead.peek_next(),
+            )
+            self.ahead.close()  # not the predicted order: no more guessing
+            self.ahead = None
+        return self.materialize(param)
+
+    def close(self) -> None:
+        self.release_previous()
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
 
     def release_previous(self) -> None:
         if self.previous is not None:
@@ -158,7 +215,7 @@ class _LazySavePlanner(MCoreSavePlanner):
         src = self.sources[(write_item.index.fqn, tuple(write_item.index.offset))]
         param = self.cache.pop(src.param, None)
         if param is None:
-            param = self.materialize(src.param)
+            param = self._take(src.param)
         self.uses[src.param] -= 1
         if self.uses[src.param] > 0:
             self.cache[src.param] = param
