@@ -13,8 +13,8 @@ of both against a plain in-memory copy of the same bytes.
    oneDNN repacking included; transformers: copies into the parameters). Baseline: the
    same tensors copied into preallocated tensors of the same shapes (`Tensor.copy_`), in the
    same process. Target from the issue: sync >= 0.25x the copy.
-   Also measured: the same sync into a vLLM engine in another process (`EngineProcess`, the
-   socket path the CPU tests use).
+   Also measured: the same sync into a vLLM engine in another process (`EngineProcess`, what
+   the CPU runner uses), through shared memory (the default) and through the TCP socket.
 Each measurement runs in a fresh spawned process (one vLLM engine per process); vLLM gets
 VLLM_CPU_KVCACHE_SPACE=1 and one OpenMP thread, as in the tests.
 
@@ -181,7 +181,10 @@ def bench_sync(kind: str, model_dir: str, dtype: str, bucket_bytes: int) -> dict
         engine = create_engine(HFEngineConfig(**common))
     elif kind.startswith("vllm-process"):
         config = VLLMEngineConfig(**vllm_common)
-        engine = EngineProcess(config, env=ENV, start_timeout_s=1200, call_timeout_s=1200)
+        transport = "socket" if "socket" in kind else "shm"
+        engine = EngineProcess(
+            config, env=ENV, start_timeout_s=1200, call_timeout_s=1200, weight_transport=transport
+        )
     else:
         engine = create_engine(VLLMEngineConfig(**vllm_common))
     runs = []
@@ -208,9 +211,9 @@ def main() -> None:
     parser.add_argument("--skip-sync", action="store_true")
     parser.add_argument(
         "--sync-engines",
-        default="vllm,vllm-prepacked,vllm-process,transformers",
+        default="vllm,vllm-prepacked,vllm-process,vllm-process-socket,transformers",
         help="comma-separated: vllm (plain CPU weights), vllm-prepacked (oneDNN), "
-        "vllm-process, vllm-process-prepacked, transformers",
+        "vllm-process (shared memory), vllm-process-socket (TCP), transformers",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()

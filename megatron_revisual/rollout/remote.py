@@ -11,8 +11,13 @@ inside a gloo Megatron rank would collide with its process groups, and in tests,
 vLLM's threads and environment out of pytest. Each call is one connection: the parent, a
 training rank and a test may all talk to the same engine, one call at a time.
 
-Weights cross the socket as raw bytes, one bucket of metadata then one message per tensor, so
-the sender never holds more than its current bucket and no file is written. An engine process
+Weights travel a bucket at a time, so the sender never holds more than its current bucket.
+Where /dev/shm exists (``weight_transport="auto"``, the default, or ``"shm"``), the sender
+copies the bucket into a shared-memory segment (tmpfs: memory, not disk) and sends only its
+layout; the engine copies the tensors out and acknowledges, and the sender reuses the segment
+for the next bucket: two memory copies instead of pushing every byte through the TCP socket
+(about 3x faster for a 2 GB model, benchmarks/bench_rollout.py). ``"socket"`` sends the raw
+bytes over the connection, one message per tensor. An engine process
 that dies closes its socket: the caller gets ``EngineCrashedError`` at once, not a hang; a
 call that outlives ``call_timeout_s`` raises ``EngineTimeoutError``.
 """
@@ -20,8 +25,10 @@ call that outlives ``call_timeout_s`` raises ``EngineTimeoutError``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing as mp
 import os
+import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -61,18 +68,76 @@ class EngineEndpoint:
     authkey: bytes
     pid: int
 
-    def connect(self, *, call_timeout_s: float = 900.0) -> EngineClient:
-        return EngineClient(self, call_timeout_s=call_timeout_s)
+    def connect(
+        self, *, call_timeout_s: float = 900.0, weight_transport: str = "auto"
+    ) -> EngineClient:
+        return EngineClient(self, call_timeout_s=call_timeout_s, weight_transport=weight_transport)
+
+
+SHM_DIR = "/dev/shm"
+_ALIGN = 64  # byte alignment of each tensor inside a shared-memory bucket
+
+
+def _shm_available() -> bool:
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+
+
+class _ShmSegment:
+    """A shared-memory file (tmpfs) mapped as a uint8 tensor. Its name is removed as soon as the
+    engine has mapped it (`unlink`), so nothing is left in /dev/shm if either process dies; the
+    memory lives as long as one of the two mappings."""
+
+    def __init__(self, nbytes: int) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="revisual-weights-", dir=SHM_DIR)
+        self.linked = True
+        try:
+            os.ftruncate(fd, nbytes)
+            self.nbytes = nbytes
+            self.data = torch.from_file(self.path, shared=True, size=nbytes, dtype=torch.uint8)
+        except BaseException:
+            self.unlink()
+            raise
+        finally:
+            os.close(fd)
+
+    def unlink(self) -> None:
+        if self.linked:
+            self.linked = False
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 class EngineClient(RolloutEngine):
     """The ``RolloutEngine`` interface over an ``EngineEndpoint``."""
 
     def __init__(
-        self, endpoint: EngineEndpoint, *, call_timeout_s: float = 900.0, process: Any = None
+        self,
+        endpoint: EngineEndpoint,
+        *,
+        call_timeout_s: float = 900.0,
+        process: Any = None,
+        weight_transport: str = "auto",
     ) -> None:
+        if weight_transport not in ("auto", "shm", "socket"):
+            raise ValueError(
+                f"weight_transport={weight_transport!r}; use 'auto', 'shm' or 'socket'"
+            )
+        if weight_transport == "shm" and not _shm_available():
+            raise RolloutEngineError(f"weight_transport='shm' needs a writable {SHM_DIR}")
         self.endpoint = endpoint
         self.call_timeout_s = call_timeout_s
+        self._segment: _ShmSegment | None = None  # kept between syncs: its pages stay touched
+        self.weight_transport = (
+            ("shm" if _shm_available() else "socket")
+            if weight_transport == "auto"
+            else weight_transport
+        )
         self._process = process  # the owner's handle, for the exit code in error messages
         self._name = "rollout"
         self.capabilities: EngineCapabilities = self._call("capabilities", None)
@@ -126,6 +191,38 @@ class EngineClient(RolloutEngine):
     ) -> WeightSyncStats:
         start = time.perf_counter()
 
+        def send_shm_buckets(conn: Connection) -> None:
+            for bucket in bucketed(stream, bucket_bytes):
+                sizes = [t.numel() * t.element_size() for _, t in bucket]
+                need = sum(_aligned(n) for n in sizes)
+                for _attempt in range(2):
+                    segment = self._segment
+                    if segment is None or segment.nbytes < need:
+                        segment = self._segment = _ShmSegment(max(need, _aligned(bucket_bytes)))
+                    metas, offset = [], 0
+                    for (name, t), n in zip(bucket, sizes, strict=True):
+                        flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+                        segment.data[offset : offset + n].copy_(flat)
+                        metas.append(
+                            (name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset)
+                        )
+                        offset += _aligned(n)
+                    conn.send(("shm_bucket", (segment.path, segment.nbytes, metas)))
+                    # the engine has copied the bucket out: the segment may be overwritten
+                    reply = conn.recv()
+                    if reply == ("copied", None):
+                        segment.unlink()  # mapped on both sides now
+                        break
+                    if reply == ("unmapped", segment.path) and not segment.linked:
+                        self._segment = None  # the engine dropped its mapping: a new segment
+                        continue
+                    raise RolloutEngineError(
+                        f"weight sync: expected the engine's 'copied', got {reply!r:.200}"
+                    )
+                else:
+                    raise RolloutEngineError("weight sync: the engine could not map a new segment")
+            conn.send(("end", None))
+
         def send_buckets(conn: Connection) -> None:
             for bucket in bucketed(stream, bucket_bytes):
                 conn.send(
@@ -141,7 +238,8 @@ class EngineClient(RolloutEngine):
                     conn.send_bytes(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
             conn.send(("end", None))
 
-        stats: WeightSyncStats = self._call("update_weights", bucket_bytes, send_buckets)
+        sender = send_shm_buckets if self.weight_transport == "shm" else send_buckets
+        stats: WeightSyncStats = self._call("update_weights", bucket_bytes, sender)
         return dataclasses.replace(stats, seconds=time.perf_counter() - start)
 
     def free_memory(self) -> bool:
@@ -166,6 +264,7 @@ class EngineProcess(EngineClient):
         env: dict[str, str] | None = None,
         start_timeout_s: float = 900.0,
         call_timeout_s: float = 900.0,
+        weight_transport: str = "auto",
     ) -> None:
         ctx = mp.get_context("spawn")
         authkey = os.urandom(32)
@@ -209,6 +308,7 @@ class EngineProcess(EngineClient):
             EngineEndpoint(value, authkey, process.pid),
             call_timeout_s=call_timeout_s,
             process=process,
+            weight_transport=weight_transport,
         )
 
     def close(self) -> None:
@@ -231,34 +331,122 @@ def _stop(process: Any, grace_s: float = 30.0) -> None:
 # The engine process
 
 
+class _ReceivePool:
+    """Memory the engine process receives weights into, reused from one bucket and one sync to
+    the next. On these machines writing into freshly allocated memory costs about 14x a copy
+    into memory already touched (page faults), which made fresh receive tensors the largest
+    cost of a sync. A block is handed out again only when no tensor uses its storage any more
+    (the storage's use count is back to the pool's own references), so a tensor the engine
+    still holds (its own buckets, vLLM's layerwise reload) is never overwritten."""
+
+    MAX_BLOCKS = 4
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[torch.Tensor, int]] = []  # (uint8 block, use count when idle)
+
+    # private torch API: without it nothing is reused (every bucket gets fresh memory)
+    _use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+    @classmethod
+    def _uses(cls, block: torch.Tensor) -> int:
+        return cls._use_count(block.untyped_storage()._cdata)
+
+    def take(self, nbytes: int, min_block: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` (views of it carve the bucket's tensors)."""
+        for block, idle in self.blocks:
+            if block.numel() >= nbytes and self._uses(block) == idle:
+                return block[:nbytes]
+        block = torch.empty(max(nbytes, min_block), dtype=torch.uint8)
+        if self._use_count is not None and len(self.blocks) < self.MAX_BLOCKS:
+            self.blocks.append((block, self._uses(block)))
+        return block[:nbytes]
+
+
+_RECEIVE_POOL = _ReceivePool()
+_SEGMENTS: dict[str, torch.Tensor] = {}  # engine side: shared-memory segments mapped, by path
+_MAX_SEGMENTS = 8
+
+
+def _carve(region: torch.Tensor, metas: list) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, tensor, its bytes) for each (name, dtype, shape, offset) in ``region``."""
+    out = []
+    for name, dtype, shape, offset in metas:
+        dt = getattr(torch, dtype)
+        n = math.prod(shape) * dt.itemsize
+        raw = region[offset : offset + n]
+        out.append((name, raw.view(dt).reshape(shape), raw))
+    return out
+
+
 class _BucketReader:
     """The weight stream as the engine sees it, read off the connection; ``drain`` consumes
-    what the sender still sends after the engine gave up, so the reply can go out."""
+    what the sender still sends after the engine gave up, so the reply can go out.
 
-    def __init__(self, conn: Connection) -> None:
+    A shared-memory bucket is copied out (into pooled memory, see `_ReceivePool`) and
+    acknowledged as soon as it arrives: the engine may hold tensors for a while, while the
+    sender reuses the segment for the next bucket."""
+
+    def __init__(self, conn: Connection, bucket_bytes: int) -> None:
         self.conn = conn
-        self.pending: list[tuple[str, str, tuple[int, ...]]] = []
+        self.bucket_bytes = bucket_bytes
+        self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # socket: to receive
+        self.copied: list[tuple[str, torch.Tensor]] = []
         self.done = False
 
+    def _layout(self, metas: list) -> tuple[list, int]:
+        with_offsets, offset = [], 0
+        for name, dtype, shape, *rest in metas:
+            at = rest[0] if rest else offset
+            with_offsets.append((name, dtype, shape, at))
+            offset = _aligned(at + math.prod(shape) * getattr(torch, dtype).itemsize)
+        return with_offsets, offset
+
+    def _copy_out(self, path: str, nbytes: int, metas: list) -> None:
+        data = _SEGMENTS.get(path)
+        if data is None:
+            try:
+                data = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+            except (RuntimeError, OSError):
+                self.conn.send(("unmapped", path))  # already unlinked: the sender makes another
+                return
+            if len(_SEGMENTS) >= _MAX_SEGMENTS:
+                _SEGMENTS.pop(next(iter(_SEGMENTS)))
+            _SEGMENTS[path] = data
+        metas, total = self._layout(metas)
+        region = _RECEIVE_POOL.take(total, self.bucket_bytes)
+        for (name, tensor, raw), (_, _, _, offset) in zip(
+            _carve(region, metas), metas, strict=True
+        ):
+            raw.copy_(data[offset : offset + raw.numel()])
+            self.copied.append((name, tensor))
+        self.conn.send(("copied", None))
+
     def _next_meta(self) -> bool:
-        while not self.pending:
+        while not self.pending and not self.copied:
             kind, metas = self.conn.recv()
             if kind == "end":
                 self.done = True
                 return False
-            self.pending = list(metas)
+            if kind == "shm_bucket":
+                self._copy_out(*metas)
+            else:
+                metas, total = self._layout(metas)
+                self.pending = _carve(_RECEIVE_POOL.take(total, self.bucket_bytes), metas)
         return True
 
     def __iter__(self):
         while self._next_meta():
-            name, dtype, shape = self.pending.pop(0)
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+            if self.copied:
+                yield self.copied.pop(0)
+                continue
+            name, tensor, raw = self.pending.pop(0)
             # straight into the tensor's memory: one copy off the socket, none after
-            self.conn.recv_bytes_into(tensor.reshape(-1).view(torch.uint8).numpy())
+            self.conn.recv_bytes_into(raw.numpy())
             yield name, tensor
 
     def drain(self) -> None:
         while not self.done:
+            self.copied.clear()
             if self.pending:
                 self.pending.pop(0)
                 self.conn.recv_bytes()
@@ -273,7 +461,7 @@ def _handle(engine: RolloutEngine, conn: Connection, op: str, payload: Any) -> A
         requests, sampling = payload
         return engine.generate(requests, sampling)
     if op == "update_weights":
-        reader = _BucketReader(conn)
+        reader = _BucketReader(conn, payload)
         try:
             return engine.update_weights(iter(reader), bucket_bytes=payload)
         finally:

@@ -103,6 +103,27 @@ def test_remote_engine_equals_the_in_process_one_before_and_after_a_sync(tiny, r
     assert [s.logprobs for s in after_remote.samples] != [s.logprobs for s in before_remote.samples]
 
 
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_each_weight_transport_delivers_exact_weights(tiny, remote, transport):
+    # the engine goes a -> b -> a through this transport, with buckets smaller than a layer
+    # and a tensor larger than a bucket; each time it must sample what a local engine with the
+    # same weights samples, and b must differ from a
+    client = remote.endpoint.connect(weight_transport=transport)
+    assert client.weight_transport == transport
+    requests = _requests(tiny["a"])
+    results = {}
+    for name in ("a", "b", "a"):
+        stats = client.update_weights(_stream(tiny[name]), bucket_bytes=1 << 14)
+        assert stats.tensors == 27 and stats.buckets >= 20
+        local = create_engine(HFEngineConfig(model_path=str(tiny[name]), **SETTINGS))
+        got = client.generate(requests, SAMPLING)
+        _assert_same_samples(got.samples, local.generate(requests, SAMPLING).samples)
+        results.setdefault(name, got)
+    assert [s.logprobs for s in results["a"].samples] != [
+        s.logprobs for s in results["b"].samples
+    ]
+
+
 def test_bf16_stream_is_cast_to_the_engine_dtype(tiny, remote):
     # bf16 bytes survive the socket; the engine casts them to its fp32 weights
     local = create_engine(HFEngineConfig(model_path=str(tiny["a"]), **SETTINGS))
