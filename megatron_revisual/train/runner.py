@@ -111,13 +111,21 @@ def _load(args: argparse.Namespace, *, prepare: bool):
     return cfg
 
 
+def _already_done(out: Path, resume: str, *, say: bool = True) -> bool:
+    """A finished run (DONE.json) is not run again unless --resume none asks for a fresh one."""
+    if (out / DONE_FILE).exists() and resume != "none":
+        if say:
+            print(f"revisual train: {out / DONE_FILE} exists; the run is complete", file=sys.stderr)
+        return True
+    return False
+
+
 def run_train(args: argparse.Namespace) -> int:
     if _under_torchrun():
         return _torchrun_main(args)
     cfg = _load(args, prepare=True)
     out = Path(cfg.output_dir)
-    if (out / DONE_FILE).exists() and args.resume != "none":
-        print(f"revisual train: {out / DONE_FILE} exists; the run is complete", file=sys.stderr)
+    if _already_done(out, args.resume):
         return 0
     _install_stop_signals(stop_file_path(out))
     from megatron_revisual.parallel import run_distributed
@@ -163,9 +171,7 @@ def _torchrun_main(args: argparse.Namespace) -> int:
             "pass matching cluster.* overrides"
         )
     out = Path(cfg.output_dir)
-    if (out / DONE_FILE).exists() and args.resume != "none":
-        if dist.get_rank() == 0:
-            print(f"revisual train: {out / DONE_FILE} exists; the run is complete", file=sys.stderr)
+    if _already_done(out, args.resume, say=dist.get_rank() == 0):
         dist.destroy_process_group()
         return 0
     _install_stop_signals(stop_file_path(out))

@@ -96,3 +96,15 @@ def test_stale_writes_of_a_killed_save_are_removed(tmp_path):
     removed = remove_stale_writes(tmp_path)
     assert sorted(p.name for p in removed) == [".iter_0000004.partial-x1", ".latest_checkpointed_iteration.txt.0utjyko0"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
+def test_a_finished_run_is_not_run_again_unless_resume_none(tmp_path, capsys):
+    from megatron_revisual.train.runner import DONE_FILE, _already_done
+
+    assert not _already_done(tmp_path, "auto")
+    (tmp_path / DONE_FILE).write_text("{}")
+    assert _already_done(tmp_path, "auto")
+    assert f"{tmp_path / DONE_FILE} exists; the run is complete" in capsys.readouterr().err
+    assert _already_done(tmp_path, str(tmp_path / "iter_0000002"), say=False)
+    assert capsys.readouterr().err == ""
+    assert not _already_done(tmp_path, "none")  # --resume none: a fresh run over it
