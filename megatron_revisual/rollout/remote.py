@@ -113,6 +113,20 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+
+
+def _bucket_layout(bucket: list[tuple[str, torch.Tensor]]) -> tuple[list, int]:
+    """Where each tensor of a bucket lies in one flat byte buffer: ([(name, dtype, shape,
+    offset)], total bytes); both transports send it, the engine receives into that layout."""
+    metas, offset = [], 0
+    for name, t in bucket:
+        metas.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
+        offset += _aligned(t.numel() * t.element_size())
+    return metas, offset
+
+
 class EngineClient(RolloutEngine):
     """The ``RolloutEngine`` interface over an ``EngineEndpoint``."""
 
@@ -193,21 +207,15 @@ class EngineClient(RolloutEngine):
 
         def send_shm_buckets(conn: Connection) -> None:
             for bucket in bucketed(stream, bucket_bytes):
-                sizes = [t.numel() * t.element_size() for _, t in bucket]
-                need = sum(_aligned(n) for n in sizes)
+                metas, total = _bucket_layout(bucket)
                 for _attempt in range(2):
                     segment = self._segment
-                    if segment is None or segment.nbytes < need:
-                        segment = self._segment = _ShmSegment(max(need, _aligned(bucket_bytes)))
-                    metas, offset = [], 0
-                    for (name, t), n in zip(bucket, sizes, strict=True):
-                        flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-                        segment.data[offset : offset + n].copy_(flat)
-                        metas.append(
-                            (name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset)
-                        )
-                        offset += _aligned(n)
-                    conn.send(("shm_bucket", (segment.path, segment.nbytes, metas)))
+                    if segment is None or segment.nbytes < total:
+                        segment = self._segment = _ShmSegment(max(total, _aligned(bucket_bytes)))
+                    for (_, t), (*_, offset) in zip(bucket, metas, strict=True):
+                        raw = _raw_bytes(t)
+                        segment.data[offset : offset + raw.numel()].copy_(raw)
+                    conn.send(("shm_bucket", (segment.path, segment.nbytes, metas, total)))
                     # the engine has copied the bucket out: the segment may be overwritten
                     reply = conn.recv()
                     if reply == ("copied", None):
@@ -225,17 +233,9 @@ class EngineClient(RolloutEngine):
 
         def send_buckets(conn: Connection) -> None:
             for bucket in bucketed(stream, bucket_bytes):
-                conn.send(
-                    (
-                        "bucket",
-                        [
-                            (n, str(t.dtype).removeprefix("torch."), tuple(t.shape))
-                            for n, t in bucket
-                        ],
-                    )
-                )
+                conn.send(("bucket", _bucket_layout(bucket)))
                 for _, t in bucket:
-                    conn.send_bytes(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+                    conn.send_bytes(_raw_bytes(t).numpy())
             conn.send(("end", None))
 
         sender = send_shm_buckets if self.weight_transport == "shm" else send_buckets
@@ -382,26 +382,19 @@ class _BucketReader:
     """The weight stream as the engine sees it, read off the connection; ``drain`` consumes
     what the sender still sends after the engine gave up, so the reply can go out.
 
-    A shared-memory bucket is copied out (into pooled memory, see `_ReceivePool`) and
-    acknowledged as soon as it arrives: the engine may hold tensors for a while, while the
-    sender reuses the segment for the next bucket."""
+    Each bucket lands in pooled memory (see `_ReceivePool`) in the sender's layout. A
+    shared-memory bucket is copied out in one copy and acknowledged at once (the engine may hold
+    tensors for a while, while the sender reuses the segment); a socket bucket's tensors are
+    read off the connection one by one as the engine asks for them."""
 
     def __init__(self, conn: Connection, bucket_bytes: int) -> None:
         self.conn = conn
         self.bucket_bytes = bucket_bytes
-        self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # socket: to receive
-        self.copied: list[tuple[str, torch.Tensor]] = []
+        # (name, tensor, its bytes still to read off the socket, or None when filled)
+        self.pending: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         self.done = False
 
-    def _layout(self, metas: list) -> tuple[list, int]:
-        with_offsets, offset = [], 0
-        for name, dtype, shape, *rest in metas:
-            at = rest[0] if rest else offset
-            with_offsets.append((name, dtype, shape, at))
-            offset = _aligned(at + math.prod(shape) * getattr(torch, dtype).itemsize)
-        return with_offsets, offset
-
-    def _copy_out(self, path: str, nbytes: int, metas: list) -> None:
+    def _copy_out(self, path: str, nbytes: int, metas: list, total: int) -> None:
         data = _SEGMENTS.get(path)
         if data is None:
             try:
@@ -412,44 +405,38 @@ class _BucketReader:
             if len(_SEGMENTS) >= _MAX_SEGMENTS:
                 _SEGMENTS.pop(next(iter(_SEGMENTS)))
             _SEGMENTS[path] = data
-        metas, total = self._layout(metas)
         region = _RECEIVE_POOL.take(total, self.bucket_bytes)
-        for (name, tensor, raw), (_, _, _, offset) in zip(
-            _carve(region, metas), metas, strict=True
-        ):
-            raw.copy_(data[offset : offset + raw.numel()])
-            self.copied.append((name, tensor))
+        region.copy_(data[:total])  # same layout on both sides
+        self.pending = [(name, tensor, None) for name, tensor, _ in _carve(region, metas)]
         self.conn.send(("copied", None))
 
     def _next_meta(self) -> bool:
-        while not self.pending and not self.copied:
-            kind, metas = self.conn.recv()
+        while not self.pending:
+            kind, payload = self.conn.recv()
             if kind == "end":
                 self.done = True
                 return False
             if kind == "shm_bucket":
-                self._copy_out(*metas)
+                self._copy_out(*payload)
             else:
-                metas, total = self._layout(metas)
+                metas, total = payload
                 self.pending = _carve(_RECEIVE_POOL.take(total, self.bucket_bytes), metas)
         return True
 
     def __iter__(self):
         while self._next_meta():
-            if self.copied:
-                yield self.copied.pop(0)
-                continue
             name, tensor, raw = self.pending.pop(0)
-            # straight into the tensor's memory: one copy off the socket, none after
-            self.conn.recv_bytes_into(raw.numpy())
+            if raw is not None:
+                # straight into the tensor's memory: one copy off the socket, none after
+                self.conn.recv_bytes_into(raw.numpy())
             yield name, tensor
 
     def drain(self) -> None:
         while not self.done:
-            self.copied.clear()
             if self.pending:
-                self.pending.pop(0)
-                self.conn.recv_bytes()
+                _, _, raw = self.pending.pop(0)
+                if raw is not None:
+                    self.conn.recv_bytes()
             else:
                 self._next_meta()
 
