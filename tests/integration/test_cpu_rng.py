@@ -44,8 +44,9 @@ def test_tp_ranks_share_the_default_stream_and_fork_their_own() -> None:
     default = _stream(SEED, 8)
     for rank in ranks:
         tp_rank = rank["tp_rank"]
-        assert torch.equal(rank["before"], default[:4]), tp_rank
-        assert torch.equal(rank["model_parallel"], _stream(SEED + MODEL_PARALLEL_OFFSET + tp_rank, 4))
+        assert torch.equal(rank["before"], default[:4]), f"tp rank {tp_rank}: default stream"
+        model_parallel = _stream(SEED + MODEL_PARALLEL_OFFSET + tp_rank, 4)
+        assert torch.equal(rank["model_parallel"], model_parallel), f"tp rank {tp_rank}: forked"
         # leaving the fork puts the default stream back where it was
-        assert torch.equal(rank["after"], default[4:]), tp_rank
+        assert torch.equal(rank["after"], default[4:]), f"tp rank {tp_rank}: after the fork"
     assert not torch.equal(ranks[0]["model_parallel"], ranks[1]["model_parallel"])
