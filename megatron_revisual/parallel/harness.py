@@ -169,7 +169,14 @@ def _rank_main(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     results: Any,
+    stdio_path: str | None,
 ) -> None:
+    from megatron_revisual.logfiles import ignore_known_warnings, redirect_stdio
+
+    # before initialize_parallel: Megatron-Core warns and logs as it is imported
+    if stdio_path is not None:
+        redirect_stdio(stdio_path.format(rank=rank))
+    ignore_known_warnings(on_gpu=torch.cuda.is_available())
     # Own process group, so that killing this rank also kills what it started (e.g. the Manager
     # process of dist_checkpointing) instead of orphaning it.
     os.setpgid(0, 0)
@@ -206,9 +213,13 @@ def run_distributed(
     kwargs: dict[str, Any] | None = None,
     timeout_s: float = 300.0,
     threads_per_rank: int = 1,
+    stdio_path: str | None = None,
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` freshly spawned local ranks, each initialized
     with `initialize_parallel`, and return the per-rank results in rank order.
+
+    With `stdio_path` (a format string with `{rank}`) each rank's stdout and stderr go to its
+    own file (`logfiles.redirect_stdio`); `logfiles.console()` is still the terminal.
 
     The first rank to raise aborts the run with a `RankError` holding its traceback; a rank that
     dies silently or a run longer than `timeout_s` raises too, and every rank is killed.
@@ -220,7 +231,8 @@ def run_distributed(
     processes = [
         context.Process(
             target=_rank_main,
-            args=(rank, port, layout, seed, threads_per_rank, fn, args, kwargs or {}, results),
+            args=(rank, port, layout, seed, threads_per_rank, fn, args, kwargs or {}, results,
+                  stdio_path),
             name=f"rank{rank}",
             # Not daemonic: ranks start children (dist_checkpointing's Manager, data workers).
             daemon=False,

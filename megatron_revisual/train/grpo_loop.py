@@ -151,7 +151,8 @@ class GRPOLoop:
             cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
             cpu_prepack_weights=r.cpu_prepack_weights,
         )
-        return EngineProcess(config, env=env_threads(), start_timeout_s=1800, call_timeout_s=3600)
+        return EngineProcess(config, env=env_threads(), start_timeout_s=1800, call_timeout_s=3600,
+                             log_path=Path(self.cfg.output_dir) / "logs" / "engine.log")
 
     def start(self, resumed_at: int) -> None:
         if self.rank == 0:
