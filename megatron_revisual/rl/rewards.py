@@ -84,6 +84,7 @@ __all__ = [
     "image_revisit_reward",
     "released_accuracy_reward",
     "repetition_reward",
+    "reward_config_problems",
     "self_critique_reward",
     "warmup",
     "weighted_self_critique_reward",
@@ -365,40 +366,11 @@ class RewardConfig:
     sigmoid_steepness: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.preset not in REWARD_PRESETS:
-            raise ValueError(f"unknown reward preset {self.preset!r}; use one of {sorted(REWARD_PRESETS)}")
-        if self.grader not in GRADERS:
-            raise ValueError(f"unknown grader {self.grader!r}; use one of {GRADERS}")
-        preset = REWARD_PRESETS[self.preset]
-        if preset.weights is not None:
-            if self.weights is not None:
-                raise ValueError(
-                    f"weights have no effect with preset={self.preset!r}, which fixes "
-                    f"{dict(preset.weights)}; use preset='ours' to choose terms and weights"
-                )
-            if self.length_budget is not None and self.length_budget <= 0:
-                raise ValueError(f"length_budget must be > 0 (tokens), got {self.length_budget}")
-            if self.length_budget is not None and preset.length_weight is None:
-                raise ValueError(
-                    f"length_budget={self.length_budget} has no effect with preset={self.preset!r} "
-                    "(its source has no length term); leave it null"
-                )
-            return
-        weights = self.resolved_weights()
-        unknown = sorted(set(weights) - set(REWARD_TERMS))
-        if unknown:
-            raise ValueError(f"unknown reward terms {unknown}; known: {sorted(REWARD_TERMS)}")
-        uses_length = any(k in _LENGTH_TERMS for k in weights)
-        if uses_length and (self.length_budget is None or self.length_budget <= 0):
-            raise ValueError(
-                f"reward terms {sorted(k for k in weights if k in _LENGTH_TERMS)} need "
-                f"length_budget > 0 (tokens), got {self.length_budget}"
-            )
-        if not uses_length and self.length_budget is not None:
-            raise ValueError(
-                f"length_budget={self.length_budget} has no effect without a length term "
-                f"({sorted(_LENGTH_TERMS)}) in weights"
-            )
+        problems = reward_config_problems(
+            preset=self.preset, grader=self.grader, weights=self.weights, length_budget=self.length_budget
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def resolved_weights(self) -> dict[str, float]:
         """The weight of every term in ``overall``."""
@@ -409,6 +381,53 @@ class RewardConfig:
         if self.length_budget is not None and preset.length_weight is not None:
             weights["efficient_length"] = preset.length_weight
         return weights
+
+
+def reward_config_problems(
+    *,
+    preset: str,
+    grader: str,
+    weights: Mapping[str, float] | None,
+    length_budget: int | None,
+    names: Mapping[str, str] | None = None,
+) -> list[str]:
+    """What is wrong with these ``RewardConfig`` fields; ``names`` renames the fields in the
+    messages (the run config calls them ``mrl.rl.reward_preset`` and so on)."""
+    n = {"preset": "preset", "grader": "grader", "weights": "weights",
+         "length_budget": "length_budget", **(names or {})}  # fmt: skip
+    if preset not in REWARD_PRESETS:
+        return [f"{n['preset']}={preset!r} is unknown; use one of {sorted(REWARD_PRESETS)}"]
+    problems = []
+    if grader not in GRADERS:
+        problems.append(f"{n['grader']}={grader!r} is unknown; use one of {list(GRADERS)}")
+    fixed = REWARD_PRESETS[preset]
+    if length_budget is not None and length_budget <= 0:
+        problems.append(f"{n['length_budget']}={length_budget} must be > 0 (tokens)")
+    if fixed.weights is not None:
+        if weights is not None:
+            problems.append(
+                f"{n['weights']} has no effect with {n['preset']}={preset!r}, which fixes "
+                f"{dict(fixed.weights)}; use {n['preset']}='ours' to choose terms and weights"
+            )
+        if length_budget is not None and fixed.length_weight is None:
+            problems.append(
+                f"{n['length_budget']}={length_budget} has no effect with {n['preset']}={preset!r} "
+                "(its source has no length term); leave it null"
+            )
+        return problems
+    weights = {"accuracy": 1.0} if weights is None else weights
+    unknown = sorted(set(weights) - set(REWARD_TERMS))
+    if unknown:
+        problems.append(f"{n['weights']}: unknown terms {unknown}; use {sorted(REWARD_TERMS)}")
+    length_terms = sorted(k for k in weights if k in _LENGTH_TERMS)
+    if length_terms and length_budget is None:
+        problems.append(f"reward terms {length_terms} need {n['length_budget']} > 0 (tokens)")
+    if not length_terms and length_budget is not None:
+        problems.append(
+            f"{n['length_budget']}={length_budget} has no effect without a length term "
+            f"({sorted(_LENGTH_TERMS)}) in {n['weights']}"
+        )
+    return problems
 
 
 def compute_reward(sample: RewardSample, config: RewardConfig) -> dict[str, float]:

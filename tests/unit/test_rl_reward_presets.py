@@ -176,12 +176,12 @@ def test_revisual_math_length_term_is_the_released_use_efficient_reward() -> Non
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"preset": "revisual_math", "weights": {"accuracy": 1.0}}, "weights have no effect with preset='revisual_math'"),
+        ({"preset": "revisual_math", "weights": {"accuracy": 1.0}}, "weights has no effect with preset='revisual_math'"),
         ({"preset": "revisual_text", "length_budget": 100}, "length_budget=100 has no effect with preset='revisual_text'"),
         ({"preset": "revisual_math_v1", "length_budget": 100}, "has no effect with preset='revisual_math_v1'"),
-        ({"preset": "revisual_math", "length_budget": 0}, "length_budget must be > 0"),
-        ({"preset": "released"}, r"unknown reward preset 'released'; use one of \['ours', 'revisual_math'"),
-        ({"grader": "sympy"}, r"unknown grader 'sympy'; use one of \('math_verify', 'mathruler'\)"),
+        ({"preset": "revisual_math", "length_budget": 0}, "length_budget=0 must be > 0"),
+        ({"preset": "released"}, r"preset='released' is unknown; use one of \['ours', 'revisual_math'"),
+        ({"grader": "sympy"}, r"grader='sympy' is unknown; use one of \['math_verify', 'mathruler'\]"),
     ],
 )
 def test_bad_preset_options_are_named(kwargs: dict, message: str) -> None:

@@ -156,7 +156,7 @@ def test_paper_style_composition_with_length() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"weights": {"accuracy": 1.0, "bogus": 1.0}}, "unknown reward terms"),
+        ({"weights": {"accuracy": 1.0, "bogus": 1.0}}, r"weights: unknown terms \[.bogus.\]"),
         ({"weights": {"efficient_length": 1.0}}, "need length_budget"),
         ({"weights": {"accuracy": 1.0}, "length_budget": 100}, "has no effect"),
     ],
