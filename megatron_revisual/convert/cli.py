@@ -118,8 +118,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Run the parsed `revisual convert ...` command; 0 on success, 2 on bad input."""
+    """Run the parsed `revisual convert ...` command; 0 on success, 1 when verify finds a
+    mismatch, 2 on bad input or a failed write (a full disk)."""
     from megatron_revisual.convert.safetensors_io import ConvertError
+    from megatron_revisual.staged_dir import OutputWriteError
 
     command = args.convert_command
     try:
@@ -160,7 +162,7 @@ def run_convert(args: argparse.Namespace) -> int:
             )
         else:  # argparse's `required=True` makes this unreachable
             raise ValueError(f"unknown convert command {command!r}")
-    except (ConvertError, FileExistsError) as e:
+    except (ConvertError, FileExistsError, OutputWriteError) as e:
         print(f"revisual convert {command}: error: {e}", file=sys.stderr)
         return 2
     return 0

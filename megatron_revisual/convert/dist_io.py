@@ -423,9 +423,9 @@ def launch(
     try:
         return run_distributed(fn, world_size=tp * pp, tp=tp, pp=pp, args=args, timeout_s=timeout_s)
     except RankError as e:
-        marker = f"{ConvertError.__name__}: "
-        if marker in e.remote_traceback:  # bad input, found by a rank: its message, no traceback
-            raise ConvertError(e.remote_traceback.rsplit(marker, 1)[1].strip()) from None
+        named = e.named_error(ConvertError)  # bad input, found by a rank: its message, no traceback
+        if named is not None:
+            raise named from None
         raise
 
 
