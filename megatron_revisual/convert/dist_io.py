@@ -282,6 +282,28 @@ class DistCheckpointReader:
             for k, md in self.metadata.state_dict_metadata.items()
             if isinstance(md, TensorStorageMetadata)
         }
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Every data file the .metadata index points at exists and is long enough, so that a
+        checkpoint missing a .distcp file (or with a cut one) fails here, by name, before
+        anything is read or written."""
+        needed: dict[str, int] = {}
+        for info in (self.metadata.storage_data or {}).values():
+            end = info.offset + info.length
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+        problems = []
+        for name, end in sorted(needed.items()):
+            path = self.dir / name
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+            elif path.stat().st_size < end:
+                problems.append(f"{path} is truncated: {path.stat().st_size} bytes, the index needs {end}")
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ConvertError(
+                f"{self.dir}: incomplete torch_dist checkpoint: {'; '.join(problems[:3])}{more}"
+            )
 
     def _load_chunk(self, key: str, chunk) -> torch.Tensor:  # noqa: ANN001
         from torch.distributed.checkpoint.metadata import MetadataIndex
