@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "DatasetFormatError",
     "Sample",
     "expected_files",
+    "hub_source",
     "load_benchmark",
     "parse_dataset_names",
 ]
@@ -285,6 +287,27 @@ _SPECS: dict[str, _Spec] = {
 }
 
 
+def hub_source(name: str) -> tuple[str, str | None, str]:
+    """(Hub dataset, config, split) of a benchmark."""
+    return _SPECS[name].hub
+
+
+def _cache_folder_name(name: str) -> str:
+    """How `datasets` names a Hub dataset's folder in a cache_dir: "AI4Math___math_vista"."""
+    org, _, hub_name = _SPECS[name].hub[0].partition("/")
+    return f"{org}___{re.sub(r'(?<=[a-z0-9])(?=[A-Z])', '_', hub_name).lower()}"
+
+
+def _hub_cache_folder(name: str, dataset_dir: Path) -> Path | None:
+    """`dataset_dir`'s folder of the benchmark's Hub dataset, if `load_dataset(...,
+    cache_dir=dataset_dir)` (the released tool's --dataset-dir) has put one there."""
+    wanted = _cache_folder_name(name).casefold()
+    if not dataset_dir.is_dir():
+        return None
+    found = [p for p in dataset_dir.iterdir() if p.is_dir() and p.name.casefold() == wanted]
+    return found[0] if found else None
+
+
 def expected_files(name: str, dataset_dir: str | Path) -> list[str]:
     """The local files a benchmark is read from (alternatives), for error messages."""
     spec = _SPECS[name]
@@ -293,7 +316,8 @@ def expected_files(name: str, dataset_dir: str | Path) -> list[str]:
         first = f"{root}/test/<n>/data.json (+ img_diagram.png)"
     else:
         first = f"{root / spec.local_json} (+ images)"
-    return [first, f"{root}/**/{spec.parquet_split}*.parquet"]
+    cache = f"{Path(dataset_dir) / _cache_folder_name(name)} (a datasets cache_dir)"
+    return [first, f"{root}/**/{spec.parquet_split}*.parquet", cache]
 
 
 # --- readers -----------------------------------------------------------------------------------
@@ -344,12 +368,13 @@ def _hub_offline() -> str | None:
     return None
 
 
-def _read_hub(name: str) -> list[tuple[dict, list[Path], str]]:
+def _read_hub(name: str, cache_dir: Path | None) -> list[tuple[dict, list[Path], str]]:
     from datasets import load_dataset
 
     path, config, split = _SPECS[name].hub
-    ds = load_dataset(path, config, split=split)
-    return [(row, [], f"{path}[{split}]") for row in ds]
+    ds = load_dataset(path, config, split=split, cache_dir=str(cache_dir) if cache_dir else None)
+    where = f" in {cache_dir}" if cache_dir else ""
+    return [(row, [], f"{path}[{split}]{where}") for row in ds]
 
 
 def load_benchmark(
@@ -363,6 +388,8 @@ def load_benchmark(
 
     source: "local" (``dataset_dir`` only), "hub" (``datasets.load_dataset`` only), or "auto"
     (local if the files are there, else the Hub unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE).
+    As in the released tool, ``dataset_dir`` is also the Hub datasets' cache_dir: a cache
+    folder there (``AI4Math___math_vista``, ...) counts as local, and a download goes there.
     """
     if name not in _SPECS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
@@ -370,20 +397,22 @@ def load_benchmark(
         raise ValueError(f"source must be auto, local or hub, got {source!r}")
     rows: list[tuple[dict, list[Path], str]] = []
     found = False
-    if source in ("auto", "local") and dataset_dir is not None:
-        rows, found = _read_local(name, Path(dataset_dir))
+    cache_dir = Path(dataset_dir) if dataset_dir is not None else None
+    if source in ("auto", "local") and cache_dir is not None:
+        rows, found = _read_local(name, cache_dir)
     if not found:
         expected = "; ".join(expected_files(name, dataset_dir or "<--dataset-dir>"))
-        if source == "local":
+        cached = cache_dir is not None and _hub_cache_folder(name, cache_dir) is not None
+        if source == "local" and not cached:
             raise DatasetFilesNotFound(f"{name}: no dataset files found; expected {expected}")
         offline = _hub_offline()
-        if offline:
+        if offline and not cached:
             raise DatasetFilesNotFound(
                 f"{name}: no dataset files found; expected {expected} "
                 f"(Hub not tried: {offline} is set)"
             )
         try:
-            rows = _read_hub(name)
+            rows = _read_hub(name, cache_dir)
         except Exception as e:  # any hub/network failure: report it with the local layout
             raise DatasetFilesNotFound(
                 f"{name}: no dataset files found (expected {expected}) and the Hub dataset "
