@@ -37,7 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_revisual.evaluation.grading import OPTION_LETTERS, parse_inline_options
+from megatron_revisual.evaluation.grading import (
+    OPTION_LETTERS,
+    option_letter,
+    parse_choice_lines,
+    parse_inline_options,
+)
 
 __all__ = [
     "BENCHMARKS",
@@ -205,13 +210,22 @@ def _mathvista_sample(row: dict, index: int, bases: list[Path], source: str) -> 
 def _mathverse_sample(row: dict, index: int, bases: list[Path], source: str) -> Sample:
     where = _where(source, index, row.get("sample_index"))
     version = row.get("problem_version")
+    prompt = str(_field(row, "query_cot", where))
+    multiple_choice = row.get("question_type") == "multi-choice"
+    answer = str(_field(row, "answer", where)).strip()
+    # No choices field: the options are lines of the question text ("Choices:\nA:40°\n...");
+    # Vision-only rows have them in the image, and are graded by the letter alone.
+    choices = parse_choice_lines(str(row.get("question") or prompt)) if multiple_choice else ()
+    if multiple_choice:  # the gold as a letter ("(B)", or an option's text, would never match)
+        answer = option_letter(answer, choices) or answer
     return Sample(
         dataset="mathverse",
         id=str(_field(row, "sample_index", where)),
-        prompt=str(_field(row, "query_cot", where)),
-        answer=str(_field(row, "answer", where)).strip(),
-        multiple_choice=row.get("question_type") == "multi-choice",
+        prompt=prompt,
+        answer=answer,
+        multiple_choice=multiple_choice,
         image=_image(_field(row, "image", where), bases, where),
+        choices=choices,
         subsets=(version,) if version else (),
     )
 

@@ -126,6 +126,8 @@ def fixture_rows() -> dict[str, list[tuple[dict, str, Any]]]:
     rows["mathverse"] = []
     for i, (version, qtype, answer) in enumerate(verse, start=1):
         question = f"Find the length of AB in figure {i}."
+        if version == "Text Dominant":  # options in the text, as MathVerse has them
+            question += "\nChoices:\nA:6\nB:8\nC:10\nD:12"
         row = {
             "sample_index": str(i),
             "problem_index": str((i + 1) // 2),

@@ -7,8 +7,10 @@ accuracy_reward(response, ground_truth)
     order of preference: the last ``\\boxed{...}`` (balanced braces), the last
     ``<answer>...</answer>``, the last "the answer is X" / "final answer: X". Both sides are
     parsed as ``\\boxed{...}`` LaTeX, so "\\frac{1}{2}", "1/2" and "0.5" agree and "3\\pi" is not
-    read as 3. Extraction order follows the released ``examples/reward_function/text.py``; the
-    released code grades with ``mathruler``, the paper and this project with math-verify.
+    read as 3. An "=" chain counts as its last side only when its other numeric sides agree
+    ("x = 5" is 5; "1 = 8 = 1" is nothing: math-verify alone would read it as 1). Extraction
+    order follows the released ``examples/reward_function/text.py``; the released code grades
+    with ``mathruler``, the paper and this project with math-verify.
 format_reward(response)
     1 if the response is ``<think>...</think>`` followed somewhere by ``\\boxed{...}`` (released
     ``math.py``: fullmatch of ``<think>.*</think>.*\\\\boxed\\{.*\\}.*``, DOTALL). Surrounding
@@ -57,7 +59,9 @@ __all__ = [
     "efficient_length_reward",
     "efficient_length_reward_sigmoid",
     "extract_answer",
+    "final_expression",
     "format_reward",
+    "graded_expression",
     "image_revisit_reward",
     "repetition_reward",
     "self_critique_reward",
@@ -143,12 +147,76 @@ def _parse_gold(ground_truth: str) -> Any:
     return parse(text, parsing_timeout=_timeout_s())
 
 
-def answers_match(answer: str, ground_truth: str) -> bool:
-    """Whether ``answer`` equals ``ground_truth`` under math-verify (gold first, as it expects)."""
-    from math_verify import parse, verify
+def _split_equals(text: str) -> list[str] | None:
+    """`text` cut at each "=" outside brackets and braces ("<=", ">=", "!=", ":=", "==" are
+    not cuts); None when it lists several things (a "," or ";" outside brackets: "x = 2, y = 3"
+    is one answer, not a chain)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "{([":
+            depth += 1
+        elif ch in "})]":
+            depth -= 1
+        elif ch in ",;" and depth == 0:
+            return None
+        elif ch == "=" and depth == 0:
+            before, after = text[i - 1 : i], text[i + 1 : i + 2]
+            if before not in ("<", ">", "!", ":", "=") and after != "=":
+                parts.append(text[start:i])
+                start = i + 1
+    return [*parts, text[start:]]
 
+
+def _value(expr: str) -> Any:
+    from math_verify import parse
+
+    return parse(f"\\boxed{{{expr}}}", parsing_timeout=_timeout_s())
+
+
+def final_expression(answer: str) -> str | None:
+    """The one final expression an answer states: the last side of its "=" chain ("x = 5",
+    "AB = \\sqrt{9+16} = 5" -> "5"), provided every other side that is a number has that value;
+    None for a chain of different values ("1 = 8 = 1", "1 = 8 10 = 1"), which math-verify
+    would otherwise read as its last side alone. Sides with unknowns (names, "\\angle ABC") are
+    labels and not compared, and so are sides math-verify cannot read."""
+    from math_verify import verify
+
+    split = _split_equals(answer)
+    if split is None or len(split) == 1:
+        return answer
+    sides = [p.strip() for p in split]
+    last = sides[-1]
+    if not last:
+        return None
+    final = None
+    for side in sides[:-1]:
+        if not side:
+            continue
+        parsed = _value(side)
+        if not parsed or getattr(parsed[0], "free_symbols", {None}):
+            continue  # a name, an expression in unknowns, or nothing math-verify reads
+        final = final if final is not None else _value(last)
+        if not final or not verify(final, parsed, timeout_seconds=_timeout_s()):
+            return None
+    return last
+
+
+def graded_expression(answer: str, ground_truth: str) -> str | None:
+    """What of ``answer`` is compared with ``ground_truth``: its `final_expression`, unless the
+    ground truth is itself an equation (then the whole answer)."""
+    return answer if "=" in ground_truth else final_expression(answer)
+
+
+def answers_match(answer: str, ground_truth: str) -> bool:
+    """Whether ``answer`` equals ``ground_truth`` under math-verify (gold first, as it expects),
+    comparing its `graded_expression`: a chain of different values never matches."""
+    from math_verify import verify
+
+    answer = graded_expression(answer, ground_truth)
+    if answer is None:
+        return False
     gold = _parse_gold(ground_truth)
-    pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout_s())
+    pred = _value(answer)
     if not gold or not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=_timeout_s()))
