@@ -7,9 +7,11 @@
 
 The lock is an exclusive `flock` on the file, which the kernel drops when the holder dies, plus
 the record inside (host, pid, start time, command) that a refused trainer prints. A record left
-by a dead process on this host (SIGKILL, OOM, a node reboot) is taken over with a message; a
-record from another host is not, because that process cannot be checked from here (the message
-says which file to delete once that run is known to be gone). `revisual train` takes the lock of
+by a dead process on this host (SIGKILL, OOM, a node reboot) is taken over with a message, and
+so is one left by an earlier run of the same Slurm job (a requeue: Slurm ends a job's processes
+before it starts it again, perhaps on another node). Any other record from another host is not,
+because that process cannot be checked from here (the message says which file to delete once
+that run is known to be gone). `revisual train` takes the lock of
 its output directory, and of `checkpoint.dir` when that lies elsewhere, before it writes anything.
 """
 
@@ -103,29 +105,18 @@ class RunLock:
                 os.close(fd)
                 continue
             previous = self._read(fd)
-            note = None
-            if previous is not None:
-                pid = previous.get("pid")
-                if previous.get("host") != host and previous:
-                    os.close(fd)
-                    raise OutputDirBusy(
-                        f"{self.path.parent} is locked by a trainer on another host "
-                        f"({_describe(previous)}); its process cannot be checked from {host}. "
-                        f"If that run has ended, delete {self.path}"
-                    )
-                if isinstance(pid, int) and pid != os.getpid() and process_alive(pid):
-                    os.close(fd)
-                    raise OutputDirBusy(
-                        f"{self.path.parent} is in use by another trainer ({_describe(previous)}); "
-                        f"lock file {self.path}"
-                    )
-                what = _describe(previous) if previous else "an unreadable record"
-                note = f"took over the stale lock {self.path} of {what}: that process is gone"
+            job = os.environ.get("SLURM_JOB_ID")
+            try:
+                note = self._take_over(previous, host, job)
+            except OutputDirBusy:
+                os.close(fd)
+                raise
             record = {
                 "host": host,
                 "pid": os.getpid(),
                 "started": time.time(),
                 "command": " ".join(sys.argv),
+                "slurm_job": job,
             }
             data = (json.dumps(record) + "\n").encode()
             os.ftruncate(fd, 0)
@@ -134,6 +125,27 @@ class RunLock:
             self._fd = fd
             return note
         raise OutputDirBusy(f"{self.path}: could not take the lock (it kept being replaced)")
+
+    def _take_over(self, previous: dict[str, Any] | None, host: str, job: str | None) -> str | None:
+        """What to say when taking over the record found under the flock (None: there was
+        none); `OutputDirBusy` when it may belong to a live trainer."""
+        if previous is None:
+            return None
+        if job is not None and previous.get("slurm_job") == job:
+            return f"took over the lock {self.path} of {_describe(previous)}: an earlier run of Slurm job {job}"
+        if previous and previous.get("host") != host:
+            raise OutputDirBusy(
+                f"{self.path.parent} is locked by a trainer on another host ({_describe(previous)}); "
+                f"its process cannot be checked from {host}. If that run has ended, delete {self.path}"
+            )
+        pid = previous.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and process_alive(pid):
+            raise OutputDirBusy(
+                f"{self.path.parent} is in use by another trainer ({_describe(previous)}); "
+                f"lock file {self.path}"
+            )
+        what = _describe(previous) if previous else "an unreadable record"
+        return f"took over the stale lock {self.path} of {what}: that process is gone"
 
     def release(self) -> None:
         """Delete the lock file and drop the lock (unlink first: whoever opens the name next

@@ -108,3 +108,15 @@ def test_staging_dirs_of_a_live_writer_are_kept(tmp_path):
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
+    _record(tmp_path / LOCK_FILE, pid=1, host="gpu-node-17", slurm_job="4242")
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: refused
+    with pytest.raises(OutputDirBusy, match="another host"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, started again after a requeue
+    lock = RunLock(tmp_path)
+    assert "an earlier run of Slurm job 4242" in lock.acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["slurm_job"] == "4242"
+    lock.release()
