@@ -67,3 +67,15 @@ def test_a_checkpoint_on_a_full_disk_fails_named_and_leaves_nothing_half_written
         assert find_latest(root).name == "iter_0000001"
         assert json.loads((root / "iter_0000001" / "trainer_state.json").read_text()) == {"global_step": 1}
         assert (root / "latest_checkpointed_iteration.txt").read_text() == "1\n"
+
+
+def test_the_cli_shows_a_rank_s_full_disk_as_the_named_error():
+    from megatron_revisual.cli import _named_error
+    from megatron_revisual.parallel.harness import RankError
+
+    message = "no space left on device while writing /runs/x/checkpoints/iter_0000002"
+    remote = ("Traceback (most recent call last):\n  ...\n"
+              f"megatron_revisual.staged_dir.OutputWriteError: {message}\n")
+    assert str(_named_error(RankError(1, 2, remote))) == message
+    assert _named_error(RankError(1, 2, "Traceback ...\nZeroDivisionError: division by zero\n")) is None
+    assert str(_named_error(OutputWriteError(errno.ENOSPC, message))) == message
