@@ -97,8 +97,8 @@ def initialize_parallel(
     layout = ParallelLayout.for_world(world_size, tp=tp, pp=pp, cp=cp, vpp=vpp)
     from megatron.core import parallel_state, tensor_parallel
 
-    if os.getsid(0) == os.getpid():  # a launcher's worker in a session of its own (torchrun)
-        reap_process_group_on_exit()
+    if any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "SLURM_STEP_ID")):
+        reap_process_group_on_exit()  # a launcher's worker: torchrun gives each its own session
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
