@@ -297,8 +297,8 @@ class DistCheckpointReader:
             path = self.dir / name
             if not path.is_file():
                 problems.append(f"{path} is missing")
-            elif path.stat().st_size < end:
-                problems.append(f"{path} is truncated: {path.stat().st_size} bytes, the index needs {end}")
+            elif (size := path.stat().st_size) < end:
+                problems.append(f"{path} is truncated: {size} bytes, the index needs {end}")
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ConvertError(

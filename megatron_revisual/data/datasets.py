@@ -32,8 +32,8 @@ missing_answer, empty_answer, missing_response, empty_response, missing_image (n
 or <image> markers without images), unreadable_image (PIL cannot decode it),
 image_count_mismatch (<image> markers != images), prompt_too_long (only with a tokenizer and
 `max_prompt_length`; SFT data counts it as no_room_for_response: a prompt that fills the
-sequence leaves no token to train on). A file without the prompt / answer / response column is a config error
-and raises (the image column may be absent: text-only data).
+sequence leaves no token to train on). A file without the prompt / answer / response column is
+a config error and raises (the image column may be absent: text-only data).
 """
 
 from __future__ import annotations

@@ -165,7 +165,9 @@ class ChatClient:
         )
         self._status_error = openai.APIStatusError
 
-    def _with_retries(self, call: Any, what: str, stop: threading.Event | None = None) -> tuple[Any, int]:
+    def _with_retries(
+        self, call: Any, what: str, stop: threading.Event | None = None
+    ) -> tuple[Any, int]:
         """`call()` retried per the module docstring; (its result, attempts)."""
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):

@@ -132,7 +132,8 @@ class RunLock:
         if previous is None:
             return None
         if job is not None and previous.get("slurm_job") == job:
-            return f"took over the lock {self.path} of {_describe(previous)}: an earlier run of Slurm job {job}"
+            return (f"took over the lock {self.path} of {_describe(previous)}: an earlier run of "
+                    f"Slurm job {job}")
         if previous and previous.get("host") != host:
             raise OutputDirBusy(
                 f"{self.path.parent} is locked by a trainer on another host ({_describe(previous)}); "
