@@ -11,9 +11,9 @@ Every rank writes into a hidden `.iter_0000012.partial-<pid>@<host>-*` directory
 renames it to `iter_0000012` only after all ranks finished, so a crash mid-save leaves no
 directory that looks complete (`find_latest` also requires trainer_state.json inside). A save
 that fails on any rank (a full disk: `OutputWriteError` "no space left on device while writing
-.../iter_0000012") fails on every rank, and its staging directory is deleted at once. The optimizer state is
-saved per rank and needs the same parallel layout on resume (that is what an exact resume
-means); the model weights are a dist checkpoint and load into any layout.
+.../iter_0000012") fails on every rank, and its staging directory is deleted at once. The
+optimizer state is saved per rank and needs the same parallel layout on resume (that is what an
+exact resume means); the model weights are a dist checkpoint and load into any layout.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def remove_stale_writes(root: str | Path) -> list[Path]:
     Only the run's rank 0 calls this, before it writes anything."""
     removed = []
     for path in Path(root).iterdir():
-        if path.name.startswith((".iter_", f".{TRACKER_FILE}.")) and not _written_by_live_process(path):
+        stale = path.name.startswith((".iter_", f".{TRACKER_FILE}."))
+        if stale and not _written_by_live_process(path):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
