@@ -18,6 +18,10 @@ as they are downloaded), first match wins:
     mathvision  mathvision/test.jsonl + images under mathvision/       (MathVision GitHub)
                 mathvision/**/test*.parquet                            (MathLLMs/MathVision)
 
+and, last, a `datasets` cache folder of the Hub dataset (``AI4Math___math_vista/...``, what
+``load_dataset(..., cache_dir=DIR)`` leaves: the released tool passes --dataset-dir as cache_dir).
+MathVerse has no choices field: a multi-choice row's options are read from its "Choices:" lines.
+
 Prompt formats (as in the ReVisual-R1 evaluation tool; the system prompt comes separately):
 MathVerse ``query_cot``; MathVista ``query`` (its hint asks for the option letter); WeMath
 "{question}\\n\\nOptions: {option}"; MathVision "Please first conduct reasoning, and then answer
