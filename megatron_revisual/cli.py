@@ -119,14 +119,31 @@ def _lazy_command(module: str, name: str):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
+def _named_error(e: Exception) -> Exception | None:
+    """`e` if it names what failed (a full disk, a refused output dir), or the named error a
+    rank raised (`parallel.RankError`); None for anything else (a bug: keep the traceback)."""
     from megatron_revisual.config import ConfigError, ConfigValidationError
+    from megatron_revisual.staged_dir import OutputWriteError
 
+    if isinstance(e, ConfigError | ConfigValidationError | FileExistsError | OutputWriteError):
+        return e
+    harness = sys.modules.get("megatron_revisual.parallel.harness")  # loaded if ranks ran
+    if harness is not None and isinstance(e, harness.RankError):
+        from megatron_revisual.convert.safetensors_io import ConvertError
+
+        return e.named_error(OutputWriteError, ConvertError)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ConfigValidationError, FileExistsError) as e:
-        print(f"revisual {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        named = _named_error(e)
+        if named is None:
+            raise
+        print(f"revisual {args.command}: error: {named}", file=sys.stderr)
         return 2
 
 

@@ -8,8 +8,10 @@ accuracy_reward(response, ground_truth, grader)
     back to the one before), the last ``<answer>...</answer>``, the last "the answer is X" /
     "final answer: X". Graders: ``math_verify`` (the default; both sides parsed as
     ``\\boxed{...}`` LaTeX, so "\\frac{1}{2}", "1/2" and "0.5" agree and "3\\pi" is not read
-    as 3) or ``mathruler`` (``grade_answer``, what the released code grades with; it is stricter:
-    "0.5" is not "50\\%" and "{1,2}" is not "{2,1}"). The paper names no grader.
+    as 3; an "=" chain counts as its last side only when its other numeric sides agree: "x = 5"
+    is 5, "1 = 8 = 1" is nothing, where math-verify alone would read 1) or ``mathruler``
+    (``grade_answer``, what the released code grades with, unchanged; it is stricter: "0.5" is
+    not "50\\%" and "{1,2}" is not "{2,1}"). The paper names no grader.
 released_accuracy_reward(response, ground_truth, grader)
     The released extraction: the content of the last ``\\boxed{`` only, none when that one is
     unclosed (mathruler's ``extract_boxed_content``, which returns the string "None" there, so
@@ -80,7 +82,9 @@ __all__ = [
     "efficient_length_reward_sigmoid",
     "extract_answer",
     "extract_last_boxed",
+    "final_expression",
     "format_reward",
+    "graded_expression",
     "image_revisit_reward",
     "released_accuracy_reward",
     "repetition_reward",
@@ -186,19 +190,83 @@ def _parse_gold(ground_truth: str) -> Any:
     return parse(text, parsing_timeout=_timeout_s())
 
 
-def _math_verify_match(answer: str, ground_truth: str) -> bool:
-    from math_verify import parse, verify
+def _split_equals(text: str) -> list[str] | None:
+    """`text` cut at each "=" outside brackets and braces ("<=", ">=", "!=", ":=", "==" are
+    not cuts); None when it lists several things (a "," or ";" outside brackets: "x = 2, y = 3"
+    is one answer, not a chain)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "{([":
+            depth += 1
+        elif ch in "})]":
+            depth -= 1
+        elif ch in ",;" and depth == 0:
+            return None
+        elif ch == "=" and depth == 0:
+            before, after = text[i - 1 : i], text[i + 1 : i + 2]
+            if before not in ("<", ">", "!", ":", "=") and after != "=":
+                parts.append(text[start:i])
+                start = i + 1
+    return [*parts, text[start:]]
 
+
+def _value(expr: str) -> Any:
+    from math_verify import parse
+
+    return parse(f"\\boxed{{{expr}}}", parsing_timeout=_timeout_s())
+
+
+def final_expression(answer: str) -> str | None:
+    """The one final expression an answer states: the last side of its "=" chain ("x = 5",
+    "AB = \\sqrt{9+16} = 5" -> "5"), provided every other side that is a number has that value;
+    None for a chain of different values ("1 = 8 = 1", "1 = 8 10 = 1"), which math-verify
+    would otherwise read as its last side alone. Sides with unknowns (names, "\\angle ABC") are
+    labels and not compared, and so are sides math-verify cannot read."""
+    from math_verify import verify
+
+    split = _split_equals(answer)
+    if split is None or len(split) == 1:
+        return answer
+    sides = [p.strip() for p in split]
+    last = sides[-1]
+    if not last:
+        return None
+    final = None
+    for side in sides[:-1]:
+        if not side:
+            continue
+        parsed = _value(side)
+        if not parsed or getattr(parsed[0], "free_symbols", {None}):
+            continue  # a name, an expression in unknowns, or nothing math-verify reads
+        final = final if final is not None else _value(last)
+        if not final or not verify(final, parsed, timeout_seconds=_timeout_s()):
+            return None
+    return last
+
+
+def graded_expression(answer: str, ground_truth: str) -> str | None:
+    """What of ``answer`` is compared with ``ground_truth``: its `final_expression`, unless the
+    ground truth is itself an equation (then the whole answer)."""
+    return answer if "=" in ground_truth else final_expression(answer)
+
+
+def _math_verify_match(answer: str, ground_truth: str) -> bool:
+    from math_verify import verify
+
+    answer = graded_expression(answer, ground_truth)
+    if answer is None:
+        return False
     gold = _parse_gold(ground_truth)
-    pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout_s())
+    pred = _value(answer)
     if not gold or not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=_timeout_s()))
 
 
 def answers_match(answer: str, ground_truth: str, grader: Grader = "math_verify") -> bool:
-    """Whether ``answer`` equals ``ground_truth``: math-verify (gold first, as it expects) or
-    mathruler's ``grade_answer`` (given answer first, as it expects)."""
+    """Whether ``answer`` equals ``ground_truth``: math-verify (gold first, as it expects) on its
+    `graded_expression`, so a chain of different values never matches, or mathruler's
+    ``grade_answer`` (given answer first, as it expects; the released grading, unchanged)."""
     if grader == "math_verify":
         return _math_verify_match(answer, ground_truth)
     if grader == "mathruler":

@@ -25,7 +25,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.data.datasets import PromptLoader, load_prompt_dataset, rollout_request
+from megatron_revisual.data.datasets import (
+    PromptDataset,
+    PromptLoader,
+    load_prompt_dataset,
+    rollout_request,
+)
 from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import pad_step
@@ -55,7 +60,7 @@ from megatron_revisual.train.stages import (
     step_seed,
 )
 
-__all__ = ["GRPOLoop", "planned_updates_per_step"]
+__all__ = ["GRPOLoop", "load_validation_set", "planned_updates_per_step", "validation_report"]
 _UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower",
                    "ppo_kl", "grad_norm", "skipped_non_finite")
 
@@ -76,8 +81,7 @@ class GRPOLoop:
             dataset_spec(stage_cfg.data), tokenizer=self.tokenizer, max_prompt_length=r.max_prompt_length
         )
         self.loader = PromptLoader(self.dataset, stage_cfg.rollout_batch_size, seed=self.cfg.train.seed)
-        v = stage_cfg.validation
-        self.val_dataset = load_prompt_dataset(dataset_spec(v.data)) if v.data is not None and v.every else None
+        self.val_dataset = load_validation_set(stage_cfg, self.tokenizer)
         rl = stage_cfg.rl
         weights = None
         if rl.reward_preset == "ours":
@@ -441,10 +445,11 @@ class GRPOLoop:
         sampling = SamplingConfig(n=v.n, max_tokens=self.stage.rollout.max_response_length,
                                   temperature=v.temperature, top_p=v.top_p,
                                   seed=step_seed(self.cfg.train.seed, 0, salt=2))
-        samples, _ = self._generate(records, sampling)
+        samples, batch = self._generate(records, sampling)
         scores = self._score(records, samples)
-        out = {f"val/{k}": mean([sc.get(k, 0.0) for sc in scores]) for k in sorted({k for sc in scores for k in sc})}
-        out["val/response_length"] = mean([float(len(s.token_ids)) for s in samples])
+        out, warning = validation_report(len(records), samples, scores, batch.skipped_counts())
+        if warning and self.rank == 0:
+            self.runner.log.note(f"[{self.name}] warning: {warning}")
         return out
 
 
@@ -456,3 +461,29 @@ def planned_updates_per_step(stage: Any) -> int:
     share = 1.0 if not pad.enabled else pad.ratio if pad.replacement else min(pad.ratio, 1.0)
     samples = int(round(share * stage.rollout_batch_size * stage.rollout.n, 9))
     return stage.rl.ppo_epochs * max(1, math.ceil(samples / (stage.global_batch_size * stage.rollout.n)))
+
+
+def load_validation_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset | None:
+    """The stage's validation prompts, through the same load-time filters as its training set
+    (rows too long for rollout.max_prompt_length are skipped and counted); None without one."""
+    v = stage_cfg.validation
+    if v.data is None or not v.every:
+        return None
+    return load_prompt_dataset(dataset_spec(v.data), tokenizer=tokenizer,
+                               max_prompt_length=stage_cfg.rollout.max_prompt_length)
+
+
+def validation_report(prompts: int, samples: list[Any], scores: list[dict[str, float]],
+                      skipped: dict[str, int]) -> tuple[dict[str, float], str | None]:
+    """The val/* row of one validation run and, when it scored nothing, a warning naming why:
+    how many prompts the engine skipped, per reason (their means would all be NaN)."""
+    out = {"val/prompts": float(prompts), "val/skipped_requests": float(sum(skipped.values())),
+           **{f"val/skipped/{k}": float(n) for k, n in sorted(skipped.items())}}
+    if not samples:
+        reasons = ", ".join(f"{k}: {n}" for k, n in sorted(skipped.items())) or "no reason given"
+        return out, (f"validation scored nothing: the engine skipped {sum(skipped.values())} of "
+                     f"{prompts} prompts ({reasons})")
+    out.update({f"val/{k}": mean([sc.get(k, 0.0) for sc in scores])
+                for k in sorted({k for sc in scores for k in sc})})
+    out["val/response_length"] = mean([float(len(s.token_ids)) for s in samples])
+    return out, None

@@ -16,6 +16,7 @@ stage and step; a run stopped and resumed ends with the weights of an uninterrup
 A stop request (the file <output_dir>/STOP or $REVISUAL_STOP_FILE, which SIGUSR1/SIGTERM
 create) is honoured after the current step: checkpoint, delete the file, exit 75.
 A finished run leaves <output_dir>/DONE.json (final step, weights digest, HF export).
+One trainer per output_dir: a second one is refused, naming the first (`train.run_lock`).
 """
 
 from __future__ import annotations
@@ -74,9 +75,12 @@ def _install_stop_signals(stop_file: Path) -> None:
 
 
 def prepare_inputs(raw: dict[str, Any]) -> None:
-    """Write what `prepare` asks for and is missing: the tiny model, the synthetic datasets."""
+    """Lock the run's directories (`train.run_lock`: one trainer per output_dir), then write
+    what `prepare` asks for and is missing: the tiny model, the synthetic datasets."""
     from megatron_revisual.staged_dir import staged_output_dir
+    from megatron_revisual.train.run_lock import claim_run_dirs
 
+    claim_run_dirs(raw)
     prep = raw.get("prepare") or {}
     model = raw.get("model") or {}
     if prep.get("tiny_model"):
