@@ -15,12 +15,13 @@ before the redirect.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["console", "ignore_known_warnings", "redirect_stdio", "verbose"]
+__all__ = ["console", "ignore_known_warnings", "redirect_stdio", "verbose", "warnings_to_console"]
 
 VERBOSE_ENV = "REVISUAL_VERBOSE"
 _console: TextIO | None = None
@@ -56,6 +57,30 @@ def redirect_stdio(path: str | Path) -> TextIO:
     finally:
         os.close(fd)
     return _console
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes to whatever `console()` is when the record arrives."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=console(), flush=True)
+        except Exception:  # a logging handler must not raise into the code that logged
+            self.handleError(record)
+
+
+def warnings_to_console(logger: str = "megatron_revisual") -> None:
+    """Also show `logger`'s warnings and errors on the console (the user must see that rows were
+    skipped or that a config does less than it says); its INFO lines stay in the log file. Call
+    once, on one rank: every rank logs the same data warnings."""
+    if verbose():  # the process's own stderr is the console already
+        return
+    log = logging.getLogger(logger)
+    if any(isinstance(h, _ConsoleHandler) for h in log.handlers):
+        return
+    handler = _ConsoleHandler(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
 
 
 # Warnings that libraries raise about themselves and that nothing in a run can change; each

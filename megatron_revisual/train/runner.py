@@ -31,7 +31,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from megatron_revisual.logfiles import VERBOSE_ENV, console, ignore_known_warnings, redirect_stdio
+from megatron_revisual.logfiles import (
+    VERBOSE_ENV,
+    console,
+    ignore_known_warnings,
+    redirect_stdio,
+    warnings_to_console,
+)
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; resume to continue
 DONE_FILE = "DONE.json"
@@ -243,6 +249,8 @@ def train_rank(cfg: Any, resume: str) -> str:
     import torch.distributed as dist
 
     ignore_known_warnings(on_gpu=torch.cuda.is_available())
+    if dist.get_rank() == 0:
+        warnings_to_console()  # skipped rows, a config that does less than it says
 
     from megatron_revisual.train.checkpointing import read_trainer_state
     from megatron_revisual.train.stages import StageRunner

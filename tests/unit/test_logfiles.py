@@ -50,3 +50,25 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path):
     assert log == "" and not (tmp_path / "logs").exists()
     assert "python stdout" in proc.stdout and "child process" in proc.stdout
     assert "raw fd 2" in proc.stderr and "for the user" in proc.stderr
+
+
+WARN_SCRIPT = textwrap.dedent("""
+    import logging, sys
+    from megatron_revisual.logfiles import redirect_stdio, warnings_to_console
+    redirect_stdio(sys.argv[1])
+    warnings_to_console()
+    warnings_to_console()  # a second call adds no second handler
+    log = logging.getLogger("megatron_revisual.data.datasets")
+    log.warning("rows.jsonl: skipped %d of %d rows", 4, 44)
+    log.info("rows.jsonl: 40 usable rows")
+    logging.getLogger("vllm").warning("a library's warning")
+""")
+
+
+def test_package_warnings_reach_the_console_once_and_info_does_not(tmp_path):
+    log = tmp_path / "rank0.log"
+    env = {k: v for k, v in os.environ.items() if k != "REVISUAL_VERBOSE"}
+    proc = subprocess.run([sys.executable, "-c", WARN_SCRIPT, str(log)], capture_output=True, text=True,
+                          env=env, check=True)
+    assert proc.stderr == "WARNING megatron_revisual.data.datasets: rows.jsonl: skipped 4 of 44 rows\n"
+    assert "a library's warning" in log.read_text() and "usable rows" not in proc.stderr
