@@ -107,7 +107,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    weights = dict(R.RELEASED_MRL_WEIGHTS) | {"format": 0.0, "efficient_length": 0.0}
+    weights = dict(R.REWARD_PRESETS["revisual_math_v1"].weights or {}) | {"format": 0.0, "efficient_length": 0.0}
     config = RewardConfig(weights=weights, length_budget=args.tokens)
     samples = make_samples(args.samples, args.tokens)
     mean_chars = sum(len(s.response) for s in samples) / len(samples)

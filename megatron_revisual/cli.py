@@ -7,7 +7,8 @@
     revisual serve MODEL_DIR [--port 8000]
     revisual infer --model DIR --image PATH --question TEXT
     revisual convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M]   (also mcore-to-hf, verify)
-    revisual train configs/tiny_cpu_demo.yaml [dotted.overrides ...] [--resume auto|none|DIR]
+    revisual train configs/tiny_cpu_demo.yaml [dotted.overrides ...] [--resume auto|none|DIR] [--verbose]
+    revisual plot runs/tiny_cpu_demo    (curves.png and the summary table of a run)
 
 Heavy imports (torch, megatron, vllm) happen inside the subcommands so `--help` and config
 checks stay fast.
@@ -50,6 +51,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, args.overrides, skip_vllm=args.skip_vllm)
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from megatron_revisual.train.report import read_metrics, summary_table, write_curves
+
+    try:
+        rows = read_metrics(args.run_dir)
+        path = write_curves(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"revisual plot: error: {e}", file=sys.stderr)
+        return 2
+    print(summary_table(rows, args.run_dir))
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revisual", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.train_iters=3")
     p.add_argument("--skip-vllm", action="store_true", help="leave out the vLLM generation step")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plot", help="draw RUN_DIR/curves.png and print the summary table of a training run")
+    p.add_argument("run_dir", type=Path, help="the output_dir of a `revisual train` run")
+    p.set_defaults(func=_cmd_plot)
     # Subcommands whose arguments live beside their implementation; imported lazily.
     for name, module, help_text in (
         ("eval", "megatron_revisual.evaluation.runner", "ReVisual benchmarks through an OpenAI-compatible endpoint"),
@@ -100,14 +119,31 @@ def _lazy_command(module: str, name: str):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
+def _named_error(e: Exception) -> Exception | None:
+    """`e` if it names what failed (a full disk, a refused output dir), or the named error a
+    rank raised (`parallel.RankError`); None for anything else (a bug: keep the traceback)."""
     from megatron_revisual.config import ConfigError, ConfigValidationError
+    from megatron_revisual.staged_dir import OutputWriteError
 
+    if isinstance(e, ConfigError | ConfigValidationError | FileExistsError | OutputWriteError):
+        return e
+    harness = sys.modules.get("megatron_revisual.parallel.harness")  # loaded if ranks ran
+    if harness is not None and isinstance(e, harness.RankError):
+        from megatron_revisual.convert.safetensors_io import ConvertError
+
+        return e.named_error(OutputWriteError, ConvertError)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ConfigValidationError, FileExistsError) as e:
-        print(f"revisual {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        named = _named_error(e)
+        if named is None:
+            raise
+        print(f"revisual {args.command}: error: {named}", file=sys.stderr)
         return 2
 
 

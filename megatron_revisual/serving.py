@@ -171,6 +171,26 @@ def build_server_command(
     return cmd + list(extra_args)
 
 
+def _terminate_with_parent() -> None:
+    """In the server's child process before exec: SIGTERM when the parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class _StopSignal(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # one stop at a time: let stop() finish
+        signal.signal(sig, signal.SIG_IGN)
+    raise _StopSignal(signum)
+
+
 class VLLMServer:
     """A vLLM server child process: ``with VLLMServer(cmd) as server: server.base_url``.
 
@@ -201,13 +221,16 @@ class VLLMServer:
         return f"http://{host}:{self.port}/v1"
 
     def start(self) -> VLLMServer:
-        # A new session, so that stop() can end vLLM's engine processes with it.
+        # A new session, so that stop() can end vLLM's engine processes with it; SIGTERM to
+        # the server if this process dies without calling stop() (SIGKILL), so that vLLM shuts
+        # its engine down instead of serving on.
         self.process = subprocess.Popen(
             self.command,
             stdout=self.log,
             stderr=subprocess.STDOUT if self.log is not None else None,
             env=self.env,
             start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
         return self
 
@@ -286,7 +309,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """`revisual serve`: run vLLM's server in the foreground until it exits or is interrupted."""
+    """`revisual serve`: run vLLM's server in the foreground until it exits, is interrupted
+    (130) or terminated (143); either way the server and its engine processes end with it."""
     try:
         model_dir = servable_model_dir(args.model_dir, args.export_dir)
         cmd = build_server_command(
@@ -313,13 +337,23 @@ def run_serve(args: argparse.Namespace) -> int:
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    server = VLLMServer(cmd).start()
-    print(f"serving {server.model!r} at {server.base_url}", flush=True)
+    # SIGTERM (timeout, kill, Slurm) and SIGHUP stop the server as Ctrl-C does: its whole
+    # session, so the port is free when this returns (128 + the signal, as a shell reports it)
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    server = VLLMServer(cmd)
     try:
+        server.start()
+        print(f"serving {server.model!r} at {server.base_url}", flush=True)
         return server.process.wait()
     except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except _StopSignal as e:
+        print(f"revisual serve: got signal {e.signum}; stopping the server", file=sys.stderr)
+        return 128 + e.signum
+    finally:
         server.stop()
-        return 130
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,43 +224,119 @@ class ValidationConfig:
 
 @dataclass(kw_only=True)
 class PADConfig:
-    """Prioritized Advantage Distillation (`rl.pad`): keep samples with t_low <= |A| <= t_high
-    and draw ceil(ratio * N) of them with probabilities softmax(|A| / tau); tau goes linearly
-    from tau_start to tau over the stage when tau_start is set."""
+    """Prioritized Advantage Distillation (`rl.pad`), in one of its two published forms:
+    paper: keep samples with t_low <= |A| <= t_high and draw min(ceil(ratio * N), |E|) of them
+        without replacement with probabilities softmax(|A| / tau) (tau default 0.3; it goes
+        linearly from tau_start to tau over the stage when tau_start is set);
+    released: keep t_low < |A| < t_high and draw int(ratio * N) with probabilities
+        |A|^alpha / sum |A|^alpha (alpha default 1), with replacement or capped at |E| without.
+    A is the response's advantage (the released code's length-normalised token sum). Without
+    replacement a ratio >= 1 keeps all of E and the priorities do nothing (a warning)."""
 
     enabled: bool = True
     mode: Literal["paper", "released"] = "paper"
     t_low: float = 0.05
     t_high: float = 10.0
     ratio: float = 1.0
-    tau: float = 0.3
-    tau_start: float | None = None
-    alpha: float = 1.0
-    replacement: bool = False
+    tau: float | None = None  # paper only
+    tau_start: float | None = None  # paper only
+    alpha: float | None = None  # released only
+    replacement: bool = False  # released only
+
+
+@dataclass(kw_only=True)
+class RolloutCorrectionConfig:
+    """Rollout correction of the GRPO loss (`rl.rollout_correction`), from r_t = pi_old / pi_rollout
+    per response token. ``tis_cap``: C of token-level truncated importance sampling, weights
+    min(r_t, C) (None: off). ``seq``: a sequence-level test on the geometric mean of r_t within
+    [``seq_lower``, ``seq_upper``] (lower default 1 / upper): ``reject`` drops the sequences
+    outside, ``mask`` also weights the kept ones by their mean (None: off)."""
+
+    tis_cap: float | None = None
+    seq: Literal["mask", "reject"] | None = None
+    seq_upper: float | None = None
+    seq_lower: float | None = None
+
+    def problems(self, where: str = "") -> list[str]:
+        """What is wrong with these options, each naming the field (prefixed by ``where``)."""
+        out = []
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            out.append(f"{where}tis_cap={self.tis_cap} must be > 0 (the cap C on pi_old / pi_rollout)")
+        if self.seq is None:
+            out += [
+                f"{where}{name}={getattr(self, name)} has no effect while {where}seq is null; "
+                "set seq to 'reject' or 'mask'"
+                for name in ("seq_upper", "seq_lower") if getattr(self, name) is not None
+            ]
+            return out
+        if self.seq not in ("mask", "reject"):
+            out.append(f"{where}seq={self.seq!r} must be one of ['mask', 'reject'] or null")
+        if self.seq == "mask" and self.tis_cap is not None:
+            out.append(
+                f"{where}seq='mask' weights each kept sequence by its own ratio; with "
+                f"{where}tis_cap={self.tis_cap} the tokens would be weighted twice: use seq='reject' "
+                "with TIS, or drop tis_cap"
+            )
+        if self.seq_upper is None or not self.seq_upper > 1.0:
+            out.append(f"{where}seq={self.seq!r} needs seq_upper > 1 (geometric-mean bound), got {self.seq_upper}")
+        elif self.seq_lower is not None and not 0.0 < self.seq_lower < 1.0:
+            out.append(f"{where}seq_lower={self.seq_lower} must be in (0, 1) (default 1 / seq_upper)")
+        return out
+
+    @property
+    def enabled(self) -> bool:
+        return self.tis_cap is not None or self.seq is not None
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(lower, upper) of the sequence test."""
+        assert self.seq_upper is not None
+        lower = 1.0 / self.seq_upper if self.seq_lower is None else self.seq_lower
+        return lower, self.seq_upper
 
 
 @dataclass(kw_only=True)
 class RLConfig:
-    """The GRPO objective (defaults: the paper's Table 5 and the released MRL config)."""
+    """The GRPO objective (defaults: the paper's Table 5 and the released MRL config).
+
+    kl_in_reward: false puts kl_coef * KL(pi || pi_ref) in the loss (the released use_kl_loss);
+        true subtracts kl_coef * sum_t KL_t(pi_old || pi_ref) from each response's reward before
+        the advantages (verl's use_kl_in_reward), with the same estimator kl_kind.
+    policy_loss: ppo (token ratio; clip_low, clip_high, clip_dual) or gspo (sequence ratio, its
+        own clip range gspo_clip_low / gspo_clip_high: 3e-4 / 4e-4 in the GSPO paper).
+    entropy_*: the entropy bonus, counted in optimizer updates of the stage as the released
+        actor counts it (`rl.losses.entropy_coefficient`); linear decays over the stage's planned
+        updates.
+    reward_preset: ours (the terms and weights of reward_weights, default accuracy 1.0) or a
+        released reward (revisual_math_v1, revisual_math, revisual_text; see `rl.rewards`),
+        graded by reward_grader (math_verify or mathruler, the released grader).
+    """
 
     kl_coef: float = 2e-3
     kl_kind: Literal["k1", "k2", "k3", "kl", "mse", "low_var_kl"] = "low_var_kl"
+    kl_in_reward: bool = False
+    policy_loss: Literal["ppo", "gspo"] = "ppo"
     clip_low: float = 0.2
     clip_high: float = 0.25
     clip_dual: float = 3.0
+    gspo_clip_low: float = 3e-4
+    gspo_clip_high: float = 4e-4
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     normalize_std: bool = True
     entropy_coef: float = 0.02
-    entropy_warmup_steps: int = 140
+    entropy_warmup_steps: int = 140  # optimizer updates
     entropy_decay: float = 0.985
     entropy_decay_style: Literal["exp", "linear"] = "exp"
     ppo_epochs: int = 1
-    # Reward terms and weights (rl.rewards.REWARD_TERMS); length budget for efficient_length.
-    reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
-    length_budget: int | None = None
+    reward_preset: Literal["ours", "revisual_math_v1", "revisual_math", "revisual_text"] = "ours"
+    reward_grader: Literal["math_verify", "mathruler"] = "math_verify"
+    # ours only: terms (rl.rewards.REWARD_TERMS) and weights; null: accuracy 1.0
+    reward_weights: dict[str, float] | None = None
+    length_budget: int | None = None  # tokens, for efficient_length (revisual_math: adds it)
     reward_workers: int = 0  # 0: in rank 0's process; N: a pool of N processes with timeouts
     reward_timeout_s: float = 30.0
     pad: PADConfig = field(default_factory=PADConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass(kw_only=True)

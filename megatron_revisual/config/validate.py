@@ -2,15 +2,23 @@
 
 Each failed check names the numbers involved and, where there is a finite set, the legal
 values: "parallel.tensor_model_parallel_size=4 does not divide model.num_query_groups=2; use one of [1, 2]".
-All failures are collected and reported together.
+All failures are collected and reported together. Settings that are legal but defeat their
+purpose (PAD that cannot prioritise) are `ConfigWarning`s (`config_warnings`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
-from megatron_revisual.config.schema import OptimConfig, PrecisionConfig, RunConfig
+from megatron_revisual.config.schema import (
+    OptimConfig,
+    PADConfig,
+    PrecisionConfig,
+    RLConfig,
+    RunConfig,
+)
 
 LayerBackend = Literal["local", "transformer_engine"]
 FP8_FORMATS = ["e4m3", "hybrid"]
@@ -177,6 +185,8 @@ def validate_config(cfg: RunConfig) -> None:
 
     if problems:
         raise ConfigValidationError(problems)
+    for message in config_warnings(cfg):
+        warnings.warn(message, ConfigWarning, stacklevel=2)
 
 
 def _precision_problems(cfg: RunConfig) -> list[str]:
@@ -265,7 +275,7 @@ def resolve_layer_backend(cfg: RunConfig, *, cuda_available: bool, te_installed:
 
 def _stage_problems(cfg: RunConfig) -> list[str]:
     """The `revisual train` sections: every listed stage configured, sizes consistent."""
-    from megatron_revisual.rl.rewards import REWARD_TERMS
+    from megatron_revisual.rl.rewards import reward_config_problems
 
     problems = []
     if len(set(cfg.stages)) != len(cfg.stages):
@@ -324,20 +334,17 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
                 f"{name}.rollout.tensor_parallel_size={tp} must divide the world size {world}; "
                 f"use one of {divisors(world)}"
             )
-        unknown = sorted(set(rl.reward_weights) - set(REWARD_TERMS))
-        if unknown:
-            problems.append(f"{name}.rl.reward_weights: unknown terms {unknown}; use {sorted(REWARD_TERMS)}")
+        problems += reward_config_problems(
+            preset=rl.reward_preset, grader=rl.reward_grader, weights=rl.reward_weights,
+            length_budget=rl.length_budget,
+            names={k: f"{name}.rl.{v}" for k, v in (("preset", "reward_preset"), ("grader", "reward_grader"),
+                                                    ("weights", "reward_weights"), ("length_budget", "length_budget"))},
+        )
         if rl.ppo_epochs < 1:
             problems.append(f"{name}.rl.ppo_epochs={rl.ppo_epochs} must be >= 1")
+        problems += _objective_problems(name, rl, r.temperature)
         if rl.pad.enabled:
-            pad = rl.pad
-            if not 0 <= pad.t_low <= pad.t_high:
-                problems.append(f"{name}.rl.pad: need 0 <= t_low ({pad.t_low}) <= t_high ({pad.t_high})")
-            if not 0 < pad.ratio <= 1 or pad.tau <= 0 or (pad.tau_start is not None and pad.tau_start <= 0):
-                problems.append(
-                    f"{name}.rl.pad: ratio={pad.ratio} must be in (0, 1], tau={pad.tau} and "
-                    f"tau_start={pad.tau_start} > 0"
-                )
+            problems += _pad_problems(name, rl.pad)
         if g.validation.every < 0:
             problems.append(f"{name}.validation.every={g.validation.every} must be >= 0")
         if g.validation.every and g.validation.data is None:
@@ -356,6 +363,84 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
             f"{cfg.checkpoint.keep_last} >= 1"
         )
     return problems
+
+
+def _changed(obj: object, names: tuple[str, ...]) -> list[str]:
+    """The fields among `names` that differ from their dataclass default."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    return [n for n in names if getattr(obj, n) != fields[n].default]
+
+
+def _objective_problems(name: str, rl: RLConfig, temperature: float) -> list[str]:
+    """The loss, KL placement and rollout correction of a GRPO stage; options of the loss that
+    is not chosen are errors (no dead flags)."""
+    where = f"{name}.rl"
+    problems = []
+    unused = ("clip_low", "clip_high", "clip_dual") if rl.policy_loss == "gspo" else ("gspo_clip_low", "gspo_clip_high")
+    problems += [
+        f"{where}.{field}={getattr(rl, field)} has no effect with {where}.policy_loss={rl.policy_loss!r}"
+        for field in _changed(rl, unused)
+    ]
+    low, high = (rl.gspo_clip_low, rl.gspo_clip_high) if rl.policy_loss == "gspo" else (rl.clip_low, rl.clip_high)
+    if not (0 <= low < 1 and high >= 0):
+        problems.append(f"{where}: the {rl.policy_loss} clip range needs 0 <= low ({low}) < 1 and high ({high}) >= 0")
+    if rl.policy_loss == "ppo" and not rl.clip_dual > 1:
+        problems.append(f"{where}.clip_dual={rl.clip_dual} must be > 1")
+    if rl.kl_in_reward and rl.kl_coef <= 0:
+        problems.append(f"{where}.kl_in_reward=true has no effect with {where}.kl_coef={rl.kl_coef}; set kl_coef > 0")
+    rc = rl.rollout_correction
+    problems += rc.problems(f"{where}.rollout_correction.")
+    if rc.enabled and temperature != 1.0:
+        problems.append(
+            f"{where}.rollout_correction compares the trainer's log-probs at {name}.rollout.temperature="
+            f"{temperature} with the engine's raw (temperature 1) ones; use temperature 1.0 or turn it off"
+        )
+    return problems
+
+
+def _pad_problems(name: str, pad: PADConfig) -> list[str]:
+    where = f"{name}.rl.pad"
+    problems = []
+    if not 0 <= pad.t_low <= pad.t_high:
+        problems.append(f"{where}: need 0 <= t_low ({pad.t_low}) <= t_high ({pad.t_high})")
+    if not pad.ratio > 0:
+        problems.append(f"{where}.ratio={pad.ratio} must be > 0")
+    # each mode has its own sharpness knob; the other one is a dead flag
+    dead = ("alpha", "replacement") if pad.mode == "paper" else ("tau", "tau_start")
+    problems += [
+        f"{where}.{field}={getattr(pad, field)} has no effect with {where}.mode={pad.mode!r}"
+        for field in _changed(pad, dead)
+    ]
+    for field in ("tau", "tau_start", "alpha"):
+        value = getattr(pad, field)
+        if value is not None and not (value >= 0 if field == "alpha" else value > 0):
+            problems.append(f"{where}.{field}={value} must be {'>= 0' if field == 'alpha' else '> 0'}")
+    return problems
+
+
+class ConfigWarning(UserWarning):
+    """A config that runs but likely does not do what its author meant."""
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """Settings that are legal but defeat their purpose, each naming the numbers."""
+    out = []
+    for name in ("mrl", "trl"):
+        g = getattr(cfg, name)
+        if g is None or not g.rl.pad.enabled:
+            continue
+        pad, n = g.rl.pad, g.rollout_batch_size * g.rollout.n
+        if pad.ratio >= 1 and not pad.replacement:
+            count = "min(ceil(ratio x N), |E|)" if pad.mode == "paper" else "min(int(ratio x N), |E|)"
+            knob = f"tau={pad.tau if pad.tau is not None else 0.3}" if pad.mode == "paper" else f"alpha={pad.alpha or 1.0}"
+            out.append(
+                f"{name}.rl.pad cannot prioritise: mode={pad.mode!r} with ratio={pad.ratio} >= |E|/N and no "
+                f"replacement draws {count} = |E| of the N = {g.rollout_batch_size} x {g.rollout.n} = {n} "
+                f"samples, so every effective sample is kept once and {knob} has no effect (a plain "
+                "filter, the paper's GRPO-Filter ablation); use ratio < 1, or mode=released with "
+                "replacement=true (the released config: ratio 1.5, alpha 1.5)"
+            )
+    return out
 
 
 def validate_for_training(cfg: RunConfig) -> None:

@@ -47,6 +47,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a number >= 0")
+    return value
+
+
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the hf-to-mcore / mcore-to-hf / verify subcommands to `parser` (dest: convert_command)."""
     sub = parser.add_subparsers(dest="convert_command", required=True)
@@ -115,11 +122,20 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="an image file (repeatable), attached in order to the prompts, one per prompt",
     )
+    p.add_argument(
+        "--max-diff",
+        type=_non_negative,
+        default=1e-3,
+        help="largest max_abs_logit_diff that passes (fp32 on both sides; default 1e-3); "
+        "exit status 1 above it or when the weights differ",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Run the parsed `revisual convert ...` command; 0 on success, 2 on bad input."""
+    """Run the parsed `revisual convert ...` command; 0 on success, 1 when verify finds a
+    mismatch, 2 on bad input or a failed write (a full disk)."""
     from megatron_revisual.convert.safetensors_io import ConvertError
+    from megatron_revisual.staged_dir import OutputWriteError
 
     command = args.convert_command
     try:
@@ -144,23 +160,19 @@ def run_convert(args: argparse.Namespace) -> int:
             )
             print(f"wrote Hugging Face directory {out}")
         elif command == "verify":
-            from megatron_revisual.convert.verify import format_report, verify
+            from megatron_revisual.convert.verify import failures, format_report, verify
 
-            print(
-                format_report(
-                    verify(
-                        args.hf,
-                        args.ckpt,
-                        tp=args.tp,
-                        pp=args.pp,
-                        prompts=args.prompt,
-                        images=args.image,
-                    )
-                )
+            report = verify(
+                args.hf, args.ckpt, tp=args.tp, pp=args.pp, prompts=args.prompt, images=args.image
             )
+            print(format_report(report))
+            problems = failures(report, args.max_diff)
+            if problems:
+                print(f"revisual convert verify: FAILED: {'; '.join(problems)}", file=sys.stderr)
+                return 1
         else:  # argparse's `required=True` makes this unreachable
             raise ValueError(f"unknown convert command {command!r}")
-    except (ConvertError, FileExistsError) as e:
+    except (ConvertError, FileExistsError, OutputWriteError) as e:
         print(f"revisual convert {command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -479,5 +479,6 @@ def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_checkpoint_dir(ckpt_dir)
+    DistCheckpointReader(ckpt)  # a missing or cut .distcp file: a ConvertError naming it
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
     model.load_state_dict(state, strict=True)

@@ -286,6 +286,28 @@ class DistCheckpointReader:
             for k, md in self.metadata.state_dict_metadata.items()
             if isinstance(md, TensorStorageMetadata)
         }
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Every data file the .metadata index points at exists and is long enough, so that a
+        checkpoint missing a .distcp file (or with a cut one) fails here, by name, before
+        anything is read or written."""
+        needed: dict[str, int] = {}
+        for info in (self.metadata.storage_data or {}).values():
+            end = info.offset + info.length
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+        problems = []
+        for name, end in sorted(needed.items()):
+            path = self.dir / name
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+            elif (size := path.stat().st_size) < end:
+                problems.append(f"{path} is truncated: {size} bytes, the index needs {end}")
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ConvertError(
+                f"{self.dir}: incomplete torch_dist checkpoint: {'; '.join(problems[:3])}{more}"
+            )
 
     def _load_chunk(self, key: str, chunk) -> torch.Tensor:  # noqa: ANN001
         from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -427,9 +449,9 @@ def launch(
     try:
         return run_distributed(fn, world_size=tp * pp, tp=tp, pp=pp, args=args, timeout_s=timeout_s)
     except RankError as e:
-        marker = f"{ConvertError.__name__}: "
-        if marker in e.remote_traceback:  # bad input, found by a rank: its message, no traceback
-            raise ConvertError(e.remote_traceback.rsplit(marker, 1)[1].strip()) from None
+        named = e.named_error(ConvertError)  # bad input, found by a rank: its message, no traceback
+        if named is not None:
+            raise named from None
         raise
 
 

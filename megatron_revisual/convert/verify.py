@@ -3,6 +3,9 @@
     revisual convert verify --hf hf/Qwen2.5-VL-7B --ckpt ckpt/7b --tp 2 --pp 2
     {"max_abs_logit_diff": 3.1e-06, "mean_abs_logit_diff": 2.2e-07, "cosine": 1.0, "top1_agreement": 1.0, ...}
 
+Exit status 1 when the weights streamed back out of the checkpoint differ from the HF files
+(`weights_match` false) or the logits differ by more than --max-diff (default 1e-3, fp32).
+
 transformers runs the HF directory; our Megatron model, built at (tp, pp) whatever layout the
 checkpoint was saved from, loads the checkpoint through dist_checkpointing (resharding) and runs
 the same batch through Megatron's pipeline schedule. Both compute in fp32 (a bf16 checkpoint is
@@ -237,8 +240,15 @@ def verify(
     images: list[str] | None = None,
 ) -> dict[str, Any]:
     """Compare the logits of `hf_dir` (transformers) and `ckpt_dir` (Megatron at tp, pp)."""
+    from megatron_revisual.convert.dist_io import DistCheckpointReader
+    from megatron_revisual.convert.safetensors_io import HFCheckpoint
+
     hf_dir = Path(hf_dir).resolve()
     ckpt = resolve_checkpoint_dir(ckpt_dir)
+    # Both sides' files first: a truncated .safetensors or a missing .distcp is a ConvertError
+    # naming the file, not a traceback from transformers or torch.distributed.checkpoint.
+    HFCheckpoint(hf_dir)
+    DistCheckpointReader(ckpt)
     # The checkpoint's stored config, which must agree with hf_dir's config.json.
     model_cfg, _ = checkpoint_model_config(ckpt, hf_dir)
     run_config_for(model_cfg, tp, pp)  # layout errors before any work
@@ -263,6 +273,20 @@ def verify(
         pp=pp,
     )
     return report
+
+
+def failures(report: dict[str, Any], max_diff: float) -> list[str]:
+    """Why a verify report is a failure (empty when the checkpoint matches). Both sides compute
+    in fp32, so kernel-order differences stay far below the CLI's default max_diff of 1e-3."""
+    out = []
+    if not report["weights_match"]:
+        names = ", ".join(report.get("mismatched", [])) or "a tensor is missing or repeated"
+        out.append(f"the exported weights differ from the HF files ({names})")
+    if not report["max_abs_logit_diff"] <= max_diff:  # NaN fails too
+        out.append(
+            f"max_abs_logit_diff {report['max_abs_logit_diff']:.3g} exceeds --max-diff {max_diff:g}"
+        )
+    return out
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -31,8 +31,9 @@ order): invalid_json (jsonl lines that do not parse), missing_prompt, empty_prom
 missing_answer, empty_answer, missing_response, empty_response, missing_image (no file, no bytes,
 or <image> markers without images), unreadable_image (PIL cannot decode it),
 image_count_mismatch (<image> markers != images), prompt_too_long (only with a tokenizer and
-`max_prompt_length`). A file without the prompt / answer / response column is a config error
-and raises (the image column may be absent: text-only data).
+`max_prompt_length`; SFT data counts it as no_room_for_response: a prompt that fills the
+sequence leaves no token to train on). A file without the prompt / answer / response column is
+a config error and raises (the image column may be absent: text-only data).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "unreadable_image",
     "image_count_mismatch",
     "prompt_too_long",
+    "no_room_for_response",
 )
 IMAGE_MARKER = "<image>"
 _SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -371,16 +373,20 @@ class PromptDataset(Sequence[PromptRecord]):
 
 
 def load_prompt_dataset(
-    spec: DatasetSpec, *, tokenizer: Any = None, max_prompt_length: int | None = None
+    spec: DatasetSpec, *, tokenizer: Any = None, max_prompt_length: int | None = None,
+    too_long: str = "prompt_too_long",
 ) -> PromptDataset:
     """Read and check every row of `spec`; skipped rows are counted (`.skipped`) and logged.
 
     With a tokenizer and max_prompt_length, rows whose chat-templated prompt has more text
-    tokens are skipped (each image counts as its one placeholder token here; the processor's
-    expansion is added by the rollout engine, which skips what is still too long).
+    tokens are skipped, counted under `too_long` (each image counts as its one placeholder token
+    here; the processor's expansion is added by the rollout engine, which skips what is still
+    too long).
     """
     if (tokenizer is None) != (max_prompt_length is None):
         raise ValueError("give tokenizer and max_prompt_length together (or neither)")
+    if too_long not in SKIP_REASONS:
+        raise ValueError(f"too_long={too_long!r} is not one of {SKIP_REASONS}")
     sources = _sources(spec)
     for src in sources:
         for key in (spec.prompt_key, spec.answer_key, spec.response_key):
@@ -402,7 +408,7 @@ def load_prompt_dataset(
                 if tokenizer is not None:
                     n = len(tokenizer(chat_prompt(record, tokenizer), add_special_tokens=False)["input_ids"])
                     if n > max_prompt_length:
-                        raise _BadRow("prompt_too_long", f"{n} tokens > max_prompt_length={max_prompt_length}")
+                        raise _BadRow(too_long, f"{n} prompt tokens > {max_prompt_length}")
             except _BadRow as bad:
                 skipped[bad.reason] += 1
                 found = examples.setdefault(bad.reason, [])

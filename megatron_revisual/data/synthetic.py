@@ -14,9 +14,10 @@ tokenizer, and images are 56x56 by default: 4 vision tokens after the 2x2 merge,
 processor's minimum size.
 
 Tasks: `dots` (1 to max_dots equal black dots on white, in distinct cells of a 3x3 grid, so the
-count is the dark area over one dot's area: learnable from pooled patch features) and `digit`
-(a seven-segment digit, slightly shifted). `count_dots` and `read_digit` read the answer back
-from the pixels (tests check the data with them).
+count is the dark area over one dot's area: learnable from pooled patch features), `digit`
+(a seven-segment digit, slightly shifted) and `colour` (a coloured shape, named candidates).
+`count_dots`, `read_digit` and `read_colour` read the answer back from the pixels (tests check
+the data with them).
 """
 
 from __future__ import annotations
@@ -32,12 +33,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "COLOURS",
+    "SIDES",
     "arithmetic_rows",
     "count_dots",
     "image_rows",
+    "read_colour",
     "read_digit",
+    "read_side",
     "render_digit",
     "render_dots",
+    "render_shape",
+    "text_choice_rows",
     "write_demo_datasets",
     "write_rows",
 ]
@@ -70,6 +77,23 @@ def arithmetic_rows(n: int, *, seed: int, max_operand: int = 9,
             "problem": f"What is {expr}?",
             "answer": str(value),
             "response": _response(f"{expr} = {value}", str(value)),
+        })
+    return rows
+
+
+def text_choice_rows(n: int, *, seed: int, digits: Sequence[int] = tuple(range(10))) -> list[dict[str, Any]]:
+    """`n` text questions shaped like the digit task's: a digit written first (the evidence),
+    then "Which digit is shown in the text: a or b?" naming it and one other digit. A cold start
+    on these answers an image question of the same shape with one of its named candidates."""
+    rng = random.Random(f"text_choice:{seed}")
+    rows = []
+    for _ in range(n):
+        value = rng.choice(list(digits))
+        names = _named(value, digits, 2, rng)
+        rows.append({
+            "problem": f"{value}\nWhich digit is shown in the text: {' or '.join(names)}?",
+            "answer": str(value),
+            "response": _response(f"The text shows {value}.", str(value)),
         })
     return rows
 
@@ -115,6 +139,48 @@ def render_digit(digit: int, rng: random.Random, *, size: int = 56) -> Image.Ima
     return image
 
 
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 30),
+    "purple": (140, 50, 170), "orange": (240, 140, 20),
+}
+SIDES = ("left", "right")
+
+
+def render_shape(colour: str, rng: random.Random, *, size: int = 56, side: str | None = None) -> Image.Image:
+    """A filled ellipse or rectangle of `colour` (a `COLOURS` name), random in size and place;
+    with `side` ("left" or "right") it lies wholly in that half of the image."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    h = rng.randint(size // 3, size * 3 // 4)
+    if side is None:
+        w = rng.randint(size // 3, size * 3 // 4)
+        x = rng.randint(0, size - w)
+    elif side in SIDES:
+        w = rng.randint(size // 4, size // 2 - 2)
+        x = rng.randint(0, size // 2 - w) + (size // 2 if side == "right" else 0)
+    else:
+        raise ValueError(f"side={side!r}; use one of {SIDES}")
+    y = rng.randint(0, size - h)
+    shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+    shape((x, y, x + w - 1, y + h - 1), fill=COLOURS[colour])
+    return image
+
+
+def read_colour(image: Image.Image) -> str:
+    """The `COLOURS` name nearest to the mean of the image's non-white pixels."""
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(np.float64)
+    mean = pixels[pixels.min(axis=1) < 200].mean(axis=0)
+    return min(COLOURS, key=lambda name: float(((mean - np.array(COLOURS[name])) ** 2).sum()))
+
+
+def read_side(image: Image.Image) -> str | None:
+    """"left" or "right" when all the image's non-white pixels lie in that half, else None."""
+    ink = np.asarray(image.convert("RGB")).min(axis=2) < 200
+    half = ink.shape[1] // 2
+    left, right = bool(ink[:, :half].any()), bool(ink[:, half:].any())
+    return "left" if left and not right else "right" if right and not left else None
+
+
 def _dark(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L")) < 128
 
@@ -154,10 +220,15 @@ def read_digit(image: Image.Image) -> int:
 
 
 def image_rows(n: int, *, seed: int, task: str = "dots", size: int = 56, max_dots: int = 4,
-               digits: Sequence[int] = tuple(range(10))) -> list[dict[str, Any]]:
-    """`n` image questions; `images` holds one PIL image per row."""
+               digits: Sequence[int] = tuple(range(10)), options: int | None = None) -> list[dict[str, Any]]:
+    """`n` image questions; `images` holds one PIL image per row. Digit questions name candidates
+    (in random order, as a multiple-choice benchmark does): `options` of them, the answer and
+    others from `digits`; by default all of `digits` when they are at most 4, else none."""
     rng = random.Random(f"{task}:{seed}")
     rows = []
+    choices = {"colour": len(COLOURS), "side": len(SIDES)}.get(task, len(digits))
+    if options is not None and not 2 <= options <= choices:
+        raise ValueError(f"options={options} must be in 2..{choices} (the {task} task's answers)")
     for _ in range(n):
         if task == "dots":
             value = rng.randint(1, max_dots)
@@ -167,14 +238,21 @@ def image_rows(n: int, *, seed: int, task: str = "dots", size: int = 56, max_dot
             value = rng.choice(list(digits))
             image = render_digit(value, rng, size=size)
             question, trace = "What digit is shown in the image?", f"The image shows {value}."
-            if len(digits) <= 4:
-                # a few candidates are named (in random order), as in a multiple-choice benchmark:
-                # a text-only cold start then answers with one of them, so RL starts with both
-                options = [str(d) for d in digits]
-                rng.shuffle(options)
-                question = f"Which digit is shown in the image: {' or '.join(options)}?"
+            named = options if options is not None else (len(digits) if len(digits) <= 4 else 0)
+            if named:
+                question = f"Which digit is shown in the image: {' or '.join(_named(value, digits, named, rng))}?"
+        elif task == "colour":
+            value = rng.choice(sorted(COLOURS))
+            image = render_shape(value, rng, size=size)
+            question = f"Which colour is the shape in the image: {' or '.join(_named(value, sorted(COLOURS), options or 2, rng))}?"
+            trace = f"The image shows {value}."
+        elif task == "side":
+            value = rng.choice(SIDES)
+            image = render_shape(rng.choice(sorted(COLOURS)), rng, size=size, side=value)
+            question = f"Which side of the image is the shape on: {' or '.join(_named(value, SIDES, 2, rng))}?"
+            trace = f"The image shows {value}."
         else:
-            raise ValueError(f"task={task!r}; use 'dots' or 'digit'")
+            raise ValueError(f"task={task!r}; use 'dots', 'digit', 'colour' or 'side'")
         rows.append({
             "problem": f"<image>{question}",
             "answer": str(value),
@@ -182,6 +260,14 @@ def image_rows(n: int, *, seed: int, task: str = "dots", size: int = 56, max_dot
             "images": [image],
         })
     return rows
+
+
+def _named(value: Any, answers: Sequence[Any], k: int, rng: random.Random) -> list[str]:
+    """`value` and k-1 other answers, in random order: the candidates a question names."""
+    others = rng.sample([a for a in answers if a != value], k - 1)
+    names = [str(a) for a in (value, *others)]
+    rng.shuffle(names)
+    return names
 
 
 def _png(image: Image.Image) -> bytes:
@@ -231,18 +317,30 @@ def write_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def write_demo_datasets(out_dir: str | Path, *, seed: int = 0, n_sft: int = 256,
-                        n_sft_images: int = 0, n_mrl: int = 256, n_trl: int = 256, n_val: int = 32,
+                        n_sft_images: int = 0, n_sft_text_choice: int = 0, n_sft_colours: int = 0,
+                        n_sft_sides: int = 0,
+                        n_mrl: int = 256, n_trl: int = 256, n_val: int = 32,
                         task: str = "dots", image_size: int = 56, max_dots: int = 4,
                         digits: Sequence[int] = tuple(range(10))) -> dict[str, Path]:
-    """The tiny demo's datasets: SFT (arithmetic, plus n_sft_images image rows), MRL (image
-    questions, parquet) and TRL (arithmetic, jsonl), with validation splits drawn from seeds of
-    their own (the answer spaces are small, so a validation question may also be a training
-    one: the demo measures learning, not generalisation)."""
+    """The tiny demo's datasets: SFT, MRL (image questions, parquet) and TRL (arithmetic,
+    jsonl), with validation splits drawn from seeds of their own (the answer spaces are small,
+    so a validation question may also be a training one: the demo measures learning, not
+    generalisation).
+
+    SFT: n_sft arithmetic traces, plus n_sft_images image rows of the MRL task itself, plus
+    n_sft_text_choice `text_choice_rows`, plus n_sft_colours two-candidate questions about the
+    colour of a shape and n_sft_sides about which half of the image it lies in (images that share
+    nothing with digits or dots), shuffled together."""
     out = Path(out_dir)
-    sft = arithmetic_rows(n_sft, seed=seed)
+    sft = arithmetic_rows(n_sft, seed=seed) + text_choice_rows(n_sft_text_choice, seed=seed)
     if n_sft_images:
         sft += image_rows(n_sft_images, seed=seed + 1_000, task=task, size=image_size, max_dots=max_dots,
                           digits=digits)
+    if n_sft_colours:
+        sft += image_rows(n_sft_colours, seed=seed + 2_000, task="colour", size=image_size, options=2)
+    if n_sft_sides:
+        sft += image_rows(n_sft_sides, seed=seed + 3_000, task="side", size=image_size)
+    if len(sft) > n_sft:
         random.Random(f"mix:{seed}").shuffle(sft)
     return {
         "sft": write_rows(sft, out / "sft.jsonl"),

@@ -33,6 +33,7 @@ from megatron_revisual.evaluation.datasets import Sample
 __all__ = [
     "ChatClient",
     "Completion",
+    "EndpointMismatch",
     "PredictionCache",
     "RequestRejected",
     "RunAborted",
@@ -55,6 +56,10 @@ class RequestRejected(RuntimeError):
 
 class RunAborted(RuntimeError):
     """The run is being stopped (another request exhausted its retries, or an interrupt)."""
+
+
+class EndpointMismatch(ValueError):
+    """The endpoint does not serve --model-name, or its context cannot hold --max-tokens."""
 
 
 # --- messages ----------------------------------------------------------------------------------
@@ -160,6 +165,66 @@ class ChatClient:
         )
         self._status_error = openai.APIStatusError
 
+    def _with_retries(
+        self, call: Any, what: str, stop: threading.Event | None = None
+    ) -> tuple[Any, int]:
+        """`call()` retried per the module docstring; (its result, attempts)."""
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt and stop is not None:
+                stop.wait(self._delay(attempt - 1))
+            elif attempt:
+                time.sleep(self._delay(attempt - 1))
+            if stop is not None and stop.is_set():
+                raise RunAborted(f"{what}: not asked, the run is stopping")
+            try:
+                return call(), attempt + 1
+            except self._retryable as e:
+                last = e
+                continue
+            except self._status_error as e:
+                if e.status_code >= 500:  # 5xx without a dedicated exception class
+                    last = e
+                    continue
+                raise RequestRejected(f"{what}: HTTP {e.status_code}: {e}") from e
+        raise ServerUnavailable(
+            f"{what}: {self.base_url} failed {self.max_retries + 1} times "
+            f"(--max-retries {self.max_retries}); last error: {type(last).__name__}: {last}"
+        ) from last
+
+    def check_endpoint(self) -> str:
+        """Once, before the first sample: the endpoint lists --model-name, and (where it says,
+        as vLLM does with ``max_model_len``) its context is longer than --max-tokens; raises
+        `EndpointMismatch` naming what it serves. Returns a line for the log. An endpoint
+        that does not list its models (HTTP 4xx, or 501 on /models) is not checked."""
+
+        def listing() -> Any:
+            try:
+                return self._client.models.list()
+            except self._status_error as e:
+                if e.status_code == 501:  # not implemented there: no answer to retry for
+                    raise RequestRejected(f"HTTP 501: {e}") from e
+                raise
+
+        try:
+            page, _ = self._with_retries(listing, f"{self.base_url}/models")
+        except RequestRejected as e:
+            return f"not checked ({e})"
+        served = {m.id: getattr(m, "max_model_len", None) for m in page.data}
+        if self.model not in served:
+            raise EndpointMismatch(
+                f"--model-name {self.model!r} is not served by {self.base_url}; it serves "
+                f"{sorted(served)}"
+            )
+        context = served[self.model]
+        if context is not None and self.max_tokens >= int(context):
+            raise EndpointMismatch(
+                f"--max-tokens {self.max_tokens} does not fit the context of {self.model!r} at "
+                f"{self.base_url} (max_model_len {context}, prompt included); use --max-tokens "
+                f"well below {context}, or serve with a larger --max-model-len"
+            )
+        return f"{self.model!r} served with max_model_len {context}"
+
     def _delay(self, attempt: int) -> float:
         delay = min(self.retry_max_delay, self.retry_base_delay * 2**attempt)
         return delay * random.uniform(0.5, 1.0)
@@ -173,42 +238,25 @@ class ChatClient:
     ) -> Completion:
         """One chat completion, retried per the module docstring. Once ``stop`` is set, no
         further attempt starts (`RunAborted`)."""
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            if attempt and stop is not None:
-                stop.wait(self._delay(attempt - 1))
-            elif attempt:
-                time.sleep(self._delay(attempt - 1))
-            if stop is not None and stop.is_set():
-                raise RunAborted(f"{what}: not asked, the run is stopping")
-            try:
-                response = self._client.chat.completions.create(
-                    model=self.model,
-                    messages=messages,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
-                    top_p=self.top_p,
-                )
-            except self._retryable as e:
-                last = e
-                continue
-            except self._status_error as e:
-                if e.status_code >= 500:  # 5xx without a dedicated exception class
-                    last = e
-                    continue
-                raise RequestRejected(f"{what}: HTTP {e.status_code}: {e}") from e
-            choice = response.choices[0]
-            usage = response.usage
-            return Completion(
-                text=choice.message.content or "",
-                finish_reason=choice.finish_reason,
-                completion_tokens=usage.completion_tokens if usage else None,
-                attempts=attempt + 1,
+
+        def create() -> Any:
+            return self._client.chat.completions.create(
+                model=self.model,
+                messages=messages,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
             )
-        raise ServerUnavailable(
-            f"{what}: {self.base_url} failed {self.max_retries + 1} times "
-            f"(--max-retries {self.max_retries}); last error: {type(last).__name__}: {last}"
-        ) from last
+
+        response, attempts = self._with_retries(create, what, stop)
+        choice = response.choices[0]
+        usage = response.usage
+        return Completion(
+            text=choice.message.content or "",
+            finish_reason=choice.finish_reason,
+            completion_tokens=usage.completion_tokens if usage else None,
+            attempts=attempts,
+        )
 
 
 # --- the cache ---------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ as they are downloaded), first match wins:
     mathvision  mathvision/test.jsonl + images under mathvision/       (MathVision GitHub)
                 mathvision/**/test*.parquet                            (MathLLMs/MathVision)
 
+and, last, a `datasets` cache folder of the Hub dataset (``AI4Math___math_vista/...``, what
+``load_dataset(..., cache_dir=DIR)`` leaves: the released tool passes --dataset-dir as cache_dir).
+MathVerse has no choices field: a multi-choice row's options are read from its "Choices:" lines.
+
 Prompt formats (as in the ReVisual-R1 evaluation tool; the system prompt comes separately):
 MathVerse ``query_cot``; MathVista ``query`` (its hint asks for the option letter); WeMath
 "{question}\\n\\nOptions: {option}"; MathVision "Please first conduct reasoning, and then answer
@@ -31,12 +35,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_revisual.evaluation.grading import OPTION_LETTERS, parse_inline_options
+from megatron_revisual.evaluation.grading import (
+    OPTION_LETTERS,
+    option_letter,
+    parse_choice_lines,
+    parse_inline_options,
+)
 
 __all__ = [
     "BENCHMARKS",
@@ -44,6 +54,7 @@ __all__ = [
     "DatasetFormatError",
     "Sample",
     "expected_files",
+    "hub_source",
     "load_benchmark",
     "parse_dataset_names",
 ]
@@ -203,13 +214,22 @@ def _mathvista_sample(row: dict, index: int, bases: list[Path], source: str) -> 
 def _mathverse_sample(row: dict, index: int, bases: list[Path], source: str) -> Sample:
     where = _where(source, index, row.get("sample_index"))
     version = row.get("problem_version")
+    prompt = str(_field(row, "query_cot", where))
+    multiple_choice = row.get("question_type") == "multi-choice"
+    answer = str(_field(row, "answer", where)).strip()
+    # No choices field: the options are lines of the question text ("Choices:\nA:40°\n...");
+    # Vision-only rows have them in the image, and are graded by the letter alone.
+    choices = parse_choice_lines(str(row.get("question") or prompt)) if multiple_choice else ()
+    if multiple_choice:  # the gold as a letter ("(B)", or an option's text, would never match)
+        answer = option_letter(answer, choices) or answer
     return Sample(
         dataset="mathverse",
         id=str(_field(row, "sample_index", where)),
-        prompt=str(_field(row, "query_cot", where)),
-        answer=str(_field(row, "answer", where)).strip(),
-        multiple_choice=row.get("question_type") == "multi-choice",
+        prompt=prompt,
+        answer=answer,
+        multiple_choice=multiple_choice,
         image=_image(_field(row, "image", where), bases, where),
+        choices=choices,
         subsets=(version,) if version else (),
     )
 
@@ -285,6 +305,27 @@ _SPECS: dict[str, _Spec] = {
 }
 
 
+def hub_source(name: str) -> tuple[str, str | None, str]:
+    """(Hub dataset, config, split) of a benchmark."""
+    return _SPECS[name].hub
+
+
+def _cache_folder_name(name: str) -> str:
+    """How `datasets` names a Hub dataset's folder in a cache_dir: "AI4Math___math_vista"."""
+    org, _, hub_name = _SPECS[name].hub[0].partition("/")
+    return f"{org}___{re.sub(r'(?<=[a-z0-9])(?=[A-Z])', '_', hub_name).lower()}"
+
+
+def _hub_cache_folder(name: str, dataset_dir: Path) -> Path | None:
+    """`dataset_dir`'s folder of the benchmark's Hub dataset, if `load_dataset(...,
+    cache_dir=dataset_dir)` (the released tool's --dataset-dir) has put one there."""
+    wanted = _cache_folder_name(name).casefold()
+    if not dataset_dir.is_dir():
+        return None
+    found = [p for p in dataset_dir.iterdir() if p.is_dir() and p.name.casefold() == wanted]
+    return found[0] if found else None
+
+
 def expected_files(name: str, dataset_dir: str | Path) -> list[str]:
     """The local files a benchmark is read from (alternatives), for error messages."""
     spec = _SPECS[name]
@@ -293,7 +334,8 @@ def expected_files(name: str, dataset_dir: str | Path) -> list[str]:
         first = f"{root}/test/<n>/data.json (+ img_diagram.png)"
     else:
         first = f"{root / spec.local_json} (+ images)"
-    return [first, f"{root}/**/{spec.parquet_split}*.parquet"]
+    cache = f"{Path(dataset_dir) / _cache_folder_name(name)} (a datasets cache_dir)"
+    return [first, f"{root}/**/{spec.parquet_split}*.parquet", cache]
 
 
 # --- readers -----------------------------------------------------------------------------------
@@ -344,12 +386,13 @@ def _hub_offline() -> str | None:
     return None
 
 
-def _read_hub(name: str) -> list[tuple[dict, list[Path], str]]:
+def _read_hub(name: str, cache_dir: Path | None) -> list[tuple[dict, list[Path], str]]:
     from datasets import load_dataset
 
     path, config, split = _SPECS[name].hub
-    ds = load_dataset(path, config, split=split)
-    return [(row, [], f"{path}[{split}]") for row in ds]
+    ds = load_dataset(path, config, split=split, cache_dir=str(cache_dir) if cache_dir else None)
+    where = f" in {cache_dir}" if cache_dir else ""
+    return [(row, [], f"{path}[{split}]{where}") for row in ds]
 
 
 def load_benchmark(
@@ -363,6 +406,8 @@ def load_benchmark(
 
     source: "local" (``dataset_dir`` only), "hub" (``datasets.load_dataset`` only), or "auto"
     (local if the files are there, else the Hub unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE).
+    As in the released tool, ``dataset_dir`` is also the Hub datasets' cache_dir: a cache
+    folder there (``AI4Math___math_vista``, ...) counts as local, and a download goes there.
     """
     if name not in _SPECS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
@@ -370,20 +415,22 @@ def load_benchmark(
         raise ValueError(f"source must be auto, local or hub, got {source!r}")
     rows: list[tuple[dict, list[Path], str]] = []
     found = False
-    if source in ("auto", "local") and dataset_dir is not None:
-        rows, found = _read_local(name, Path(dataset_dir))
+    cache_dir = Path(dataset_dir) if dataset_dir is not None else None
+    if source in ("auto", "local") and cache_dir is not None:
+        rows, found = _read_local(name, cache_dir)
     if not found:
         expected = "; ".join(expected_files(name, dataset_dir or "<--dataset-dir>"))
-        if source == "local":
+        cached = cache_dir is not None and _hub_cache_folder(name, cache_dir) is not None
+        if source == "local" and not cached:
             raise DatasetFilesNotFound(f"{name}: no dataset files found; expected {expected}")
         offline = _hub_offline()
-        if offline:
+        if offline and not cached:
             raise DatasetFilesNotFound(
                 f"{name}: no dataset files found; expected {expected} "
                 f"(Hub not tried: {offline} is set)"
             )
         try:
-            rows = _read_hub(name)
+            rows = _read_hub(name, cache_dir)
         except Exception as e:  # any hub/network failure: report it with the local layout
             raise DatasetFilesNotFound(
                 f"{name}: no dataset files found (expected {expected}) and the Hub dataset "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ def fixture_rows() -> dict[str, list[tuple[dict, str, Any]]]:
     rows["mathverse"] = []
     for i, (version, qtype, answer) in enumerate(verse, start=1):
         question = f"Find the length of AB in figure {i}."
+        if version == "Text Dominant":  # options in the text, as MathVerse has them
+            question += "\nChoices:\nA:6\nB:8\nC:10\nD:12"
         row = {
             "sample_index": str(i),
             "problem_index": str((i + 1) // 2),
@@ -192,7 +195,7 @@ def _write_files(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> No
         (base / filename).write_text(text, encoding="utf-8")
 
 
-def _write_parquet(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> None:
+def _write_parquet(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -231,18 +234,54 @@ def _write_parquet(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> 
             ],
         ),
     }
-    for rel_path, data in tables.values():
+    written = {}
+    for name, (rel_path, data) in tables.items():
         path = root / rel_path
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(data), path)
+        written[name] = path
+    return written
+
+
+def _write_hub_cache(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> None:
+    """The Hub datasets as `datasets.load_dataset(<hub name>, cache_dir=root)` leaves them
+    (``<org>___<name>/<config>/<version>/<hash>/<name>-<split>.arrow`` + dataset_info.json),
+    built offline: each parquet file is prepared by the parquet builder in a scratch cache,
+    then filed under its Hub name."""
+    import tempfile
+
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+
+    from megatron_revisual.evaluation.datasets import hub_source
+
+    with tempfile.TemporaryDirectory() as scratch:
+        files = _write_parquet(Path(scratch) / "files", rows)
+        for name, parquet in files.items():
+            repo, config, split = hub_source(name)
+            cache = Path(scratch) / "cache" / name
+            datasets.load_dataset("parquet", data_files={split: str(parquet)}, cache_dir=str(cache))
+            (built,) = [p for p in cache.glob("parquet/*/*/*") if p.is_dir()]
+            org, _, hub_name = repo.partition("/")
+            snake = camelcase_to_snakecase(hub_name)
+            target = root / f"{org}___{snake}" / (config or "default") / built.parent.name / built.name
+            target.mkdir(parents=True)
+            for f in built.iterdir():
+                dest = f.name.replace("parquet-", f"{snake}-", 1) if f.suffix == ".arrow" else f.name
+                shutil.copy2(f, target / dest)
+            info = json.loads((target / "dataset_info.json").read_text())
+            info.update(dataset_name=snake, config_name=config or "default")
+            (target / "dataset_info.json").write_text(json.dumps(info))
 
 
 def write_fixture_datasets(root: str | Path, *, layout: str = "files") -> dict[str, int]:
-    """Write the five tiny benchmarks under ``root`` (a ``--dataset-dir``); returns the number
-    of samples per benchmark."""
-    if layout not in ("files", "parquet"):
-        raise ValueError(f"layout must be 'files' or 'parquet', got {layout!r}")
+    """Write the five tiny benchmarks under ``root`` (a ``--dataset-dir``) as the released
+    files ("files"), the Hub's parquet files ("parquet") or a datasets cache folder ("hub-cache");
+    returns the number of samples per benchmark."""
+    writers = {"files": _write_files, "parquet": _write_parquet, "hub-cache": _write_hub_cache}
+    if layout not in writers:
+        raise ValueError(f"layout must be one of {sorted(writers)}, got {layout!r}")
     root = Path(root)
     rows = fixture_rows()
-    (_write_files if layout == "files" else _write_parquet)(root, rows)
+    writers[layout](root, rows)
     return {name: len(r) for name, r in rows.items()}

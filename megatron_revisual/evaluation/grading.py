@@ -22,13 +22,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from megatron_revisual.rl.rewards import answers_match, extract_answer
+from megatron_revisual.rl.rewards import answers_match, extract_answer, graded_expression
 
 __all__ = [
     "OPTION_LETTERS",
     "Grade",
     "grade_response",
     "option_letter",
+    "parse_choice_lines",
     "parse_inline_options",
 ]
 
@@ -44,6 +45,13 @@ _LONE_LETTER_LINE = re.compile(r"\**\(?([A-H])\)?[.)]?\**")
 _INLINE_OPTION = re.compile(
     r"(?:^|;)\s*([A-H])\s*[.:：]\s*(.*?)\s*(?=;\s*[A-H]\s*[.:：]|$)", re.DOTALL
 )
+# MathVerse lists its options in the question text: "...\nChoices:\nA:40°\nB:60°\n..."
+_CHOICE_LINE = re.compile(r"^\s*\(?([A-H])\)?\s*[.:：)]\s*(.*?)\s*$")
+# "Option B", "choice (C)": the letter named outright
+_NAMED_LETTER = re.compile(r"(?:option|choice)\s*:?\s*\(?([A-H])\)?\.?", re.IGNORECASE)
+# A letter, LaTeX or plain spacing, then text: "B \text{ } 4", "B\ 60^\circ", "B 60°"; a letter
+# only when the text is that option's (else "A triangle" would be option A)
+_LETTER_THEN_TEXT = re.compile(r"\(?([A-H])\)?(?:\s|\\[ ,;:!]|\\quad|~)+(\S.*)", re.DOTALL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +78,25 @@ def parse_inline_options(options: str) -> tuple[str, ...]:
     return tuple(text.strip().rstrip(";").strip() for _, text in found)
 
 
+def parse_choice_lines(question: str) -> tuple[str, ...]:
+    """Option texts in letter order from the lines after a "Choices:" line of a question
+    (MathVerse's format); () if there is no such list."""
+    lines = question.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip().rstrip(":：").casefold() == "choices"]
+    if not starts:
+        return ()
+    found = []
+    for line in lines[starts[-1] + 1 :]:
+        match = _CHOICE_LINE.match(line)
+        if not match:
+            break
+        found.append(match.groups())
+    letters = [letter for letter, _ in found]
+    if not letters or letters != list(OPTION_LETTERS[: len(letters)]):
+        return ()
+    return tuple(text for _, text in found)
+
+
 def _latexify(text: str) -> str:
     """Unicode math as LaTeX, so that math-verify reads gold answers like MathVerse's "2√{3}",
     "3π" or "60°"."""
@@ -90,21 +117,8 @@ def _normalize_text(text: str) -> str:
     return re.sub(r"[\s.,;:!?'\"`]+", "", text)
 
 
-def option_letter(answer: str, choices: tuple[str, ...] = ()) -> str | None:
-    """The option letter an extracted answer names, or None.
-
-    A letter beyond ``len(choices)`` (when choices are known) is rejected; an answer that is not
-    a letter is matched against the option texts (text first, then math-verify).
-    """
-    text = _unwrap_latex(answer)
-    match = _LETTER.fullmatch(text)
-    if match:
-        letter = next(g for g in match.groups() if g)
-        if not choices or OPTION_LETTERS.index(letter) < len(choices):
-            return letter
-        # Out of range, so not a letter: an option's text may still be "F" (WeMath has such).
-    if not choices:
-        return None
+def _option_by_text(text: str, choices: tuple[str, ...]) -> str | None:
+    """The letter of the option whose text `text` is (as text first, then under math-verify)."""
     wanted = _normalize_text(text)
     for i, choice in enumerate(choices):
         if wanted and wanted == _normalize_text(choice):
@@ -113,6 +127,30 @@ def option_letter(answer: str, choices: tuple[str, ...] = ()) -> str | None:
         if answers_match(_latexify(text), _latexify(choice)):
             return OPTION_LETTERS[i]
     return None
+
+
+def option_letter(answer: str, choices: tuple[str, ...] = ()) -> str | None:
+    """The option letter an extracted answer names, or None.
+
+    A letter beyond ``len(choices)`` (when choices are known) is rejected; an answer that is not
+    a letter is matched against the option texts (text first, then math-verify); a letter
+    followed by text without a separator ("B 60°") counts when the text is that option's.
+    """
+    text = _unwrap_latex(answer)
+    match = _LETTER.fullmatch(text) or _NAMED_LETTER.fullmatch(text)
+    if match:
+        letter = next(g for g in match.groups() if g)
+        if not choices or OPTION_LETTERS.index(letter) < len(choices):
+            return letter
+        # Out of range, so not a letter: an option's text may still be "F" (WeMath has such).
+    if not choices:
+        return None
+    match = _LETTER_THEN_TEXT.fullmatch(text)
+    if match and OPTION_LETTERS.index(match.group(1)) < len(choices):
+        letter, rest = match.groups()
+        if _option_by_text(rest, (choices[OPTION_LETTERS.index(letter)],)) is not None:
+            return letter
+    return _option_by_text(text, choices)
 
 
 def _trailing_letter(response: str) -> str | None:
@@ -164,7 +202,8 @@ def grade_response(
             parsed=True,
             correct=letter == ground_truth.strip().upper(),
         )
-    if extracted is None:
-        return Grade(extracted=None, prediction=None, parsed=False, correct=False)
-    correct = _free_form_correct(extracted, ground_truth, precision=precision)
-    return Grade(extracted=extracted, prediction=extracted, parsed=True, correct=correct)
+    final = graded_expression(extracted, ground_truth) if extracted is not None else None
+    if final is None:  # no answer, or a chain of different values ("1 = 8 = 1")
+        return Grade(extracted=extracted, prediction=None, parsed=False, correct=False)
+    correct = _free_form_correct(final, ground_truth, precision=precision)
+    return Grade(extracted=extracted, prediction=final, parsed=True, correct=correct)

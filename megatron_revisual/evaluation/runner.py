@@ -14,9 +14,16 @@ Also runnable as ``python -m megatron_revisual.evaluation ...``.
 
 Outputs in --output-dir, named after the model: ``<model>_samples.jsonl`` (one line per sample:
 response, extracted answer, correctness, categories), ``<model>_summary.json`` and
-``<model>_summary.md``. Finished requests are cached (see `client.PredictionCache`) in
+``<model>_summary.md``; and, as the released tool writes them, one ``<model>___<dataset>.json``
+per benchmark ({"results": [...], "metrics": {...}, "config": {...}}; a result's "prediction" is
+the response text, as there). Finished requests are cached (see `client.PredictionCache`) in
 --cache-dir, by default ``<output-dir>/cache``: a rerun, or a run resumed after an interruption,
 asks only for what is missing.
+
+Before the first request the endpoint is asked once for its models: --model-name must be among
+them, and --max-tokens below the context vLLM reports (max_model_len). Exit status: 0; 1 when
+more samples errored than --allow-errors (default 0; the outputs are still written) or the
+endpoint kept failing; 2 for bad input (dataset files, flags, a model the endpoint does not serve).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 from megatron_revisual.evaluation.client import (
     ChatClient,
     Completion,
+    EndpointMismatch,
     PredictionCache,
     RequestRejected,
     RunAborted,
@@ -81,9 +89,12 @@ class EvalConfig:
     retry_base_delay: float = 1.0
     request_timeout: float = 3600.0
     max_samples: int | None = None
+    allow_errors: int = 0
 
     def __post_init__(self) -> None:
         problems = []
+        if self.allow_errors < 0:
+            problems.append(f"--allow-errors {self.allow_errors} must be >= 0")
         if self.eval_threads < 1:
             problems.append(f"--eval-threads {self.eval_threads} must be >= 1")
         if self.max_retries < 0:
@@ -119,7 +130,12 @@ class EvalResult:
     samples_path: Path
     summary_path: Path
     markdown_path: Path
+    dataset_paths: list[Path]  # the released tool's <model>___<dataset>.json files
     records: list[dict[str, Any]] = field(repr=False)
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for r in self.records if r["error"])
 
 
 def _record(sample: Sample, completion: dict[str, Any], *, cached: bool) -> dict[str, Any]:
@@ -229,6 +245,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
             stop.set()
             raise
 
+    if todo:
+        _log(f"endpoint: {client.check_endpoint()}")
     requests = 0
     start = time.monotonic()
     next_report = 0.1
@@ -291,13 +309,41 @@ def evaluate(config: EvalConfig) -> EvalResult:
     _write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     _write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     _write_atomic(markdown_path, markdown_report(config.model_name, summary))
+    dataset_paths = []
+    for name in config.datasets:
+        path = config.output_dir / f"{stem}___{name}.json"
+        seed_style = {
+            "results": [_released_result(r) for r in ordered if r["dataset"] == name],
+            "metrics": summary["datasets"][name],
+            "config": summary["config"],
+        }
+        _write_atomic(path, json.dumps(seed_style, indent=2, ensure_ascii=False) + "\n")
+        dataset_paths.append(path)
     return EvalResult(
         summary=summary,
         samples_path=samples_path,
         summary_path=summary_path,
         markdown_path=markdown_path,
+        dataset_paths=dataset_paths,
         records=ordered,
     )
+
+
+def _released_result(record: dict[str, Any]) -> dict[str, Any]:
+    """A sample as the released tool's per-dataset file lists it (its "prediction" is the
+    response text, "accuracy" 1.0 or 0.0, "source" the sub-benchmark), plus what we extracted."""
+    return {
+        "id": record["id"],
+        "question": record["question"],
+        "answer": record["answer"],
+        "dataset": record["dataset"],
+        "source": record["subsets"][0] if record["subsets"] else record["dataset"],
+        "prediction": record["response"],
+        "accuracy": 1.0 if record["correct"] else 0.0,
+        "correct": record["correct"],
+        "extracted": record["prediction"],
+        "error": record["error"],
+    }
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -353,10 +399,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request")
     p.add_argument("--max-samples", type=int, default=None, help="first N samples per dataset only")
+    p.add_argument(
+        "--allow-errors",
+        type=int,
+        default=0,
+        help="samples whose request failed that still give exit status 0 (default 0)",
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """`revisual eval`; 0 on success, 1 if the endpoint failed, 2 for bad input."""
+    """`revisual eval`; 0 on success, 1 if the endpoint failed or more samples errored than
+    --allow-errors, 2 for bad input (module docstring)."""
     try:
         config = EvalConfig(
             model_name=args.model_name,
@@ -378,9 +431,10 @@ def run_eval(args: argparse.Namespace) -> int:
             retry_base_delay=args.retry_base_delay,
             request_timeout=args.request_timeout,
             max_samples=args.max_samples,
+            allow_errors=args.allow_errors,
         )
         result = evaluate(config)
-    except (DatasetFilesNotFound, DatasetFormatError, ValueError) as e:
+    except (DatasetFilesNotFound, DatasetFormatError, EndpointMismatch, ValueError) as e:
         print(f"revisual eval: error: {e}", file=sys.stderr)
         return 2
     except ServerUnavailable as e:
@@ -391,6 +445,14 @@ def run_eval(args: argparse.Namespace) -> int:
         return 1
     print(result.markdown_path.read_text(encoding="utf-8"), end="")
     print(f"results: {result.samples_path}, {result.summary_path}, {result.markdown_path}")
+    if result.errors > config.allow_errors:
+        first = next(r for r in result.records if r["error"])
+        print(
+            f"revisual eval: error: {result.errors} of {len(result.records)} samples failed "
+            f"(--allow-errors {config.allow_errors}); first: {first['error']}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -97,6 +97,8 @@ def initialize_parallel(
     layout = ParallelLayout.for_world(world_size, tp=tp, pp=pp, cp=cp, vpp=vpp)
     from megatron.core import parallel_state, tensor_parallel
 
+    if any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "SLURM_STEP_ID")):
+        reap_process_group_on_exit()  # a launcher's worker: torchrun gives each its own session
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -138,6 +140,18 @@ class RankError(RuntimeError):
         self.rank = rank
         self.remote_traceback = remote_traceback
 
+    def named_error(self, *classes: type[Exception]) -> Exception | None:
+        """The rank's error rebuilt as the first of `classes` it raised (an error whose message
+        already names the file, tensor or path: shown without the traceback), else None."""
+        for cls in classes:
+            marker = f"{cls.__name__}: "
+            if marker in self.remote_traceback:
+                message = self.remote_traceback.rsplit(marker, 1)[1].strip()
+                if issubclass(cls, OSError):
+                    return cls(None, message)
+                return cls(message)
+        return None
+
 
 def _free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -159,6 +173,40 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+# Waits (blocked on a real-time signal, which nothing else sends) for its parent's death, then
+# SIGKILLs the parent's process group, itself included.
+_GROUP_REAPER = """
+import ctypes, os, signal, sys
+parent, group, sig = int(sys.argv[1]), int(sys.argv[2]), signal.SIGRTMIN + 3
+signal.pthread_sigmask(signal.SIG_BLOCK, {sig, signal.SIGINT})
+ctypes.CDLL(None).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+while os.getppid() == parent:
+    signal.sigtimedwait({sig}, 60)
+os.killpg(group, signal.SIGKILL)
+"""
+_reaper: Any = None
+
+
+def reap_process_group_on_exit() -> None:
+    """When this process leads a process group of its own, make sure nothing it started outlives
+    it, however it ends (SIGKILL included): a small watcher process SIGKILLs the group once this
+    process is gone. Megatron-Core's dist_checkpointing starts a Manager process (its async
+    writer's result queue) and forks writers, none of which would otherwise notice the rank's
+    death. No-op where this process does not lead its group (its group is not its alone) or
+    outside Linux; idempotent."""
+    global _reaper
+    if _reaper is not None or not sys.platform.startswith("linux"):
+        return
+    if os.getpgid(0) != os.getpid():
+        return
+    import subprocess
+
+    _reaper = subprocess.Popen(
+        [sys.executable, "-S", "-c", _GROUP_REAPER, str(os.getpid()), str(os.getpgid(0))],
+        stdin=subprocess.DEVNULL, close_fds=True,
+    )
+
+
 def _rank_main(
     rank: int,
     port: int,
@@ -169,11 +217,19 @@ def _rank_main(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     results: Any,
+    stdio_path: str | None,
 ) -> None:
+    from megatron_revisual.logfiles import ignore_known_warnings, redirect_stdio
+
+    # before initialize_parallel: Megatron-Core warns and logs as it is imported
+    if stdio_path is not None:
+        redirect_stdio(stdio_path.format(rank=rank))
+    ignore_known_warnings(on_gpu=torch.cuda.is_available())
     # Own process group, so that killing this rank also kills what it started (e.g. the Manager
     # process of dist_checkpointing) instead of orphaning it.
     os.setpgid(0, 0)
     die_with_parent()
+    reap_process_group_on_exit()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -206,9 +262,13 @@ def run_distributed(
     kwargs: dict[str, Any] | None = None,
     timeout_s: float = 300.0,
     threads_per_rank: int = 1,
+    stdio_path: str | None = None,
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` freshly spawned local ranks, each initialized
     with `initialize_parallel`, and return the per-rank results in rank order.
+
+    With `stdio_path` (a format string with `{rank}`) each rank's stdout and stderr go to its
+    own file (`logfiles.redirect_stdio`); `logfiles.console()` is still the terminal.
 
     The first rank to raise aborts the run with a `RankError` holding its traceback; a rank that
     dies silently or a run longer than `timeout_s` raises too, and every rank is killed.
@@ -220,7 +280,8 @@ def run_distributed(
     processes = [
         context.Process(
             target=_rank_main,
-            args=(rank, port, layout, seed, threads_per_rank, fn, args, kwargs or {}, results),
+            args=(rank, port, layout, seed, threads_per_rank, fn, args, kwargs or {}, results,
+                  stdio_path),
             name=f"rank{rank}",
             # Not daemonic: ranks start children (dist_checkpointing's Manager, data workers).
             daemon=False,

@@ -2,9 +2,10 @@
 
 advantages    GRPO group-normalised advantages (and Dr. GRPO)
 pad           Prioritized Advantage Distillation, paper and released-code variants
-losses        PPO policy loss, KL estimators, loss aggregation, entropy-bonus schedule
+losses        PPO and GSPO policy losses, KL estimators, loss aggregation, entropy-bonus schedule
+rollout_correction  token TIS and sequence-level reject / mask against the engine's log-probs
 logprobs      log-probs and entropy from vocab-parallel (TP-sharded) logits
-rewards       rule-based reward terms and their weighted composition
+rewards       rule-based reward terms, the released reward presets and the graders
 reward_terms  the released code's self-critique, image-revisit and repetition heuristics
 reward_pool   process pool with per-sample timeouts for scoring rewards
 

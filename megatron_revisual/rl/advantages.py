@@ -7,9 +7,10 @@ For a group of ``G`` responses to the same prompt with scalar rewards ``r_1..r_G
     A_i =  r_i - mean(r)                             (Dr. GRPO, ``normalize_std=False``)
 
 ``std`` is the unbiased (n - 1) sample standard deviation, as ``torch.std`` computes it in the
-released code, and ``eps`` is 1e-6 there as well. A group whose rewards are all equal therefore
-gets advantage exactly 0 for every member: these are the "gradient stagnation" samples PAD
-filters out.
+released code, and ``eps`` is 1e-6 there as well. A group whose rewards are all equal gets
+advantage exactly 0 for every member: these are the "gradient stagnation" samples PAD filters
+out. That is enforced, not left to rounding: in the peers' float32 the mean of eight rewards of
+0.9 is one ulp off 0.9, and dividing that by std + eps (~1e-6) gives -0.056 for every member.
 
 Groups are contiguous: rows ``[g * G, (g + 1) * G)`` belong to prompt ``g``. That is the order the
 rollout engine returns ``n`` samples per prompt in; reorder before calling if batches were
@@ -52,6 +53,8 @@ def grpo_advantages(
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if normalize_std:
         centered = centered / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)
+    all_equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    centered = centered.masked_fill(all_equal, 0.0)
     return centered.view(-1).to(torch.float32)
 
 

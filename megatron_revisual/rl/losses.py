@@ -14,9 +14,23 @@ PPO with asymmetric and dual clipping, per token t (``A`` = advantage, ``r`` = r
     l3      = -A * c_dual
     loss_t  = min(l_hi, l3) if A < 0 else l_hi                     (dual clip, arXiv 1912.09729)
 
+With rollout correction (``rl.rollout_correction``) each token's loss is multiplied by its
+importance weight ``w_t`` (detached) before aggregation.
+
+GSPO (arXiv 2507.18071), a sequence-level ratio with the token's gradient (straight-through):
+
+    log s_i = mean_t (log pi - log pi_old)  over response tokens   (pre-clipped as above)
+    s_i,t   = sg[s_i] * pi_t / sg[pi_t]      (value s_i; d s_i,t / d log pi_t = s_i)
+    loss_t  = max(-A s_i,t, -A clip(s_i,t, 1 - eps_low, 1 + eps_high))      (no dual clip)
+
+Its clip range is in the scale of a per-token geometric mean: 3e-4 / 4e-4 in the paper, not
+PPO's 0.2. With ``seq-mean-token-mean`` (the paper's) or ``token-mean`` the gradient is exactly
+that of the sequence objective, since every token of a sequence carries the same value.
+
 Metrics (masked token means, whatever the loss aggregation): ``pg_clipfrac_higher`` = share of
-tokens with ``l1 < l2``; ``pg_clipfrac_lower`` = share with ``A < 0`` and ``l_hi > l3``;
-``ppo_kl`` = mean of ``-log r`` (the k1 estimate of KL(pi_old || pi), on the pre-clipped ratio).
+tokens with ``l1 < l2`` (the clip is active); ``pg_clipfrac_lower`` = share with ``A < 0`` and
+``l_hi > l3`` (0 for GSPO); ``ppo_kl`` = mean of ``-log r`` (the k1 estimate of
+KL(pi_old || pi), on the pre-clipped token ratio).
 """
 
 from __future__ import annotations
@@ -29,14 +43,17 @@ import torch
 __all__ = [
     "AGGREGATIONS",
     "KL_KINDS",
+    "POLICY_LOSSES",
     "aggregate_loss",
     "entropy_coefficient",
+    "gspo_policy_loss",
     "kl_penalty",
     "policy_loss",
 ]
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+POLICY_LOSSES: tuple[str, ...] = ("ppo", "gspo")
 # k1/k2/k3 in Schulman's naming (http://joschu.net/blog/kl-approx.html); the released code's
 # names for the same estimators are accepted as aliases.
 KL_KINDS: dict[str, str] = {
@@ -87,6 +104,31 @@ def _masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (values * m).sum() / m.sum().clamp(min=1.0)
 
 
+def _check_shapes(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    is_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """``advantages`` broadcast to ``[B, T]`` once every input is checked."""
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(log_probs)
+    shapes = [log_probs.shape, old_log_probs.shape, advantages.shape, response_mask.shape]
+    if is_weights is not None:
+        shapes.append(is_weights.shape)
+    if any(shape != shapes[0] for shape in shapes):
+        raise ValueError(
+            "log_probs, old_log_probs, advantages, response_mask (and is_weights) must share a "
+            f"shape, got {[tuple(shape) for shape in shapes]}"
+        )
+    return advantages
+
+
+def _weighted(per_token: torch.Tensor, is_weights: torch.Tensor | None) -> torch.Tensor:
+    return per_token if is_weights is None else per_token * is_weights.detach()
+
+
 def policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -97,10 +139,12 @@ def policy_loss(
     clip_high: float = 0.25,
     clip_dual: float = 3.0,
     agg: Aggregation = "token-mean",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO policy loss (module docstring) and its metrics.
 
     Shapes: ``[B, T]`` for all inputs; ``advantages`` may also be ``[B]`` (one per response).
+    ``is_weights`` (``[B, T]``, optional): rollout-correction weights per token.
     Returns ``(loss, {"pg_loss", "pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl"})`` with
     detached metric tensors. Defaults are the released code's (0.2, 0.25, 3.0, token-mean).
     """
@@ -112,14 +156,7 @@ def policy_loss(
         raise ValueError(
             f"clip_dual must be > 1 (it caps the loss at c_dual * |A|), got {clip_dual}"
         )
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1).expand_as(log_probs)
-    if not (log_probs.shape == old_log_probs.shape == advantages.shape == response_mask.shape):
-        raise ValueError(
-            "log_probs, old_log_probs, advantages, response_mask must share a shape, got "
-            f"{tuple(log_probs.shape)}, {tuple(old_log_probs.shape)}, "
-            f"{tuple(advantages.shape)}, {tuple(response_mask.shape)}"
-        )
+    advantages = _check_shapes(log_probs, old_log_probs, advantages, response_mask, is_weights)
     log_ratio = torch.clamp(log_probs - old_log_probs, *_LOG_PRECLIP)
     ratio = torch.exp(log_ratio)
     clipped_ratio = torch.exp(
@@ -132,19 +169,59 @@ def policy_loss(
     negative = advantages < 0
     per_token = torch.where(negative, torch.minimum(loss_hi, loss3), loss_hi)
 
-    loss = aggregate_loss(per_token, response_mask, agg)
+    loss = aggregate_loss(_weighted(per_token, is_weights), response_mask, agg)
+    lower = (loss_hi > loss3) & negative
+    return loss, _metrics(loss, loss1 < loss2, lower, log_ratio, response_mask)
+
+
+def _metrics(
+    loss: torch.Tensor,
+    clipped: torch.Tensor,
+    clipped_lower: torch.Tensor,
+    log_ratio: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        metrics = {
+        return {
             "pg_loss": loss.detach(),
-            "pg_clipfrac_higher": _masked_token_mean(
-                (loss1 < loss2).to(log_probs.dtype), response_mask
-            ),
+            "pg_clipfrac_higher": _masked_token_mean(clipped.to(log_ratio.dtype), response_mask),
             "pg_clipfrac_lower": _masked_token_mean(
-                ((loss_hi > loss3) & negative).to(log_probs.dtype), response_mask
+                clipped_lower.to(log_ratio.dtype), response_mask
             ),
-            "ppo_kl": _masked_token_mean(-log_ratio, response_mask),
+            "ppo_kl": _masked_token_mean(-log_ratio.detach(), response_mask),
         }
-    return loss, metrics
+
+
+def gspo_policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    agg: Aggregation = "seq-mean-token-mean",
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO's sequence-level clipped loss (module docstring); inputs and metrics as
+    ``policy_loss``. Defaults: the paper's clip range and aggregation."""
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"GSPO clip_low must be in [0, 1), got {clip_low}")
+    if clip_high < 0.0:
+        raise ValueError(f"GSPO clip_high must be >= 0, got {clip_high}")
+    advantages = _check_shapes(log_probs, old_log_probs, advantages, response_mask, is_weights)
+    m = response_mask.to(log_probs.dtype)
+    diff = (log_probs - old_log_probs).detach()
+    seq_log_ratio = (diff * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)
+    seq_log_ratio = torch.clamp(seq_log_ratio, *_LOG_PRECLIP)
+    log_ratio = torch.clamp(diff, *_LOG_PRECLIP)  # for ppo_kl only
+    ratio = torch.exp(log_probs - log_probs.detach() + seq_log_ratio.unsqueeze(-1))
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(loss1, loss2)
+    loss = aggregate_loss(_weighted(per_token, is_weights), response_mask, agg)
+    return loss, _metrics(loss, loss1 < loss2, torch.zeros_like(m, dtype=torch.bool), log_ratio,
+                          response_mask)
 
 
 def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str) -> torch.Tensor:
@@ -173,7 +250,7 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str) 
 
 
 def entropy_coefficient(
-    step: int,
+    update: int,
     *,
     init: float = 0.02,
     minimum: float = 0.0,
@@ -182,21 +259,24 @@ def entropy_coefficient(
     schedule: Literal["exp", "linear"] = "exp",
     total_steps: int | None = None,
 ) -> float:
-    """Entropy-bonus coefficient beta for optimizer step ``step`` (0-based).
+    """Entropy-bonus coefficient beta of optimizer update ``update`` (0-based, counted over the
+    stage), as the released actor applies it.
 
-      step <  warmup_steps:  0
-      n = step - warmup_steps
+      update <= warmup_steps:  0
+      n = update - warmup_steps - 1
       exp:     max(minimum, init * decay^n)
       linear:  max(minimum, init - n * (init - minimum) / total_steps)
 
-    ``decay`` defaults to 0.985 and belongs to ``exp`` only; ``total_steps`` to ``linear`` only.
-    Defaults: paper Table 5 (0.02, 0, 0.985); 20 warm-up steps and ``exp`` from the released
-    ``ActorConfig``. The released actor updates its coefficient after each optimizer step, so
-    its value for step s is used at step s + 1; here ``step`` is the step the value is used at.
-    The loss adds ``-beta * entropy``.
+    The released actor (``dp_actor.py::_anneal_entropy_coef``) starts at 0 and, after each
+    optimizer step u, sets beta to 0 while u < warmup, to init at u == warmup, and decays it
+    after; the update after u uses that value. So update 0 and the warm-up updates train with
+    beta = 0 and init is first used by update warmup + 1.
+    ``decay`` defaults to 0.985 and belongs to ``exp`` only; ``total_steps`` (the released
+    ``total_updates``) to ``linear`` only. Defaults: paper Table 5 (0.02, 0, 0.985); 20 warm-up
+    updates and ``exp`` from the released config. The loss adds ``-beta * entropy``.
     """
-    if step < 0 or warmup_steps < 0:
-        raise ValueError(f"step and warmup_steps must be >= 0, got {step}, {warmup_steps}")
+    if update < 0 or warmup_steps < 0:
+        raise ValueError(f"update and warmup_steps must be >= 0, got {update}, {warmup_steps}")
     if not 0.0 <= minimum <= init:
         raise ValueError(f"need 0 <= minimum <= init, got minimum={minimum}, init={init}")
     if schedule == "exp":
@@ -212,9 +292,9 @@ def entropy_coefficient(
             raise ValueError(f"schedule='linear' needs total_steps > 0, got {total_steps}")
     else:
         raise ValueError(f"unknown entropy schedule {schedule!r}; use 'exp' or 'linear'")
-    if step < warmup_steps:
+    n = update - warmup_steps - 1
+    if n < 0:
         return 0.0
-    n = step - warmup_steps
     if schedule == "exp":
         assert decay is not None
         return max(minimum, init * decay**n)

@@ -296,8 +296,10 @@ def pad_step(
     }
     metrics["pad/tau" if mode == "paper" else "pad/alpha"] = tau if mode == "paper" else alpha
     if skipped:
+        # INFO, not a warning: once a model answers every prompt right (or wrong) all groups
+        # agree and this happens every step; pad/skipped and the progress line record it
         where = f"step {step}: " if step is not None else ""
-        logger.warning(
+        logger.info(
             "%sPAD selected no responses (|E|=%d of N=%d, mode=%s, thresholds %s..%s, ratio=%s); "
             "skipping this update",
             where,

@@ -155,7 +155,7 @@ class RewardPool:
     @classmethod
     def for_config(cls, config: RewardConfig, **kwargs: Any) -> RewardPool:
         """A pool scoring ``RewardSample``s with ``compute_reward(sample, config)``."""
-        kwargs.setdefault("warmup_fn", warmup)
+        kwargs.setdefault("warmup_fn", partial(warmup, config.grader))
         return cls(partial(compute_reward, config=config), **kwargs)
 
     def _spawn(self) -> _Worker:

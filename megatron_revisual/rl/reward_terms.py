@@ -1,12 +1,25 @@
 """The released code's heuristic reward terms: self-critique, image revisit, repetition.
 
-Source: ``examples/reward_function/math.py`` of the released ReVisual-R1 code (the reward the
-released multimodal RL config uses, weighted 0.05 each next to 0.85 accuracy). Phrase lists,
-weights and caps are that file's; the code is this project's. All terms are in [0, 1].
+Source: ``examples/reward_function/math.py`` and ``text.py`` of the released ReVisual-R1 code, in
+two versions: an older ``math.py`` (keyword self-critique, five circular patterns) and the
+current ``math.py`` / ``text.py`` (weighted self-critique, six circular patterns). Phrase lists,
+weights and caps are those files'; the code is this project's. All terms are in [0, 1].
 
-self_critique_reward  = min(1, 0.05 * sum_k w_k * #matches(\\b k \\b, case-insensitive))
-    The released keyword list names some words twice ("but", "wait", "perhaps", "mistake",
-    "rethink", "reassess", "revisit", "recheck"), so they count double: w_k is that multiplicity.
+self_critique_reward (older math.py)
+    min(1, 0.05 * sum_k w_k * #matches(\\b k \\b, case-insensitive)). The released keyword list
+    names some words twice ("but", "wait", "perhaps", "mistake", "rethink", "reassess",
+    "revisit", "recheck"), so they count double: w_k is that multiplicity.
+weighted_self_critique_reward (current math.py and text.py)
+    0 for a text under 10 characters (stripped). Otherwise, on the text with whitespace runs
+    made single spaces and "..." made ".", split into sentences after [.!?] before [A-Z0-9]:
+      keywords  sum_p w_p * (1 + 0.5 * (c_p - 1)) over the 42 weighted patterns with c_p >= 1
+                matches (``_WEIGHTED_CRITIQUE``);
+      sequences 0.25 per sentence of >= 5 characters that opens a reflection (``_STARTERS``)
+                and is followed within the next 3 sentences by a correction (``_FOLLOWUPS``),
+                at most 3;
+      structure 0.1 if, with >= 4 sentences, the second half (from n // 2) holds more
+                (sentence, pattern) hits than the first;
+    clipped to [0, 1].
 image_revisit_reward  = min(1, min(0.4, 0.2 * #initial references)
                              + min(0.3, 0.3 * #revisit phrases)
                              + min(0.3, 0.3 * #(revisit sentence followed by a correction sentence)))
@@ -33,7 +46,12 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 
-__all__ = ["image_revisit_reward", "repetition_reward", "self_critique_reward"]
+__all__ = [
+    "image_revisit_reward",
+    "repetition_reward",
+    "self_critique_reward",
+    "weighted_self_critique_reward",
+]
 
 _I = re.IGNORECASE
 
@@ -72,6 +90,84 @@ def self_critique_reward(response: str) -> float:
     """Reward for self-reflective wording (released ``math.py``); see the module docstring."""
     count = sum(_CRITIQUE_KEYWORDS[k] for k in _CRITIQUE_ANY.findall(_fold(response)))
     return min(1.0, count * 0.05)
+
+
+# The current release's weights per pattern; matched case-insensitively on the lower-cased text.
+_WEIGHTED_CRITIQUE: dict[str, float] = {
+    # strong self-critique
+    "mistake": 0.12, "error": 0.12, "incorrect": 0.12, "wrong": 0.10, "i was mistaken": 0.15,
+    "that's not right": 0.15, "this contradicts": 0.15, "i need to reconsider": 0.15,
+    "this doesn't make sense": 0.14, "i made an error": 0.15, "contradiction": 0.13,
+    "flaw": 0.12, "invalid": 0.12,
+    # reconsideration
+    "let me recalculate": 0.10, "let's revise": 0.10, "let me reconsider": 0.10,
+    "let's rethink": 0.10, "let me check again": 0.09, "double-check": 0.09, "verify": 0.08,
+    "re-evaluate": 0.10, "reassess": 0.10, "revisit": 0.08, "let's try again": 0.09,
+    # doubt
+    "wait": 0.06, "hold on": 0.06, "i doubt": 0.07, "i question": 0.07, "however": 0.05,
+    "but": 0.04, "although": 0.04, "on second thought": 0.08, "wait a second": 0.07,
+    "is that right": 0.08, "did i miss something": 0.08,
+    # mild reflection
+    "perhaps": 0.03, "maybe": 0.03, "i think": 0.02, "i wonder": 0.04, "alternatively": 0.05,
+    "on the other hand": 0.05, "i'm not sure": 0.05,
+}  # fmt: skip
+_WEIGHTED_RES = [
+    (re.compile(rf"\b{re.escape(k)}\b", _I), w) for k, w in _WEIGHTED_CRITIQUE.items()
+]
+_STARTERS = re.compile("|".join([
+    r"(?:That|This|It|The result) (?:is|seems|appears to be) (?:incorrect|wrong|mistaken|an error|a mistake|flawed)",
+    r"(?:I|We) (?:made|committed) (?:an error|a mistake|a miscalculation)",
+    r"(?:I|We) (?:was|were) (?:wrong|mistaken|incorrect|in error)",
+    r"(?:Wait|Hold on|Actually|However|But|Oh)(?:,)? (?:that|this|it) (?:doesn't|does not) (?:seem|look|appear) (?:right|correct|accurate)",
+    r"(?:Let|I should|I need to) (?:me|) (?:reconsider|recalculate|rethink|revise|check|verify|double-check)",
+    r"(?:Let's|Let us) (?:try again|recalculate|rethink|revise|check|verify|double-check)",
+    r"(?:Wait|Hold on|Hmm|Actually|But|However)(?:,)? (?:I'm|I am|I) (?:not sure|uncertain|confused|doubtful|unsure)",
+    r"(?:Wait|Hold on|Hmm|Actually|But|However)(?:,)? (?:this|that|it) (?:might|may|could) (?:be|not be) (?:right|correct|accurate)",
+]), _I)  # fmt: skip
+_FOLLOWUPS = re.compile("|".join([
+    r"(?:The|A) correct (?:answer|solution|approach|calculation|value|result) (?:is|should be)",
+    r"(?:I|We) should (?:have|instead) (?:calculated|computed|determined|found|used)",
+    r"(?:Actually|In fact|Instead|Rather|Correctly)(?:,)? (?:the|we|I) (?:should|need to|must|have to)",
+    r"(?:After|Upon) (?:reconsideration|recalculation|checking|verifying)(?:,)? (?:I|we) (?:see|realize|find|determine)",
+    r"(?:Now|So|Therefore|Thus)(?:,)? (?:the|a) (?:correct|accurate|proper|right) (?:approach|calculation|solution|answer)",
+    r"(?:The|A) (?:error|mistake|issue|problem|flaw) (?:was|is) (?:that|because|due to)",
+    r"(?:I|We) (?:missed|overlooked|forgot|didn't consider|failed to account for)",
+    r"(?:This|That) (?:leads to|gives|results in|produces) (?:a|the) (?:correct|accurate|better|improved|proper)",
+]), _I)  # fmt: skip
+_WHITESPACE_RUN = re.compile(r"\s+")
+_DOTS = re.compile(r"\.{2,}")
+_SENTENCE_START = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
+
+
+def weighted_self_critique_reward(response: str) -> float:
+    """Self-reflection score of the current release (``math.py`` / ``text.py``); see the module
+    docstring for the three parts."""
+    if len(response.strip()) < 10:
+        return 0.0
+    text = _DOTS.sub(".", _WHITESPACE_RUN.sub(" ", response))
+    lower = text.lower()
+    keywords, present = 0.0, []
+    for pattern, weight in _WEIGHTED_RES:
+        count = len(pattern.findall(lower))
+        if count:
+            keywords += weight * (1 + 0.5 * (count - 1))
+            present.append(pattern)
+    sentences = _SENTENCE_START.split(text)
+    sequences = 0
+    for i, sentence in enumerate(sentences):
+        if len(sentence) >= 5 and _STARTERS.search(sentence):
+            if any(_FOLLOWUPS.search(s) for s in sentences[i + 1 : i + 4]):
+                sequences += 1
+                if sequences == 3:
+                    break
+    structure = 0.0
+    if len(sentences) >= 4:
+        # A pattern found in a sentence is found in the whole text too (none spans a sentence
+        # break), so only the patterns present at all need a per-sentence search.
+        hits = [sum(1 for p in present if p.search(s.lower())) for s in sentences]
+        half = len(sentences) // 2
+        structure = 0.1 if sum(hits[half:]) > sum(hits[:half]) else 0.0
+    return min(1.0, max(0.0, keywords + 0.25 * sequences + structure))
 
 
 # --- image revisit ---------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 """`revisual infer`: one image, one question, the ReVisual-R1 system prompt; prints each
 response's reasoning and its boxed answer.
 
+The released infer.py's flags work as they are (``--model_path --image_path --question --prompt
+--max_tokens --do_sample --temperature --top_p --top_k --num_return_sequences``), and so does its
+``--prompt``: appended to the question in the user turn (``question + prompt``, no separator),
+with no system message unless --system-prompt is given too. ``--do_sample False`` is greedy.
+
 Generation runs in-process with vLLM's offline ``LLM`` (engine core in this process,
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), or with transformers' ``generate`` when vLLM is not
 installed or ``--engine transformers`` is given. The sampling flags and defaults are those of
@@ -36,6 +41,7 @@ from megatron_revisual.serving import ModelDirError, check_model_dir
 __all__ = [
     "InferResponse",
     "add_infer_arguments",
+    "chat_messages",
     "format_responses",
     "generate",
     "run_infer",
@@ -87,11 +93,22 @@ def format_responses(responses: list[InferResponse]) -> str:
     return "\n".join(blocks)
 
 
+def chat_messages(question: str, image_part: dict, *, system_prompt: str, prompt: str = "") -> list[dict]:
+    """The chat: the system prompt (left out if empty), then the user turn: the image, then
+    `question + prompt` (how the released infer.py adds its --prompt)."""
+    messages: list[dict] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append(
+        {"role": "user", "content": [image_part, {"type": "text", "text": question + prompt}]}
+    )
+    return messages
+
+
 def _generate_vllm(
     model_dir: Path,
     image: Any,
-    question: str,
-    system_prompt: str,
+    chat: Any,
     sampling: SamplingSettings,
     *,
     dtype: str,
@@ -120,27 +137,14 @@ def _generate_vllm(
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
     )
-    messages: list[dict] = []
-    if system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
-    messages.append(
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_pil", "image_pil": image},
-                {"type": "text", "text": question},
-            ],
-        }
-    )
-    (out,) = llm.chat(messages, params, use_tqdm=False)
+    (out,) = llm.chat(chat({"type": "image_pil", "image_pil": image}), params, use_tqdm=False)
     return [InferResponse(text=o.text, finish_reason=o.finish_reason) for o in out.outputs]
 
 
 def _generate_transformers(
     model_dir: Path,
     image: Any,
-    question: str,
-    system_prompt: str,
+    chat: Any,
     sampling: SamplingSettings,
     *,
     dtype: str,
@@ -152,13 +156,9 @@ def _generate_transformers(
         torch.manual_seed(sampling.seed)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
-    messages: list[dict] = []
-    if system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
-    messages.append(
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    text = processor.apply_chat_template(
+        chat({"type": "image"}), add_generation_prompt=True, tokenize=False
     )
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     greedy = sampling.temperature == 0
     kwargs: dict[str, Any] = {"do_sample": not greedy}
@@ -190,7 +190,8 @@ def generate(
     image_path: str | Path,
     question: str,
     *,
-    system_prompt: str = REVISUAL_SYSTEM_PROMPT,
+    system_prompt: str | None = None,
+    prompt: str = "",
     sampling: SamplingSettings | None = None,
     engine: str = "auto",
     dtype: str = "auto",
@@ -198,7 +199,11 @@ def generate(
     enforce_eager: bool = False,
     tensor_parallel_size: int = 1,
 ) -> list[InferResponse]:
-    """``sampling.n`` responses to one image + question (engine: auto, vllm or transformers)."""
+    """``sampling.n`` responses to one image + question (engine: auto, vllm or transformers).
+    `prompt` is appended to the question; `system_prompt` None means the ReVisual-R1 one,
+    or none at all when a `prompt` is given (the released infer.py's behaviour)."""
+    from functools import partial
+
     from PIL import Image
 
     sampling = sampling or SamplingSettings()
@@ -211,14 +216,16 @@ def generate(
     if not image_path.is_file():
         raise FileNotFoundError(f"--image {image_path}: no such file")
     image = Image.open(image_path).convert("RGB")
+    if system_prompt is None:
+        system_prompt = "" if prompt else REVISUAL_SYSTEM_PROMPT
+    chat = partial(chat_messages, question, system_prompt=system_prompt, prompt=prompt)
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") else "transformers"
     if engine == "vllm":
         return _generate_vllm(
             path,
             image,
-            question,
-            system_prompt,
+            chat,
             sampling,
             dtype=dtype,
             max_model_len=max_model_len,
@@ -233,22 +240,45 @@ def generate(
         ):
             if value != default:
                 raise ValueError(f"{flag} applies to the vLLM engine only, not to transformers")
-        return _generate_transformers(path, image, question, system_prompt, sampling, dtype=dtype)
+        return _generate_transformers(path, image, chat, sampling, dtype=dtype)
     raise ValueError(f"--engine must be auto, vllm or transformers, got {engine!r}")
 
 
+def _yes_no(text: str) -> bool:
+    """"True" / "False" as the released inference.sh passes them (its argparse `type=bool`
+    reads "False" as true; here it means false)."""
+    value = text.strip().casefold()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not True or False")
+
+
 def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `revisual infer` (the released infer.py's, dash-separated)."""
+    """The flags of `revisual infer`: the released infer.py's, dash-separated, each also under
+    its released underscore name (``--model_path``, ``--max_tokens``, ...)."""
     p = parser
-    p.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
-    p.add_argument("--image", required=True, type=Path, help="image file")
+    p.add_argument("--model", "--model_path", dest="model", required=True, type=Path,
+                   help="Hugging Face checkpoint directory")
+    p.add_argument("--image", "--image_path", dest="image", required=True, type=Path,
+                   help="image file")
     p.add_argument("--question", required=True, help="question text")
-    p.add_argument("--system-prompt", default=REVISUAL_SYSTEM_PROMPT, help="('' for none)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="maximum new tokens")
+    p.add_argument("--prompt", default="",
+                   help="text appended to the question (as the released infer.py does); "
+                   "drops the default system prompt")
+    p.add_argument("--system-prompt", default=None,
+                   help="system message ('' for none; default: the ReVisual-R1 one, none with --prompt)")
+    p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=16384,
+                   help="maximum new tokens")
+    p.add_argument("--do-sample", "--do_sample", dest="do_sample", type=_yes_no, default=None,
+                   help="True / False; False is greedy decoding (as --temperature 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
-    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=0.95)
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=50,
+                   help="0 disables top-k")
+    p.add_argument("--num-return-sequences", "--num_return_sequences", dest="num_return_sequences",
+                   type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
@@ -259,9 +289,15 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_infer(args: argparse.Namespace) -> int:
     """`revisual infer`; prints the responses, returns 0 (2 for bad input)."""
+    temperature = args.temperature
+    if args.do_sample is False:
+        temperature = 0.0
+    elif args.do_sample and temperature == 0:
+        print("revisual infer: error: --do_sample True needs --temperature > 0", file=sys.stderr)
+        return 2
     sampling = SamplingSettings(
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
+        temperature=temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         n=args.num_return_sequences,
@@ -273,6 +309,7 @@ def run_infer(args: argparse.Namespace) -> int:
             args.image,
             args.question,
             system_prompt=args.system_prompt,
+            prompt=args.prompt,
             sampling=sampling,
             engine=args.engine,
             dtype=args.dtype,

@@ -33,6 +33,7 @@ import time
 import traceback
 from collections.abc import Iterable, Sequence
 from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -255,7 +256,8 @@ class EngineClient(RolloutEngine):
 class EngineProcess(EngineClient):
     """Starts the engine of ``config`` in a spawned child process and talks to it; ``close``
     (or leaving the ``with`` block) shuts it down. ``env`` is applied in the child before the
-    engine is built (e.g. ``VLLM_CPU_KVCACHE_SPACE``)."""
+    engine is built (e.g. ``VLLM_CPU_KVCACHE_SPACE``). With ``log_path`` the child's stdout and
+    stderr (vLLM's logs) go to that file instead of the caller's."""
 
     def __init__(
         self,
@@ -265,13 +267,14 @@ class EngineProcess(EngineClient):
         start_timeout_s: float = 900.0,
         call_timeout_s: float = 900.0,
         weight_transport: str = "auto",
+        log_path: str | Path | None = None,
     ) -> None:
         ctx = mp.get_context("spawn")
         authkey = os.urandom(32)
         ready_recv, ready_send = ctx.Pipe(duplex=False)
         process = ctx.Process(
             target=_serve,
-            args=(config, dict(env or {}), authkey, ready_send),
+            args=(config, dict(env or {}), authkey, ready_send, None if log_path is None else str(log_path)),
             name="rollout-engine",
         )
         process.start()
@@ -460,9 +463,14 @@ def _handle(engine: RolloutEngine, conn: Connection, op: str, payload: Any) -> A
     raise ValueError(f"unknown engine operation {op!r}")
 
 
-def _serve(config: EngineConfig, env: dict[str, str], authkey: bytes, ready: Connection) -> None:
+def _serve(config: EngineConfig, env: dict[str, str], authkey: bytes, ready: Connection,
+           log_path: str | None) -> None:
     from megatron_revisual.parallel.harness import die_with_parent
 
+    if log_path is not None:
+        from megatron_revisual.logfiles import redirect_stdio
+
+        redirect_stdio(log_path)
     die_with_parent()  # a killed trainer must not leave its engine running
     os.environ.update(env)
     if "OMP_NUM_THREADS" in env:

@@ -146,6 +146,18 @@ def _check_plain_weights(llm: Any) -> None:
         )
 
 
+class _DropThreadGuardNotice(logging.Filter):
+    """vLLM's renderer sets torch's thread count around every multimodal request, and its CPU
+    worker, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), replaces torch.set_num_threads
+    with a warning: one line per image per step, about threads that are pinned already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in record.getMessage()
+
+
+_THREAD_GUARD_NOTICE = _DropThreadGuardNotice()  # one instance: adding it again is a no-op
+
+
 class VLLMEngine(RolloutEngine):
     def __init__(self, config: VLLMEngineConfig) -> None:
         # Read by vLLM when the engine is built: keep the engine core (and for TP=1 the worker)
@@ -160,6 +172,7 @@ class VLLMEngine(RolloutEngine):
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_THREAD_GUARD_NOTICE)
         self.config = config
         self.preparer = PromptPreparer(
             config.model_path,

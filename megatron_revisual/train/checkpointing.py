@@ -7,20 +7,24 @@
         trainer_state.json                   stage, step, data position, PAD tau, ... (last file)
     <dir>/latest_checkpointed_iteration.txt  Megatron-LM's tracker (updated after the rename)
 
-Every rank writes into a hidden `.iter_0000012.partial-*` directory; rank 0 renames it to
-`iter_0000012` only after all ranks finished, so a crash mid-save leaves no directory that
-looks complete (`find_latest` also requires trainer_state.json inside). The optimizer state is
-saved per rank and needs the same parallel layout on resume (that is what an exact resume
-means); the model weights are a dist checkpoint and load into any layout.
+Every rank writes into a hidden `.iter_0000012.partial-<pid>@<host>-*` directory; rank 0
+renames it to `iter_0000012` only after all ranks finished, so a crash mid-save leaves no
+directory that looks complete (`find_latest` also requires trainer_state.json inside). A save
+that fails on any rank (a full disk: `OutputWriteError` "no space left on device while writing
+.../iter_0000012") fails on every rank, and its staging directory is deleted at once. The
+optimizer state is saved per rank and needs the same parallel layout on resume (that is what an
+exact resume means); the model weights are a dist checkpoint and load into any layout.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -83,12 +87,32 @@ def find_stage_end(root: str | Path, stage: str) -> Path | None:
     return None
 
 
+_STAGING_OWNER = re.compile(r"\.partial-(\d+)@(.+)-[^-]+$")
+
+
+def _staging_prefix(final: Path) -> str:
+    return f".{final.name}.partial-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _written_by_live_process(path: Path) -> bool:
+    """A staging directory whose writer (pid@host in its name) still runs on this host."""
+    from megatron_revisual.train.run_lock import process_alive
+
+    match = _STAGING_OWNER.search(path.name)
+    if match is None or match.group(2) != socket.gethostname():
+        return False
+    pid = int(match.group(1))
+    return pid != os.getpid() and process_alive(pid)
+
+
 def remove_stale_writes(root: str | Path) -> list[Path]:
     """Delete what a killed save left behind: hidden `.iter_*` staging / deleting directories and
-    temporary tracker files. Only the run's rank 0 calls this, before it writes anything."""
+    temporary tracker files, except a staging directory whose writer still runs on this host.
+    Only the run's rank 0 calls this, before it writes anything."""
     removed = []
     for path in Path(root).iterdir():
-        if path.name.startswith((".iter_", f".{TRACKER_FILE}.")):
+        stale = path.name.startswith((".iter_", f".{TRACKER_FILE}."))
+        if stale and not _written_by_live_process(path):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -237,25 +261,67 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             shutil.rmtree(old, ignore_errors=True)
-        staging = str(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=root))
+        staging = str(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=root))
     staging = Path(_broadcast_object(staging))
-    dist_checkpointing.save(model.sharded_state_dict(), str(staging))
-    buf = _bytes_of(rank_state)
-    _atomic_write_bytes(_rank_file(staging, dist.get_rank()), buf)
-    dist.barrier()
+    error: BaseException | None = None
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), str(staging))
+        _atomic_write_bytes(_rank_file(staging, dist.get_rank()), _bytes_of(rank_state))
+    except _save_failures() as e:
+        error = e
+    _raise_if_any_failed(error, staging, final)
     if dist.get_rank() == 0:
-        write_checkpoint_metadata(staging, model_cfg, hf_dir=hf_side_dir)
-        _atomic_write_bytes(
-            staging / TRAINER_STATE_FILE,
-            (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode(),
-        )
-        staging.chmod(0o755)
-        staging.rename(final)
+        try:
+            write_checkpoint_metadata(staging, model_cfg, hf_dir=hf_side_dir)
+            _atomic_write_bytes(
+                staging / TRAINER_STATE_FILE,
+                (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode(),
+            )
+            staging.chmod(0o755)
+            staging.rename(final)
+        except _save_failures() as e:
+            error = e
+    _raise_if_any_failed(error, staging, final)
+    if dist.get_rank() == 0:
         _atomic_write_bytes(root / TRACKER_FILE, f"{iteration}\n".encode())
         if keep_last is not None:
             prune_checkpoints(root, keep_last)
     dist.barrier()
     return final
+
+
+def _save_failures() -> tuple[type[BaseException], ...]:
+    # CheckpointException (a rank's write failed inside dist_checkpointing) is a BaseException
+    from torch.distributed.checkpoint import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _raise_if_any_failed(error: BaseException | None, staging: Path, final: Path) -> None:
+    """Collective: if any rank's part of the save failed, the staging directory is deleted and
+    every rank raises: `OutputWriteError` for a failed write ("no space left on device while
+    writing <final>"), this rank's own exception otherwise, or a RuntimeError naming the rank
+    that failed."""
+    from megatron_revisual.staged_dir import OutputWriteError, output_write_error
+
+    named = output_write_error(error, final) if error is not None else None
+    summary = None if error is None else str(named) if named else f"{type(error).__name__}: {error}"
+    summaries = [None] * dist.get_world_size()
+    dist.all_gather_object(summaries, summary)
+    failed = [(rank, text) for rank, text in enumerate(summaries) if text is not None]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    if named is not None:
+        raise named from error
+    if error is not None:
+        raise error
+    rank, text = failed[0]
+    if text.startswith("no space left on device"):
+        raise OutputWriteError(errno.ENOSPC, text)
+    raise RuntimeError(f"checkpoint {final.name}: rank {rank} failed to write its part: {text}")
 
 
 def _bytes_of(obj: Any) -> bytes:

@@ -5,7 +5,12 @@ response with seed step_seed(seed, global step) + i * n + j, and PAD draws from 
 seeded the same way, so a step's numbers depend on the weights, the data position and the step
 number only. The engine starts from the stage's start weights; a resumed stage streams the
 checkpoint's weights into it before its first rollout (the same reload path an uninterrupted
-run's engine took).
+run's engine took). The entropy bonus follows the stage's count of optimizer updates
+(`updates_done`, kept in checkpoints), as the released actor's schedule does.
+
+Options of `rl` handled here: kl_in_reward (old and reference log-probs of every response
+before the advantages: one extra forward pass of each model over the step), rollout_correction
+(the engine's log-probs ride along with each sample; `rollout_corr/*` metrics), policy_loss.
 """
 
 from __future__ import annotations
@@ -20,18 +25,26 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.data.datasets import PromptLoader, load_prompt_dataset, rollout_request
+from megatron_revisual.data.datasets import (
+    PromptDataset,
+    PromptLoader,
+    load_prompt_dataset,
+    rollout_request,
+)
 from megatron_revisual.rl.advantages import grpo_advantages
-from megatron_revisual.rl.losses import entropy_coefficient
+from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import pad_step
 from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_reward
+from megatron_revisual.rl.rollout_correction import correction_metrics
 from megatron_revisual.rollout.engine import load_image
 from megatron_revisual.rollout.types import SamplingConfig
 from megatron_revisual.train.grpo_step import (
     PolicySample,
+    apply_rollout_correction,
     attach_log_probs,
     build_policy_batches,
     compute_log_probs,
+    global_loss_counts,
     grpo_update,
     mrope_config,
     response_values,
@@ -47,10 +60,7 @@ from megatron_revisual.train.stages import (
     step_seed,
 )
 
-__all__ = ["GRPOLoop"]
-
-# Always scored and logged, weighted or not: the demo's and the paper's headline numbers.
-_ALWAYS_LOGGED = ("accuracy", "format")
+__all__ = ["GRPOLoop", "load_validation_set", "planned_updates_per_step", "validation_report"]
 _UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower",
                    "ppo_kl", "grad_norm", "skipped_non_finite")
 
@@ -71,15 +81,18 @@ class GRPOLoop:
             dataset_spec(stage_cfg.data), tokenizer=self.tokenizer, max_prompt_length=r.max_prompt_length
         )
         self.loader = PromptLoader(self.dataset, stage_cfg.rollout_batch_size, seed=self.cfg.train.seed)
-        v = stage_cfg.validation
-        self.val_dataset = load_prompt_dataset(dataset_spec(v.data)) if v.data is not None and v.every else None
+        self.val_dataset = load_validation_set(stage_cfg, self.tokenizer)
         rl = stage_cfg.rl
-        weights = dict(rl.reward_weights)
-        for term in _ALWAYS_LOGGED:
-            weights.setdefault(term, 0.0)
-        self.reward_cfg = RewardConfig(weights=weights, length_budget=rl.length_budget)
+        weights = None
+        if rl.reward_preset == "ours":
+            # accuracy is always scored and logged, weighted or not (the headline number); every
+            # preset reports format
+            weights = {"accuracy": 0.0, **(rl.reward_weights or {"accuracy": 1.0})}
+        self.reward_cfg = RewardConfig(preset=rl.reward_preset, grader=rl.reward_grader, weights=weights,
+                                       length_budget=rl.length_budget)
         self.total_steps = stage_cfg.steps
-        self.updates_per_step = rl.ppo_epochs * max(1, stage_cfg.rollout_batch_size // stage_cfg.global_batch_size)
+        self.updates_per_step = planned_updates_per_step(stage_cfg)
+        self.updates_done = 0  # optimizer updates of this stage: the entropy schedule's clock
         self.mrope = mrope_config(self.cfg.model)
         self.engine = None
         self.reward_pool = None
@@ -101,32 +114,43 @@ class GRPOLoop:
         return report
 
     def data_state(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "rollout_skips": dict(self.rollout_skips)}
+        return {"loader": self.loader.state_dict(), "rollout_skips": dict(self.rollout_skips),
+                "updates_done": self.updates_done}
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
         self.rollout_skips.update(state.get("rollout_skips", {}))
+        # checkpoints from before the count was kept: the LR schedule counted the same updates
+        # (except non-finite ones)
+        self.updates_done = int(state.get("updates_done", getattr(self.scheduler, "num_steps", 0)))
 
     def pad_tau(self, stage_step: int) -> float:
+        """The paper variant's temperature at this step (1.0 for the released variant, which has
+        none)."""
         pad = self.stage.rl.pad
+        if pad.mode == "released":
+            return 1.0
+        tau = 0.3 if pad.tau is None else pad.tau
         if pad.tau_start is None or self.total_steps <= 1:
-            return pad.tau
+            return tau
         frac = (stage_step - 1) / (self.total_steps - 1)
-        return pad.tau_start + frac * (pad.tau - pad.tau_start)
+        return pad.tau_start + frac * (tau - pad.tau_start)
 
-    def entropy_coef(self, stage_step: int) -> float:
+    def entropy_coef(self, update: int) -> float:
+        """beta of the stage's optimizer update `update` (0-based)."""
         rl = self.stage.rl
         if rl.entropy_coef == 0:
             return 0.0
         exp = rl.entropy_decay_style == "exp"
         return entropy_coefficient(
-            stage_step - 1, init=rl.entropy_coef, warmup_steps=rl.entropy_warmup_steps,
+            update, init=rl.entropy_coef, warmup_steps=rl.entropy_warmup_steps,
             schedule=rl.entropy_decay_style, decay=rl.entropy_decay if exp else None,
-            total_steps=None if exp else self.total_steps,
+            total_steps=None if exp else self.total_steps * self.updates_per_step,
         )
 
     def schedule_state(self, stage_step: int) -> dict[str, Any]:
-        return {"pad_tau": self.pad_tau(stage_step), "entropy_coef": self.entropy_coef(stage_step)}
+        return {"pad_tau": self.pad_tau(stage_step), "entropy_coef": self.entropy_coef(self.updates_done),
+                "updates_done": self.updates_done}
 
     def _start_engine(self):
         from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig, create_engine
@@ -151,7 +175,8 @@ class GRPOLoop:
             cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
             cpu_prepack_weights=r.cpu_prepack_weights,
         )
-        return EngineProcess(config, env=env_threads(), start_timeout_s=1800, call_timeout_s=3600)
+        return EngineProcess(config, env=env_threads(), start_timeout_s=1800, call_timeout_s=3600,
+                             log_path=Path(self.cfg.output_dir) / "logs" / "engine.log")
 
     def start(self, resumed_at: int) -> None:
         if self.rank == 0:
@@ -221,7 +246,8 @@ class GRPOLoop:
                              f"processor makes {want} image tokens; the engine and the trainer disagree")
         return out["pixel_values"], grid
 
-    def _policy_samples(self, records, samples, advantages, chosen: list[int]) -> list[PolicySample]:
+    def _policy_samples(self, records, samples, advantages, chosen: list[int], *,
+                        with_rollout_log_probs: bool = False) -> list[PolicySample]:
         out = []
         vision: dict[int, tuple[Any, Any]] = {}  # a request's n samples share its image
         for i in chosen:
@@ -230,10 +256,12 @@ class GRPOLoop:
             if s.request_index not in vision:
                 vision[s.request_index] = self._vision_inputs(record, s.prompt_token_ids, record.uid)
             pixels, grid = vision[s.request_index]
+            rollout_lp = torch.tensor(s.logprobs, dtype=torch.float32) if with_rollout_log_probs else None
             out.append(PolicySample(
                 prompt_ids=torch.tensor(s.prompt_token_ids, dtype=torch.long),
                 response_ids=torch.tensor(s.token_ids, dtype=torch.long),
                 advantage=float(advantages[i]), pixel_values=pixels, image_grid_thw=grid,
+                rollout_log_probs=rollout_lp,
             ))
         return out
 
@@ -277,14 +305,21 @@ class GRPOLoop:
         if not samples:
             return {**row, "skipped_step": 1.0, **times}
         rewards = torch.tensor([sc["overall"] for sc in scores], dtype=torch.float32)
+        if rl.kl_in_reward:
+            t = time.perf_counter()
+            penalty = rl.kl_coef * self._sequence_kl(records, samples)
+            rewards = rewards - penalty.float()
+            row.update({"reward/kl_penalty": float(penalty.mean()), "reward/with_kl_penalty": float(rewards.mean())})
+            times["time/kl_in_reward"] = time.perf_counter() - t
         advantages = grpo_advantages(rewards, r.n, normalize_std=rl.normalize_std)
         row.update({"adv/mean": float(advantages.mean()), "adv/abs_mean": float(advantages.abs().mean()),
                     "adv/max": float(advantages.max()), "adv/min": float(advantages.min())})
         if rl.pad.enabled:
             gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, global_step, salt=1))
             p = rl.pad
+            alpha = 1.0 if p.mode == "paper" or p.alpha is None else p.alpha
             result = pad_step(advantages, mode=p.mode, t_low=p.t_low, t_high=p.t_high, ratio=p.ratio,
-                              tau=self.pad_tau(stage_step), alpha=p.alpha, replacement=p.replacement,
+                              tau=self.pad_tau(stage_step), alpha=alpha, replacement=p.replacement,
                               generator=gen, step=global_step)
             row.update(result.metrics)
             chosen = result.indices.tolist()
@@ -301,15 +336,21 @@ class GRPOLoop:
 
         # old and reference log-probs of every mini-batch before any update
         t = time.perf_counter()
-        planned, diffs = [], []
+        rc = rl.rollout_correction
+        kl_in_loss = self.reference is not None and not rl.kl_in_reward
+        planned, diffs, corrections = [], [], []
         for mini in minis:
             mine = mini[dp_rank::dp]
-            batches = self._batches(self._policy_samples(records, samples, advantages, mine))
+            batches = self._batches(self._policy_samples(records, samples, advantages, mine,
+                                                         with_rollout_log_probs=rc.enabled))
             # the policy being optimised is the one that sampled: logits / rollout temperature
             old = compute_log_probs(self.model, batches, temperature=r.temperature or 1.0)
-            ref = (compute_log_probs(self.reference, batches, temperature=r.temperature or 1.0)
-                   if self.reference is not None else None)
-            planned.append(attach_log_probs(batches, old=old, ref=ref))
+            ref = compute_log_probs(self.reference, batches, temperature=r.temperature or 1.0) if kl_in_loss else None
+            batches = attach_log_probs(batches, old=old, ref=ref)
+            if rc.enabled:
+                batches, sums, maxima = apply_rollout_correction(batches, rc)
+                corrections.append((sums, maxima))
+            planned.append(batches)
             if r.temperature != 1.0:  # the engine reports untempered log-probs: nothing to compare
                 continue
             for k, values in response_values(batches, old).items():
@@ -317,29 +358,67 @@ class GRPOLoop:
                 diffs.append((values - engine_lp).abs())
         times["time/old_and_ref_logprob"] = time.perf_counter() - t
         row.update(self._logprob_diff(diffs))
+        if rc.enabled:
+            row.update(self._correction_metrics(corrections))
+            if rc.seq is not None:  # a mini-batch whose sequences were all rejected has no loss
+                planned = [b for b in planned if global_loss_counts(b)[0] > 0]
+                if not planned:
+                    return {**row, "skipped_step": 1.0, **times}
 
         t = time.perf_counter()
-        beta = self.entropy_coef(stage_step)
-        updates = []
+        gspo = rl.policy_loss == "gspo"
+        updates, betas = [], []
         for _epoch in range(rl.ppo_epochs):
             for batches in planned:
+                betas.append(self.entropy_coef(self.updates_done))
                 updates.append(grpo_update(
-                    self.model, self.optimizer, batches, clip_low=rl.clip_low, clip_high=rl.clip_high,
-                    clip_dual=rl.clip_dual, kl_coef=rl.kl_coef if self.reference is not None else 0.0,
-                    kl_kind=rl.kl_kind, entropy_coef=beta, agg=rl.loss_agg, scheduler=self.scheduler,
+                    self.model, self.optimizer, batches, loss_type=rl.policy_loss,
+                    clip_low=rl.gspo_clip_low if gspo else rl.clip_low,
+                    clip_high=rl.gspo_clip_high if gspo else rl.clip_high, clip_dual=rl.clip_dual,
+                    kl_coef=rl.kl_coef if kl_in_loss else 0.0, kl_kind=rl.kl_kind,
+                    entropy_coef=betas[-1], agg=rl.loss_agg, scheduler=self.scheduler,
                     temperature=r.temperature or 1.0,
                 ))
+                # the released actor anneals after every optimizer call, skipped ones included
+                self.updates_done += 1
         times["time/update"] = time.perf_counter() - t
         for k in _UPDATE_METRICS:
             values = [u[k] for u in updates if k in u]
             if values:
                 row[k] = mean(values)
-        row.update({"lr": updates[-1]["lr"], "entropy_coef": beta, "updates": float(len(updates)),
+        row.update({"lr": updates[-1]["lr"], "entropy_coef": mean(betas), "updates": float(len(updates)),
+                    "stage_updates": float(self.updates_done),
                     "update/sequences": float(sum(u["num_sequences"] for u in updates))})
         if any(u["skipped_non_finite"] for u in updates) and self.rank == 0:
             self.runner.log.note(f"[{self.name}] step {stage_step}: non-finite gradient; update skipped")
         times["time/sync"] = self._sync_weights()
         return {**row, **times}
+
+    def _sequence_kl(self, records, samples) -> torch.Tensor:
+        """sum_t KL_t(pi_old || pi_ref) of every response (float64 [N], the same on every rank),
+        its forward passes split over the DP ranks."""
+        rl, temperature = self.stage.rl, self.stage.rollout.temperature or 1.0
+        dp, dp_rank = dp_info()
+        mine = [i for i, s in enumerate(samples) if s.token_ids][dp_rank::dp]
+        out = torch.zeros(len(samples), dtype=torch.float64)
+        if mine:
+            batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))
+            old = response_values(batches, compute_log_probs(self.model, batches, temperature=temperature))
+            ref = response_values(batches, compute_log_probs(self.reference, batches, temperature=temperature))
+            for k, i in enumerate(mine):
+                out[i] = float(kl_penalty(old[k], ref[k], rl.kl_kind).sum())
+        if dp > 1:
+            dist.all_reduce(out, group=ps.get_data_parallel_group())
+        return out
+
+    def _correction_metrics(self, corrections: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """`rollout_corr/*` over this step's samples on every DP rank."""
+        sums = torch.stack([c[0] for c in corrections]).sum(0)
+        maxima = torch.stack([c[1] for c in corrections]).max(0).values
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        return correction_metrics(sums, maxima, self.stage.rl.rollout_correction)
 
     def _logprob_diff(self, diffs: list[torch.Tensor]) -> dict[str, float]:
         """|Megatron - engine| log-prob over this step's response tokens (all DP ranks): small
@@ -366,8 +445,45 @@ class GRPOLoop:
         sampling = SamplingConfig(n=v.n, max_tokens=self.stage.rollout.max_response_length,
                                   temperature=v.temperature, top_p=v.top_p,
                                   seed=step_seed(self.cfg.train.seed, 0, salt=2))
-        samples, _ = self._generate(records, sampling)
+        samples, batch = self._generate(records, sampling)
         scores = self._score(records, samples)
-        out = {f"val/{k}": mean([sc.get(k, 0.0) for sc in scores]) for k in sorted({k for sc in scores for k in sc})}
-        out["val/response_length"] = mean([float(len(s.token_ids)) for s in samples])
+        out, warning = validation_report(len(records), samples, scores, batch.skipped_counts())
+        if warning and self.rank == 0:
+            self.runner.log.note(f"[{self.name}] warning: {warning}")
         return out
+
+
+def planned_updates_per_step(stage: Any) -> int:
+    """Optimizer updates of one step when PAD keeps as many samples as it may: int(ratio * N)
+    draws with replacement, at most N without, in mini-batches of global_batch_size prompts x n
+    (the LR schedule's and the linear entropy schedule's length)."""
+    pad = stage.rl.pad
+    share = 1.0 if not pad.enabled else pad.ratio if pad.replacement else min(pad.ratio, 1.0)
+    samples = int(round(share * stage.rollout_batch_size * stage.rollout.n, 9))
+    return stage.rl.ppo_epochs * max(1, math.ceil(samples / (stage.global_batch_size * stage.rollout.n)))
+
+
+def load_validation_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset | None:
+    """The stage's validation prompts, through the same load-time filters as its training set
+    (rows too long for rollout.max_prompt_length are skipped and counted); None without one."""
+    v = stage_cfg.validation
+    if v.data is None or not v.every:
+        return None
+    return load_prompt_dataset(dataset_spec(v.data), tokenizer=tokenizer,
+                               max_prompt_length=stage_cfg.rollout.max_prompt_length)
+
+
+def validation_report(prompts: int, samples: list[Any], scores: list[dict[str, float]],
+                      skipped: dict[str, int]) -> tuple[dict[str, float], str | None]:
+    """The val/* row of one validation run and, when it scored nothing, a warning naming why:
+    how many prompts the engine skipped, per reason (their means would all be NaN)."""
+    out = {"val/prompts": float(prompts), "val/skipped_requests": float(sum(skipped.values())),
+           **{f"val/skipped/{k}": float(n) for k, n in sorted(skipped.items())}}
+    if not samples:
+        reasons = ", ".join(f"{k}: {n}" for k, n in sorted(skipped.items())) or "no reason given"
+        return out, (f"validation scored nothing: the engine skipped {sum(skipped.values())} of "
+                     f"{prompts} prompts ({reasons})")
+    out.update({f"val/{k}": mean([sc.get(k, 0.0) for sc in scores])
+                for k in sorted({k for sc in scores for k in sc})})
+    out["val/response_length"] = mean([float(len(s.token_ids)) for s in samples])
+    return out, None

@@ -11,7 +11,9 @@
 tensor of a micro-batch is [1, T], laid out like its packed row and aligned to the labels: the
 value at position j belongs to the token predicted there (labels[j] = input_ids[j + 1]), so
 response token k of a sample whose prompt has P tokens sits at row position start + P - 1 + k.
-Only response tokens carry loss (`Sample.target_mask`).
+Only response tokens carry loss (`Sample.target_mask`). With rollout correction,
+`apply_rollout_correction` attaches importance weights and takes rejected sequences out of the
+loss mask before the update.
 
 The loss of an update is the aggregation (`rl.losses.aggregate_loss`) over ALL response tokens
 of the step, on every DP rank together, not a mean of per-micro-batch losses: each micro-batch
@@ -30,24 +32,29 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_revisual.config.schema import ModelConfig
+from megatron_revisual.config.schema import ModelConfig, RolloutCorrectionConfig
 from megatron_revisual.data.packing import PackedBatch, Sample, pack_sequences
 from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig
 from megatron_revisual.rl.logprobs import vocab_parallel_log_probs_and_entropy
 from megatron_revisual.rl.losses import (
     AGGREGATIONS,
+    POLICY_LOSSES,
     Aggregation,
     aggregate_loss,
+    gspo_policy_loss,
     kl_penalty,
     policy_loss,
 )
+from megatron_revisual.rl.rollout_correction import rollout_correction
 
 __all__ = [
     "PolicyMicroBatch",
     "PolicySample",
+    "apply_rollout_correction",
     "attach_log_probs",
     "build_policy_batches",
     "compute_log_probs",
+    "global_loss_counts",
     "grpo_update",
     "grads_are_finite",
     "mrope_config",
@@ -62,7 +69,8 @@ __all__ = [
 class PolicySample:
     """One rollout to train on: prompt and response token ids ([P], [R]; image placeholders
     already expanded in the prompt), its advantage, optional media and optional per-response-
-    token log-probs ([R]; e.g. the rollout engine's)."""
+    token log-probs ([R]): old and reference (when computed elsewhere), and the rollout
+    engine's (for rollout correction)."""
 
     prompt_ids: torch.Tensor
     response_ids: torch.Tensor
@@ -74,13 +82,15 @@ class PolicySample:
     second_per_grid_ts: torch.Tensor | None = None
     old_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
+    rollout_log_probs: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PolicyMicroBatch:
     """A packed row and its per-token RL tensors ([1, T], aligned to the labels; 0 where
     `packed.loss_mask` is 0). `sequence_index[0, j]` is the row's sequence that position j's
-    loss token belongs to (-1 off the loss mask); `sample_index` the input samples in row order."""
+    loss token belongs to (-1 off the loss mask); `sample_index` the input samples in row order.
+    `is_weights`: rollout-correction weights of the policy loss (`apply_rollout_correction`)."""
 
     packed: PackedBatch
     advantages: torch.Tensor
@@ -88,6 +98,8 @@ class PolicyMicroBatch:
     sample_index: tuple[int, ...]
     old_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
+    rollout_log_probs: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -174,7 +186,7 @@ def build_policy_batches(
         if r == 0 or s.prompt_ids.numel() == 0:
             raise ValueError(f"sample {i}: prompt and response must be non-empty, got "
                              f"{s.prompt_ids.numel()} and {r} tokens")
-        for name in ("old_log_probs", "ref_log_probs"):
+        for name in ("old_log_probs", "ref_log_probs", "rollout_log_probs"):
             v = getattr(s, name)
             if v is not None and v.numel() != r:
                 raise ValueError(f"sample {i}: {name} has {v.numel()} entries for {r} response tokens")
@@ -225,6 +237,9 @@ def build_policy_batches(
                 sample_index=tuple(group),
                 old_log_probs=_per_response([s.old_log_probs for s in chosen], positions, total, "old_log_probs"),
                 ref_log_probs=_per_response([s.ref_log_probs for s in chosen], positions, total, "ref_log_probs"),
+                rollout_log_probs=_per_response(
+                    [s.rollout_log_probs for s in chosen], positions, total, "rollout_log_probs"
+                ),
             )
         )
     return batches
@@ -258,6 +273,38 @@ def response_values(micro_batches: Sequence[PolicyMicroBatch], per_token: Sequen
         for k, sample in enumerate(mb.sample_index):
             out[sample] = row[0][mb.sequence_index[0] == k]
     return out
+
+
+def _sequence_rows(mb: PolicyMicroBatch) -> torch.Tensor:
+    """[n, T] float mask: row k marks the loss tokens of the row's k-th sequence."""
+    return (mb.sequence_index == torch.arange(mb.num_sequences).unsqueeze(1)).float()
+
+
+def apply_rollout_correction(
+    micro_batches: Sequence[PolicyMicroBatch], config: RolloutCorrectionConfig
+) -> tuple[list[PolicyMicroBatch], torch.Tensor, torch.Tensor]:
+    """Copies of `micro_batches` (with old and rollout log-probs) carrying the correction's loss
+    weights, rejected sequences taken off the loss mask, plus this rank's statistics summed
+    over them (`rl.rollout_correction`: sums and maxima, to be reduced over DP)."""
+    out, sums, maxima = [], [], []
+    for i, mb in enumerate(micro_batches):
+        if mb.old_log_probs is None or mb.rollout_log_probs is None:
+            raise ValueError(f"micro-batch {i}: rollout correction needs old and rollout log-probs")
+        rows = _sequence_rows(mb)
+        weights, keep, s, top = rollout_correction(
+            mb.old_log_probs.expand_as(rows), mb.rollout_log_probs.expand_as(rows), rows, config
+        )
+        # every position belongs to at most one row: summing the rows packs them back
+        kept = (keep.float() * rows).sum(0, keepdim=True)
+        packed = dataclasses.replace(mb.packed, loss_mask=mb.packed.loss_mask * kept)
+        out.append(dataclasses.replace(
+            mb, packed=packed,
+            sequence_index=torch.where(kept > 0, mb.sequence_index, torch.full_like(mb.sequence_index, -1)),
+            is_weights=None if weights is None else (weights * rows).sum(0, keepdim=True),
+        ))
+        sums.append(s)
+        maxima.append(top)
+    return out, torch.stack(sums).sum(0), torch.stack(maxima).max(0).values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,8 +415,8 @@ def compute_log_probs(
     return [v.reshape(mb.advantages.shape) for v, mb in zip(_from_last_stage(values), micro_batches, strict=True)]
 
 
-def _global_counts(micro_batches: Sequence[PolicyMicroBatch]) -> tuple[float, float]:
-    """Response tokens and sequences with response tokens in the whole step (all DP ranks)."""
+def global_loss_counts(micro_batches: Sequence[PolicyMicroBatch]) -> tuple[float, float]:
+    """Loss tokens and sequences with loss tokens in the whole step (all DP ranks)."""
     counts = torch.tensor(
         [sum(mb.num_tokens for mb in micro_batches),
          sum(int((mb.sequence_index.unique() >= 0).sum()) for mb in micro_batches)],
@@ -425,11 +472,14 @@ def grpo_update(
     agg: Aggregation = "token-mean",
     temperature: float = 1.0,
     scheduler: Any | None = None,
+    loss_type: str = "ppo",
 ) -> dict[str, float]:
     """One optimizer step over all `micro_batches` (gradient accumulation in the schedule).
 
     loss = policy_loss + kl_coef * KL(pi || pi_ref) - entropy_coef * entropy, each aggregated with
-    `agg` over the whole step (module docstring). `model`: this rank's Megatron DDP chunk(s);
+    `agg` over the whole step (module docstring). `loss_type` "ppo" (`rl.losses.policy_loss`,
+    clip_low / clip_high / clip_dual) or "gspo" (`gspo_policy_loss`, clip_low / clip_high in its
+    scale); a micro-batch's `is_weights` multiply it. `model`: this rank's Megatron DDP chunk(s);
     `optimizer`: a Megatron optimizer; `scheduler` (optional) is stepped once after it.
     Returns, identical on every rank: loss, pg_loss, kl (the aggregated KL to the reference, when
     reference log-probs are attached), entropy, pg_clipfrac_higher, pg_clipfrac_lower, ppo_kl
@@ -439,6 +489,8 @@ def grpo_update(
     """
     if agg not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {agg!r}; use one of {AGGREGATIONS}")
+    if loss_type not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {loss_type!r}; use one of {POLICY_LOSSES}")
     if not micro_batches:
         raise ValueError("grpo_update needs at least one micro-batch")
     if any(mb.old_log_probs is None for mb in micro_batches):
@@ -448,7 +500,9 @@ def grpo_update(
         raise ValueError(f"kl_coef={kl_coef} needs ref_log_probs on every micro-batch")
     chunks = _chunks(model)
     vocab = _real_vocab_size(chunks[0])
-    tokens, sequences = _global_counts(micro_batches)
+    tokens, sequences = global_loss_counts(micro_batches)
+    if tokens == 0:
+        raise ValueError("grpo_update: no loss token in the whole step (every sequence rejected?)")
     # The share of the step's aggregate each micro-batch's local aggregate stands for.
     per_token = agg == "token-mean"
     denominator = tokens if per_token else sequences
@@ -461,12 +515,16 @@ def grpo_update(
         lp, entropy = token_log_probs_and_entropy(logits, mb.packed.labels, vocab, temperature)
         # One row per packed sequence, so the seq-mean aggregations see sequences.
         n = mb.num_sequences
-        rows = (mb.sequence_index == torch.arange(n).unsqueeze(1)).float()  # [n, T]
+        rows = _sequence_rows(mb)  # [n, T]
         expand = lambda t: t.expand(n, -1)  # noqa: E731
-        pg, pg_metrics = policy_loss(
-            expand(lp), expand(mb.old_log_probs), expand(mb.advantages), rows,
-            clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual, agg=agg,
-        )
+        weights = None if mb.is_weights is None else expand(mb.is_weights)
+        args = (expand(lp), expand(mb.old_log_probs), expand(mb.advantages), rows)
+        if loss_type == "gspo":
+            pg, pg_metrics = gspo_policy_loss(*args, clip_low=clip_low, clip_high=clip_high, agg=agg,
+                                              is_weights=weights)
+        else:
+            pg, pg_metrics = policy_loss(*args, clip_low=clip_low, clip_high=clip_high,
+                                         clip_dual=clip_dual, agg=agg, is_weights=weights)
         share = (mb.num_tokens if per_token else float((rows.sum(1) > 0).sum())) / denominator
         terms = {"pg_loss": pg * share, "entropy": aggregate_loss(expand(entropy), rows, agg) * share}
         loss = terms["pg_loss"] - entropy_coef * terms["entropy"]

@@ -10,10 +10,11 @@ import json
 import math
 import os
 import secrets
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from megatron_revisual.logfiles import console
 
 __all__ = ["MetricsLog", "format_eta", "truncate_jsonl"]
 
@@ -57,7 +58,7 @@ class MetricsLog:
 
     # the few numbers shown on the console line, when present
     CONSOLE_KEYS = (
-        "loss", "reward/overall", "reward/accuracy", "val/accuracy", "pad/selected_count",
+        "loss", "reward/overall", "reward/accuracy", "pad/selected_count",
         "grad_norm", "lr", "time/step",
     )
 
@@ -68,7 +69,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(self.path, resume_step)
         self.progress_bar = progress_bar
-        self._tty = sys.stderr.isatty()
+        self._tty = console().isatty()
         self._stage_start: dict[str, tuple[float, int]] = {}
         self.wandb_run = None
         self.wandb_run_id = wandb_run_id
@@ -111,12 +112,16 @@ class MetricsLog:
         )
         line = f"[{stage}] {step}/{total} |{bar}| eta {eta}  {shown}"
         if self._tty:
-            print("\r" + line, end="\n" if step == total else "", file=sys.stderr, flush=True)
+            print("\r" + line, end="\n" if step == total else "", file=console(), flush=True)
         else:
-            print(line, file=sys.stderr, flush=True)
+            print(line, file=console(), flush=True)
+        val = {k.removeprefix("val/"): v for k, v in row.items() if k.startswith("val/")}
+        if val:
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(val.items()) if isinstance(v, int | float))
+            self.note(f"[{stage}] validation at step {step}: {shown}")
 
     def note(self, text: str) -> None:
-        print(("\n" if self._tty else "") + text, file=sys.stderr, flush=True)
+        print(("\n" if self._tty else "") + text, file=console(), flush=True)
 
     def close(self) -> None:
         if self.wandb_run is not None:

@@ -16,6 +16,7 @@ stage and step; a run stopped and resumed ends with the weights of an uninterrup
 A stop request (the file <output_dir>/STOP or $REVISUAL_STOP_FILE, which SIGUSR1/SIGTERM
 create) is honoured after the current step: checkpoint, delete the file, exit 75.
 A finished run leaves <output_dir>/DONE.json (final step, weights digest, HF export).
+One trainer per output_dir: a second one is refused, naming the first (`train.run_lock`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,18 @@ import datetime
 import json
 import os
 import signal
-import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
+
+from megatron_revisual.logfiles import (
+    VERBOSE_ENV,
+    console,
+    ignore_known_warnings,
+    redirect_stdio,
+    warnings_to_console,
+)
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; resume to continue
 DONE_FILE = "DONE.json"
@@ -43,6 +52,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", default="auto",
         help="auto: the newest complete checkpoint under <output_dir>/checkpoints, if any; "
         "none: start fresh (refused when checkpoints exist); or a checkpoint directory",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="print the ranks' and the rollout engine's own logs (Megatron-Core, torch, vLLM) on the "
+        "console too; by default they go to <output_dir>/logs/",
     )
 
 
@@ -60,16 +74,19 @@ def _install_stop_signals(stop_file: Path) -> None:
     def request_stop(signum: int, _frame: Any) -> None:
         stop_file.parent.mkdir(parents=True, exist_ok=True)
         stop_file.touch()
-        print(f"revisual train: got signal {signum}; stopping after the current step", file=sys.stderr)
+        print(f"revisual train: got signal {signum}; stopping after the current step", file=console())
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, request_stop)
 
 
 def prepare_inputs(raw: dict[str, Any]) -> None:
-    """Write what `prepare` asks for and is missing: the tiny model, the synthetic datasets."""
+    """Lock the run's directories (`train.run_lock`: one trainer per output_dir), then write
+    what `prepare` asks for and is missing: the tiny model, the synthetic datasets."""
     from megatron_revisual.staged_dir import staged_output_dir
+    from megatron_revisual.train.run_lock import claim_run_dirs
 
+    claim_run_dirs(raw)
     prep = raw.get("prepare") or {}
     model = raw.get("model") or {}
     if prep.get("tiny_model"):
@@ -80,10 +97,14 @@ def prepare_inputs(raw: dict[str, Any]) -> None:
             from megatron_revisual.testing.tiny_checkpoint import make_tiny_checkpoint
 
             make_tiny_checkpoint(hf, seed=int(prep.get("tiny_model_seed", 0)))
-            print(f"revisual train: wrote a tiny random Qwen2.5-VL to {hf}", file=sys.stderr)
+            print(f"revisual train: wrote a tiny random Qwen2.5-VL to {hf}", file=console())
     data_dir = prep.get("synthetic_data")
     if data_dir and not (Path(data_dir) / "README").exists():
+        import datasets
+
         from megatron_revisual.data.synthetic import write_demo_datasets
+
+        datasets.disable_progress_bars()  # a bar per parquet file on the user's console
 
         with staged_output_dir(data_dir, overwrite=True) as tmp:
             written = write_demo_datasets(
@@ -95,7 +116,7 @@ def prepare_inputs(raw: dict[str, Any]) -> None:
                 "Synthetic data of the tiny CPU demo (megatron_revisual.data.synthetic):\n"
                 + "".join(f"  {k}: {v.name}\n" for k, v in written.items())
             )
-        print(f"revisual train: wrote synthetic datasets to {data_dir}", file=sys.stderr)
+        print(f"revisual train: wrote synthetic datasets to {data_dir}", file=console())
 
 
 def _load(args: argparse.Namespace, *, prepare: bool):
@@ -115,12 +136,14 @@ def _already_done(out: Path, resume: str, *, say: bool = True) -> bool:
     """A finished run (DONE.json) is not run again unless --resume none asks for a fresh one."""
     if (out / DONE_FILE).exists() and resume != "none":
         if say:
-            print(f"revisual train: {out / DONE_FILE} exists; the run is complete", file=sys.stderr)
+            print(f"revisual train: {out / DONE_FILE} exists; the run is complete", file=console())
         return True
     return False
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # inherited by the ranks and the engine process
     if _under_torchrun():
         return _torchrun_main(args)
     cfg = _load(args, prepare=True)
@@ -141,6 +164,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=cfg.train.seed,
         args=(cfg, args.resume),
         timeout_s=30 * 24 * 3600.0,
+        stdio_path=str(out / "logs" / "rank{rank}.log"),
     )
     return 0 if results[0] == "done" else EXIT_STOPPED
 
@@ -174,13 +198,20 @@ def _torchrun_main(args: argparse.Namespace) -> int:
     if _already_done(out, args.resume, say=dist.get_rank() == 0):
         dist.destroy_process_group()
         return 0
+    redirect_stdio(out / "logs" / f"rank{dist.get_rank()}.log")
     _install_stop_signals(stop_file_path(out))
     p = cfg.parallel
     initialize_parallel(
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
         cp=p.context_parallel_size, vpp=p.virtual_pipeline_model_parallel_size, seed=cfg.train.seed,
     )
-    status = train_rank(cfg, args.resume)
+    try:
+        status = train_rank(cfg, args.resume)
+    except BaseException:
+        # the traceback went to this rank's log file; the job's console must say where
+        print(f"revisual train: rank {dist.get_rank()} failed; see {out / 'logs'}/rank{dist.get_rank()}.log\n"
+              f"{traceback.format_exc()}", file=console(), flush=True)
+        raise
     dist.barrier()
     dist.destroy_process_group()
     return 0 if status == "done" else EXIT_STOPPED
@@ -214,15 +245,12 @@ def checkpoint_root(cfg: Any) -> Path:
 
 def train_rank(cfg: Any, resume: str) -> str:
     """Run (the rest of) the curriculum on this rank; "done" or "stopped"."""
-    import warnings
-
+    import torch
     import torch.distributed as dist
 
-    # Megatron's notices about missing TE / apex and deprecated torch collectives, once per
-    # rank and step, would bury the progress lines on CPU
-    for category in (UserWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch)\.")
-    warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf.*")
+    ignore_known_warnings(on_gpu=torch.cuda.is_available())
+    if dist.get_rank() == 0:
+        warnings_to_console()  # skipped rows, a config that does less than it says
 
     from megatron_revisual.train.checkpointing import read_trainer_state
     from megatron_revisual.train.stages import StageRunner
@@ -234,7 +262,7 @@ def train_rank(cfg: Any, resume: str) -> str:
         first = cfg.stages.index(state["stage"]) + (1 if state["stage_complete"] else 0)
         if dist.get_rank() == 0:
             print(f"revisual train: resuming from {start} (stage {state['stage']}, step "
-                  f"{state['stage_step']}, global step {state['global_step']})", file=sys.stderr)
+                  f"{state['stage_step']}, global step {state['global_step']})", file=console())
     runner = StageRunner(cfg, resume_state=state, resume_dir=start)
     try:
         for name in cfg.stages[first:]:
@@ -256,7 +284,16 @@ def train_rank(cfg: Any, resume: str) -> str:
             tmp = path.with_name(f".{DONE_FILE}.tmp")
             tmp.write_text(json.dumps(done, indent=2) + "\n")
             os.replace(tmp, path)
-            print(f"revisual train: done; final HF model in {export}", file=sys.stderr)
+            _report(Path(cfg.output_dir))
+            print(f"revisual train: done; final HF model in {export}", file=console())
         return "done"
     finally:
         runner.close()
+
+
+def _report(out: Path) -> None:
+    """The summary table and curves.png of the run so far (rank 0, at the end of a run)."""
+    from megatron_revisual.train.report import read_metrics, summary_table, write_curves
+
+    print("\n" + summary_table(read_metrics(out), out), file=console())
+    print(f"revisual train: curves in {write_curves(out)}; logs in {out / 'logs'}", file=console())

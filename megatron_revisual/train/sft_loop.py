@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.data.datasets import PromptLoader, load_prompt_dataset
+from megatron_revisual.data.datasets import PromptDataset, PromptLoader, load_prompt_dataset
 from megatron_revisual.data.packing import pack_sequences
 from megatron_revisual.data.sft import SFTFormatter, pack_groups
 from megatron_revisual.train.grpo_step import (
@@ -37,7 +37,17 @@ from megatron_revisual.train.stages import (
     sp_multiple,
 )
 
-__all__ = ["SFTLoop"]
+__all__ = ["SFTLoop", "load_sft_set"]
+
+
+def load_sft_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset:
+    """The stage's conversations. A prompt of max_length tokens or more leaves no response
+    token to train on: such rows are skipped here and counted (data/skipped/
+    no_room_for_response), instead of coming back empty at every step."""
+    return load_prompt_dataset(
+        dataset_spec(stage_cfg.data), tokenizer=tokenizer,
+        max_prompt_length=stage_cfg.max_length - 1, too_long="no_room_for_response",
+    )
 
 
 class _Row:
@@ -54,7 +64,7 @@ class SFTLoop:
         self.runner, self.cfg, self.stage = runner, runner.cfg, stage_cfg
         vision = self.cfg.model.vision is not None
         self.tokenizer, self.processor = load_tokenizer_and_processor(hf_dir, vision)
-        self.dataset = load_prompt_dataset(dataset_spec(stage_cfg.data))
+        self.dataset = load_sft_set(stage_cfg, self.tokenizer)
         self.loader = PromptLoader(self.dataset, stage_cfg.global_batch_size, seed=self.cfg.train.seed)
         self.formatter = SFTFormatter(self.tokenizer, max_length=stage_cfg.max_length, processor=self.processor)
         per_epoch = self.loader.sampler.batches_per_epoch

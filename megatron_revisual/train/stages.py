@@ -253,8 +253,11 @@ class StageRunner:
             first = int(state["stage_step"]) + 1
         loop.start(resumed_at=first - 1)
         if self.log is not None:
-            self.log.note(f"[{name}] stage start: steps {first}..{total}; {loop.describe()}")
-            self.log.log({"global_step": self.global_step, "stage": name, "event": "stage_start", **loop.data_report()})
+            kind = "SFT" if name == "cold_start" else "GRPO"
+            self.log.note(f"=== stage {name} ({kind}, {cfg.stages.index(name) + 1} of {len(cfg.stages)}): "
+                          f"steps {first}..{total}; {loop.describe()}")
+            self.log.log({"global_step": self.global_step, "stage": name, "event": "stage_start",
+                          "time": time.time(), **loop.data_report()})
         try:
             for stage_step in range(first, total + 1):
                 t0 = time.perf_counter()
@@ -265,7 +268,7 @@ class StageRunner:
                     row.update(loop.validate())
                     row["time/validation"] = time.perf_counter() - t_val
                 row = {"global_step": self.global_step, "stage": name, "stage_step": stage_step,
-                       **row, "time/step": time.perf_counter() - t0}
+                       **row, "time/step": time.perf_counter() - t0, "time": time.time()}
                 if self.log is not None:
                     self.log.log(row)
                     self.log.progress(name, stage_step, total, row)

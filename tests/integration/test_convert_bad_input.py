@@ -7,6 +7,7 @@ process; the ones found by the conversion ranks (shapes, checkpoint tensors) go 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_revisual.convert.dist_ckpt import convert_hf_to_mcore, convert_mcore_to_hf
 from megatron_revisual.convert.safetensors_io import ConvertError
-from megatron_revisual.convert.verify import verify
+from megatron_revisual.convert.verify import failures, verify
 from megatron_revisual.testing.tiny_checkpoint import TinySpec, make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,11 +111,13 @@ def test_truncated_safetensors(tiny, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConvertError) as e:
         convert_hf_to_mcore(hf, out)
-    assert (
-        f"{path}: truncated: {size - 4096} bytes on disk, but the header describes {size}"
-        in str(e.value)
-    )
+    expected = f"{path}: truncated: {size - 4096} bytes on disk, but the header describes {size}"
+    assert expected in str(e.value)
     _assert_nothing_written(out)
+    # verify names it too, before transformers reads the file
+    proc = _cli("verify", "--hf", str(hf), "--ckpt", str(tiny[1]))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.integration
@@ -174,3 +177,69 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ConvertError, match="not a Megatron distributed checkpoint"):
         convert_mcore_to_hf(tmp_path / "empty", tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.integration
+def test_verify_fails_with_exit_1_when_a_tensor_is_missing(tiny, tmp_path):
+    # (a matching pair exits 0: test_convert_roundtrip.py)
+    hf, ckpt = tiny
+    missing = _copy(hf, tmp_path / "missing")
+    weights = load_file(missing / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, missing / "model.safetensors", metadata={"format": "pt"})
+    proc = _cli("verify", "--hf", str(missing), "--ckpt", str(ckpt), "--prompt", "What is 3 + 4?")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["weights_match"] is False
+    assert "the exported weights differ from the HF files (model.layers.1.mlp.up_proj.weight)" in proc.stderr
+
+
+def test_verify_report_failures():
+    good = {"weights_match": True, "max_abs_logit_diff": 4e-4}
+    assert failures(good, 1e-3) == []
+    assert failures(dict(good, max_abs_logit_diff=2.5e-3), 1e-3) == [
+        "max_abs_logit_diff 0.0025 exceeds --max-diff 0.001"
+    ]
+    assert failures(dict(good, max_abs_logit_diff=float("nan")), 1e-3) == [
+        "max_abs_logit_diff nan exceeds --max-diff 0.001"
+    ]
+    assert failures(dict(good, weights_match=False, mismatched=["lm_head.weight"]), 1e-3) == [
+        "the exported weights differ from the HF files (lm_head.weight)"
+    ]
+
+
+@pytest.mark.integration
+def test_a_missing_distcp_file_is_named_by_mcore_to_hf_and_verify(tiny, tmp_path):
+    hf, ckpt = tiny
+    bad = _copy(ckpt, tmp_path / "ckpt_bad")
+    (distcp,) = sorted(bad.glob("*.distcp"))
+    distcp.unlink()
+    expected = f"{bad}: incomplete torch_dist checkpoint: {distcp} is missing"
+    out = tmp_path / "out"
+    proc = _cli("mcore-to-hf", "--ckpt", str(bad), "--out", str(out))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    _assert_nothing_written(out)
+    proc = _cli("verify", "--hf", str(hf), "--ckpt", str(bad))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_hf_to_mcore_on_a_full_disk(tiny, tmp_path, monkeypatch, capsys):
+    """A 256 KiB tmpfs where this process may mount one (root); elsewhere the full disk is
+    simulated at the last write we own (the checkpoint's revisual_model.json)."""
+    from megatron_revisual.convert import cli, dist_ckpt
+    from megatron_revisual.testing.disk import small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", size_bytes=256 * 2**10) as mounted:
+        out = tmp_path / "disk" / "ckpt"
+        if not mounted:
+            def no_space(ckpt_dir, *args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device", str(ckpt_dir))
+
+            monkeypatch.setattr(dist_ckpt, "write_checkpoint_metadata", no_space)
+        rc = cli.main(["hf-to-mcore", "--hf", str(tiny[0]), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2, err[-3000:]
+        assert f"revisual convert hf-to-mcore: error: no space left on device while writing {out}\n" in err
+        _assert_nothing_written(out)

@@ -291,3 +291,16 @@ def test_interrupted_run_resumes_without_asking_again(proxy, dataset_dirs, tmp_p
     summary = json.loads((out / "tiny_summary.json").read_text())
     assert summary["requests"] == {"sent": n - 3, "from_cache": 3}
     assert summary["datasets"]["wemath"]["total"] == n
+
+
+def test_the_released_default_max_tokens_fails_once_before_any_sample(proxy, dataset_dirs, tmp_path, capsys):
+    """The released tool's --max-tokens 8192 against a server with a 1024-token context: one
+    clear error at the start, not one rejected request (and retry loop) per sample."""
+    data, _ = dataset_dirs["files"]
+    proxy.reset()
+    rc = _eval(proxy.base_url, data, tmp_path / "out", "--datasets", "geo3k", "--max-tokens", "8192")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--max-tokens 8192 does not fit the context of 'tiny' at {proxy.base_url} (max_model_len 1024" in err
+    assert proxy.forwarded == 0 and proxy.failed == 0
+    assert not (tmp_path / "out" / "tiny_summary.json").exists()

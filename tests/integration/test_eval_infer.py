@@ -33,10 +33,11 @@ def _blocks(stdout: str) -> list[str]:
 @pytest.mark.vllm
 def test_infer_vllm_prints_each_sequence(tiny):
     model, image = tiny
-    cmd = [
+    cmd = [  # the released infer.py's flags, plus what CPU vLLM needs
         sys.executable, "-m", "megatron_revisual.rollout.infer",
-        "--model", str(model), "--image", str(image), "--question", "What is the area?",
-        "--max-tokens", "12", "--num-return-sequences", "3", "--top-k", "20",
+        "--model_path", str(model), "--image_path", str(image), "--question", "What is the area?",
+        "--prompt", " Put the final answer in \\boxed{}.", "--do_sample", "True",
+        "--max_tokens", "12", "--num_return_sequences", "3", "--top_k", "20",
         "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}

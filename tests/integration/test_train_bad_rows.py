@@ -94,5 +94,5 @@ def test_both_stages_trained_on_the_good_rows(run):
     for r in steps[:3]:
         assert r["sft/sequences"] == 16 and 0 < r["loss"] < 10 and r["skipped_non_finite"] == 0
     for r in steps[3:]:
-        assert r["rollout/samples"] == 64 and r["rollout/skipped_requests"] == 0
+        assert r["rollout/samples"] == 16 * 8 and r["rollout/skipped_requests"] == 0  # the 16 good rows, n=8
     assert json.loads((run / "DONE.json").read_text())["global_step"] == 5

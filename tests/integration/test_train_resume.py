@@ -3,8 +3,9 @@ SIGKILL right after its step-2 checkpoint and resumed for the last 2 steps.
 
 The run exercises everything a resume must carry: the policy (a dist checkpoint), the
 distributed optimizer's shard (Adam moments), the LR schedule, the data position, the RNG
-states, the stage, the PAD tau schedule and the entropy coefficient schedule, with the frozen
-reference model (KL), two mini-batches and two PPO epochs per step, and the real vLLM engine
+states, the stage, the PAD tau schedule and the entropy coefficient schedule (a count of
+optimizer updates), with the frozen reference model (KL), two mini-batches and two PPO epochs
+per step, truncated importance sampling against the engine's log-probs, and the real vLLM engine
 (seeded rollouts; the resumed engine gets the checkpoint's weights streamed in). The tiny model
 starts random, so the reward is the efficient-length term (responses differ in length from the
 first step on; accuracy would be 0 for all of them and PAD would skip every update).
@@ -44,6 +45,7 @@ GRPO_ONLY = [
     "mrl.rl.length_budget=8",
     "mrl.rl.pad.tau_start=1.0",
     "mrl.rl.pad.ratio=0.75",
+    "mrl.rl.rollout_correction={tis_cap: 2.0}",
     "mrl.validation.every=0",
     "mrl.optim={lr: 1.0e-3, lr_decay_style: cosine, lr_warmup_steps: 1}",
     "checkpoint.every=2",
@@ -75,7 +77,9 @@ def _rows(out: Path) -> dict[int, dict]:
 
 
 DETERMINISTIC = ("loss", "pg_loss", "kl", "entropy", "grad_norm", "lr", "reward/overall",
-                 "response/length_mean", "pad/selected_count", "pad/tau", "entropy_coef", "updates")
+                 "response/length_mean", "pad/selected_count", "pad/tau", "entropy_coef", "updates",
+                 "stage_updates", "rollout_corr/ratio_mean", "rollout_corr/ratio_max",
+                 "rollout_corr/tis_capped_fraction")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +127,25 @@ def test_resumed_steps_repeat_the_uninterrupted_ones_exactly(runs):
         assert full[s]["updates"] == 2 * math.ceil(full[s]["pad/selected_count"] / 8), s
     assert max(full[s]["updates"] for s in (1, 2, 3, 4)) >= 4
     assert full[4]["kl"] > 0 and full[3]["pad/tau"] < full[1]["pad/tau"] == 1.0
-    assert full[2]["entropy_coef"] == 0.01 and full[1]["entropy_coef"] == 0.0
+    # the entropy bonus counts optimizer updates: 0 for updates 0 and 1 (warm-up 1), then
+    # 0.01 * 0.985^(u - 2); a step logs the mean over its updates
+    done = 0
+    for s in (1, 2, 3, 4):
+        k = int(full[s]["updates"])
+        betas = [0.0 if u <= 1 else 0.01 * 0.985 ** (u - 2) for u in range(done, done + k)]
+        assert full[s]["entropy_coef"] == pytest.approx(sum(betas) / k, abs=1e-12), s
+        done += k
+        assert full[s]["stage_updates"] == done
+
+
+def test_tis_metrics_are_logged_every_step(runs):
+    full = _rows(runs["full"])
+    for s in (1, 2, 3, 4):
+        row = full[s]
+        # fp32 tiny model in both engines: pi_old / pi_rollout is 1 up to float noise, under C = 2
+        assert row["rollout_corr/ratio_mean"] == pytest.approx(1.0, abs=1e-3), s
+        assert row["rollout_corr/ratio_max"] == pytest.approx(1.0, abs=1e-2), s
+        assert row["rollout_corr/tis_capped_fraction"] == 0.0, s
 
 
 def test_only_complete_checkpoints_are_kept(runs):

@@ -16,10 +16,13 @@ from megatron_revisual.data.datasets import (
     load_prompt_dataset,
 )
 from megatron_revisual.data.synthetic import (
+    COLOURS,
     arithmetic_rows,
     count_dots,
     image_rows,
+    read_colour,
     read_digit,
+    read_side,
     render_digit,
     render_dots,
     write_demo_datasets,
@@ -86,8 +89,8 @@ def test_digits_read_back_and_renderers_check_inputs(tmp_path):
         assert [count_dots(render_dots(k, rng, size=size)) for k in range(1, 10)] == list(range(1, 10))
     with pytest.raises(ValueError, match="count=0"):
         render_dots(0, rng)
-    with pytest.raises(ValueError, match="task='colour'"):
-        image_rows(1, seed=0, task="colour")
+    with pytest.raises(ValueError, match="task='color'"):
+        image_rows(1, seed=0, task="color")
 
 
 def test_arithmetic_answers_and_responses_earn_full_reward():
@@ -121,3 +124,37 @@ def test_texts_are_short_with_the_tiny_tokenizer(tmp_path, tokenizer):
     formatted = load_prompt_dataset(DatasetSpec(path=str(paths["mrl"])))
     assert max(n_tokens(chat_prompt(r, tokenizer)) for r in raw) <= 50
     assert max(n_tokens(chat_prompt(r, tokenizer)) for r in formatted) <= 150
+
+
+def test_demo_cold_start_rows_never_show_a_digit_image(tmp_path):
+    """The demo's cold start: text choice questions and two-candidate questions about the colour
+    of a shape or the half it lies in; no SFT image shows a digit, and the MRL stage reads 1, 8."""
+    paths = write_demo_datasets(tmp_path, seed=0, task="digit", digits=(1, 8), n_sft=20,
+                                n_sft_text_choice=30, n_sft_colours=40, n_sft_sides=24, n_mrl=16,
+                                n_trl=4, n_val=4)
+    sft = load_prompt_dataset(DatasetSpec(path=str(paths["sft"]), response_key="response", format_prompt=None))
+    assert len(sft) == 114 and not sft.skipped
+    texts = [r for r in sft if "shown in the text" in r.prompt]
+    sides = [r for r in sft if "Which side" in r.prompt]
+    images = [r for r in sft if r.images and r not in sides]
+    assert len(texts) == 30 and len(images) == 40 and len(sides) == 24
+    for r in sides:
+        named = re.fullmatch(r"<image>Which side of the image is the shape on: (\w+) or (\w+)\?", r.prompt).groups()
+        assert read_side(load_image(r.images[0])) == r.answer and sorted(named) == ["left", "right"]
+        assert r.response == f"<think>\nThe image shows {r.answer}.\n</think>\nThe answer is \\boxed{{{r.answer}}}."
+    assert {r.answer for r in sides} == {"left", "right"}
+    for r in texts:
+        evidence, question = r.prompt.split("\n")
+        named = re.fullmatch(r"Which digit is shown in the text: (\d) or (\d)\?", question).groups()
+        assert r.answer == evidence and evidence in named and named[0] != named[1]
+        assert accuracy_reward(r.response, r.answer) == format_reward(r.response) == 1.0
+    for r in images:
+        named = re.fullmatch(r"<image>Which colour is the shape in the image: (\w+) or (\w+)\?", r.prompt).groups()
+        assert read_colour(load_image(r.images[0])) == r.answer and r.answer in named
+        assert set(named) <= set(COLOURS) and named[0] != named[1]
+    mrl = load_prompt_dataset(DatasetSpec(path=str(paths["mrl"]), format_prompt=None))
+    assert {r.answer for r in mrl} == {"1", "8"}
+    assert all(r.prompt.endswith(("1 or 8?", "8 or 1?")) for r in mrl)
+    assert all(read_digit(load_image(r.images[0])) == int(r.answer) for r in mrl)
+    with pytest.raises(ValueError, match=r"options=3 must be in 2\.\.2 \(the digit task's answers\)"):
+        image_rows(1, seed=0, task="digit", digits=(1, 8), options=3)

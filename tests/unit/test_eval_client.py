@@ -108,16 +108,32 @@ def test_build_messages_image_first_then_text():
 
 
 class _Stub:
-    """Answers chat requests with the given statuses in turn (then 200 with a completion)."""
+    """Answers chat requests with the given statuses in turn (then 200 with a completion);
+    with `models` ({name: max_model_len}) it lists them on GET /v1/models as vLLM does (else
+    GET is HTTP 501)."""
 
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(self, statuses: list[int], models: dict[str, int] | None = None) -> None:
         self.statuses = list(statuses)
         self.requests = 0
+        self.model_requests = 0
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            if models is not None:
+
+                def do_GET(self):
+                    stub.model_requests += 1
+                    listed = [{"id": k, "object": "model", "created": 0, "owned_by": "vllm",
+                               "max_model_len": v} for k, v in models.items()]
+                    data = json.dumps({"object": "list", "data": listed}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -200,22 +216,26 @@ def test_unreachable_server_ends_eval_with_a_clear_error(tmp_path, capsys):
     assert "APIConnectionError" in err and "rerun to resume" in err
 
 
-def test_rejected_request_is_counted_as_error_and_asked_again_next_run(tmp_path):
-    write_fixture_datasets(tmp_path / "data")
-    stub = _Stub([400])  # the first request is refused, the others answered "\boxed{7}"
+def _eval_args(url: str, data, out, *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
-    argv = [
-        "--model-name", "m", "--openai-base-url", stub.url,
-        "--dataset-dir", str(tmp_path / "data"), "--datasets", "mathvista",
-        "--output-dir", str(tmp_path / "out"), "--eval-threads", "1",
-    ]  # fmt: skip
+    return parser.parse_args([
+        "--model-name", "m", "--openai-base-url", url, "--dataset-dir", str(data),
+        "--datasets", "mathvista", "--output-dir", str(out), "--eval-threads", "1", *extra,
+    ])  # fmt: skip
+
+
+def test_rejected_request_is_counted_as_error_and_asked_again_next_run(tmp_path, capsys):
+    write_fixture_datasets(tmp_path / "data")
+    stub = _Stub([400])  # the first request is refused, the others answered "\boxed{7}"
+    args = _eval_args(stub.url, tmp_path / "data", tmp_path / "out")
     try:
-        assert run_eval(parser.parse_args(argv)) == 0
+        assert run_eval(args) == 1  # one sample errored, --allow-errors 0
+        assert "1 of 4 samples failed (--allow-errors 0); first: mathvista/" in capsys.readouterr().err
         first = json.loads((tmp_path / "out" / "m_summary.json").read_text())
         assert stub.requests == 4
         stub.requests = 0
-        assert run_eval(parser.parse_args(argv)) == 0
+        assert run_eval(args) == 0
         second = json.loads((tmp_path / "out" / "m_summary.json").read_text())
         assert stub.requests == 1  # only the refused sample; three come from the cache
     finally:
@@ -230,3 +250,46 @@ def test_rejected_request_is_counted_as_error_and_asked_again_next_run(tmp_path)
     ]
     assert [r["prediction"] for r in records] == [None, None, "7", "7"]  # "7" is no option letter
     assert [r["correct"] for r in records] == [False, False, True, False]
+    # the released tool's per-dataset file: its "prediction" is the response text
+    released = json.loads((tmp_path / "out" / "m___mathvista.json").read_text())
+    assert [r["prediction"] for r in released["results"]] == ["\\boxed{7}"] * 4
+    assert [r["accuracy"] for r in released["results"]] == [0.0, 0.0, 1.0, 0.0]
+    assert [r["id"] for r in released["results"]] == [r["id"] for r in records]
+    assert released["metrics"] == second["datasets"]["mathvista"]
+    assert released["config"]["model_name"] == "m" and "api_key" not in released["config"]
+
+
+@pytest.mark.parametrize(("allowed", "rc"), [(3, 1), (4, 0)])
+def test_every_sample_failing_is_a_failed_run_unless_allowed(tmp_path, capsys, allowed, rc):
+    write_fixture_datasets(tmp_path / "data")
+    stub = _Stub([400] * 4)
+    try:
+        args = _eval_args(stub.url, tmp_path / "data", tmp_path / "out", "--allow-errors", str(allowed))
+        assert run_eval(args) == rc
+    finally:
+        stub.close()
+    assert stub.requests == 4
+    err = capsys.readouterr().err
+    assert (f"4 of 4 samples failed (--allow-errors {allowed})" in err) == (rc == 1)
+    assert json.loads((tmp_path / "out" / "m_summary.json").read_text())["overall"]["total"] == 4
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-tokens", "8192"], "--max-tokens 8192 does not fit the context of 'm' at {url} (max_model_len 64"),
+        (["--max-tokens", "16", "--model-name", "other"], "--model-name 'other' is not served by {url}; it serves ['m']"),
+    ],
+)
+def test_the_endpoint_is_checked_once_before_the_first_sample(tmp_path, capsys, flags, message):
+    write_fixture_datasets(tmp_path / "data")
+    stub = _Stub([], models={"m": 64})
+    try:
+        assert run_eval(_eval_args(stub.url, tmp_path / "data", tmp_path / "out", *flags)) == 2
+        assert f"revisual eval: error: {message.format(url=stub.url)}" in capsys.readouterr().err
+        assert (stub.model_requests, stub.requests) == (1, 0)  # no sample was asked
+        args = _eval_args(stub.url, tmp_path / "data", tmp_path / "ok", "--max-tokens", "16")
+        assert run_eval(args) == 0
+        assert (stub.model_requests, stub.requests) == (2, 4)  # once per run, not per sample
+    finally:
+        stub.close()

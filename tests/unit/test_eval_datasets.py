@@ -22,9 +22,9 @@ from megatron_revisual.evaluation.runner import add_eval_arguments, run_eval
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval_datasets")
-    for layout in ("files", "parquet"):
+    for layout in ("files", "parquet", "hub-cache"):
         write_fixture_datasets(root / layout, layout=layout)
-    return {layout: root / layout for layout in ("files", "parquet")}
+    return {layout: root / layout for layout in ("files", "parquet", "hub-cache")}
 
 
 def _key(s):
@@ -32,10 +32,14 @@ def _key(s):
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
-def test_both_layouts_give_the_same_samples(roots, name):
+def test_every_layout_gives_the_same_samples(roots, name):
     files = load_benchmark(name, roots["files"], source="local")
     parquet = load_benchmark(name, roots["parquet"], source="local")
     assert [_key(s) for s in files] == [_key(s) for s in parquet]
+    # --dataset-dir as the released tool means it: a datasets cache_dir (read offline here)
+    cached = load_benchmark(name, roots["hub-cache"])
+    assert [_key(s) for s in cached] == [_key(s) for s in parquet]
+    assert all(isinstance(s.image, bytes) for s in cached)
     assert all(isinstance(s.image, str) and Path(s.image).is_file() for s in files)
     assert all(isinstance(s.image, bytes) for s in parquet)
     if name != "geo3k":  # hiyouga/geometry3k has no problem types
@@ -120,6 +124,7 @@ def test_missing_files_name_the_expected_files(tmp_path, monkeypatch):
         load_benchmark("mathverse", tmp_path, source="local")
     assert f"{tmp_path}/mathverse/testmini.json" in str(e.value)
     assert f"{tmp_path}/mathverse/**/testmini*.parquet" in str(e.value)
+    assert f"{tmp_path}/AI4Math___math_verse (a datasets cache_dir)" in str(e.value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DatasetFilesNotFound, match=r"Hub not tried: HF_HUB_OFFLINE"):
         load_benchmark("geo3k", tmp_path, source="auto")

@@ -103,3 +103,49 @@ def test_option_letter_direct():
     assert option_letter("b", FOUR) is None  # lower case is a variable, not a letter
     assert option_letter("18", FOUR) == "C"
     assert option_letter("19", FOUR) is None
+
+
+@pytest.mark.parametrize(
+    ("boxed", "truth", "prediction", "correct"),
+    [
+        ("1 = 8 10 = 1 = 1 = 1", "1", None, False),  # math-verify alone: its last side, 1
+        ("1 = 8 = 1", "1", None, False),
+        ("AB = \\sqrt{9+16} = 5", "5", "5", True),  # a label, then agreeing values
+        ("x = 1", "1", "1", True),
+        ("\\angle ABC = 30^\\circ", "30°", "30^\\circ", True),
+        ("2 + 3 = 5", "5", "5", True),
+        ("y = 2x + 1", "y = 2x + 1", "y = 2x + 1", True),  # the gold is an equation itself
+    ],
+)
+def test_one_final_expression_is_graded(boxed, truth, prediction, correct):
+    grade = grade_response(f"so \\boxed{{{boxed}}}", truth, multiple_choice=False)
+    assert (grade.prediction, grade.parsed, grade.correct) == (prediction, prediction is not None, correct)
+
+
+def test_the_training_reward_refuses_chains_too():
+    from megatron_revisual.rl.rewards import accuracy_reward
+
+    assert accuracy_reward("\\boxed{1 = 8 = 1}", "1") == 0.0
+    assert accuracy_reward("\\boxed{x = 1}", "1") == 1.0
+
+
+def test_mathverse_multiple_choice_is_graded_by_letter(tmp_path):
+    from megatron_revisual.evaluation.datasets import load_benchmark
+    from megatron_revisual.evaluation.fixtures import write_fixture_datasets
+
+    write_fixture_datasets(tmp_path)
+    text_dominant, vision_only = load_benchmark("mathverse", tmp_path, source="local")[:2]
+    assert text_dominant.choices == ("6", "8", "10", "12")  # from the question's "Choices:" lines
+    assert vision_only.choices == ()  # the options are in the image
+
+    def grade(response, sample):
+        return grade_response(response, sample.answer, multiple_choice=True, choices=sample.choices)
+
+    for response in ("\\boxed{B}", "\\boxed{B \\text{ } 8}", "\\boxed{B\\ 8}", "\\boxed{8}",
+                     "\\boxed{\\text{Option B}}"):
+        g = grade(response, text_dominant)
+        assert (g.prediction, g.correct) == ("B", True), response
+    assert grade("\\boxed{E}", text_dominant).parsed is False  # there is no option E
+    assert grade("\\boxed{C 8}", text_dominant).parsed is False  # C's text is 10
+    assert grade("\\boxed{A}", vision_only).correct
+    assert grade("\\boxed{\\text{Choice (A)}}", vision_only).correct

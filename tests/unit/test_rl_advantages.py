@@ -23,6 +23,19 @@ def test_groups_are_independent_and_constant_group_is_zero() -> None:
     )
 
 
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_all_equal_groups_are_exactly_zero(normalize_std: bool) -> None:
+    # the peers compute in float32: eight rewards of 0.9 give -0.056 each there
+    peers = torch.full((1, 8), 0.9)
+    peer_adv = (peers - peers.mean(1, keepdim=True)) / (peers.std(1, keepdim=True) + 1e-6)
+    assert peer_adv[0, 0].item() == pytest.approx(-0.0560, abs=1e-4)
+    assert grpo_advantages(torch.full((8,), 0.9), 8, normalize_std=normalize_std).tolist() == [0.0] * 8
+    for size in range(2, 17):
+        for value in (0.9, 0.85, 0.1, 0.95, 1 / 3, 0.8 + 0.05 * 0.3):
+            adv = grpo_advantages(torch.full((2 * size,), value), size, normalize_std=normalize_std)
+            assert adv.tolist() == [0.0] * (2 * size), (size, value)
+
+
 def test_eps_is_added_to_std() -> None:
     adv = grpo_advantages(torch.tensor([0.0, 1.0]), group_size=2, eps=0.5)
     # mean 0.5, std sqrt(0.5) = 0.70710678; (+-0.5) / 1.20710678

@@ -56,10 +56,11 @@ def test_reward_config_pool_end_to_end() -> None:
         RewardSample(response=r"<think>2+2=5</think> \boxed{5}", ground_truth="4"),
         RewardSample(response=r"\boxed{\frac{1}{2}}", ground_truth="0.5"),
     ]
-    with RewardPool.for_config(RewardConfig(), num_workers=2, timeout_s=30.0) as pool:
+    config = RewardConfig(preset="revisual_math", grader="mathruler")
+    with RewardPool.for_config(config, num_workers=2, timeout_s=30.0) as pool:
         result = pool.score(samples)
-    # 0.85 accuracy + 0.05 repetition (1.0 when nothing repeats); no self-critique or image words
-    assert result.overall == pytest.approx([0.9, 0.05, 0.9])
+    # 0.80 accuracy + 0.05 repetition (1.0 when nothing repeats); no self-critique or image words
+    assert result.overall == pytest.approx([0.85, 0.05, 0.85])
     assert result.num_failed == 0
 
 

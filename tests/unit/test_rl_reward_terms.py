@@ -1,4 +1,5 @@
-"""The released heuristic terms by hand, and the fast circular-pattern count against `re`."""
+"""The released heuristic terms by hand (both self-critique versions), and the fast circular-pattern
+count against `re`."""
 
 import random
 import re
@@ -17,6 +18,7 @@ from megatron_revisual.rl.reward_terms import (
     image_revisit_reward,
     repetition_reward,
     self_critique_reward,
+    weighted_self_critique_reward,
 )
 
 
@@ -198,3 +200,28 @@ def test_case_folding_equals_ignorecase(parts: list[str]) -> None:
         assert len(pattern.findall(folded)) == len(re.findall(pattern.pattern, text, re.IGNORECASE))
     for pattern in (T._REVISIT_ANY, T._CORRECTION_ANY):
         assert bool(pattern.search(folded)) == bool(re.search(pattern.pattern, text, re.IGNORECASE))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("short", 0.0),  # under 10 characters
+        ("Nothing reflective is said here.", 0.0),
+        # error .12 + wrong .10 + wait .06 * (1 + 0.5) = 0.31
+        ("Wait, an error. Wait, it is wrong.", 0.31),
+        # incorrect .12; "This is incorrect." opens, "The correct answer is" follows -> +0.25
+        ("I got 6. This is incorrect. The correct answer is 5.", 0.37),
+        # the follow-up may come up to 3 sentences later, not 4
+        ("This is wrong. A. B. The correct answer is 5.", 0.1 + 0.25),
+        ("This is wrong. A. B. C. The correct answer is 5.", 0.1),
+        # a starter needs 5 characters; the follow-up does not
+        ("We were wrong. I missed it.", 0.10 + 0.25),
+        # 6 sentences: hits 0, 0, 0 | 1, 1, 0 -> the second half holds more: +0.1
+        ("A b. C d. E f. But g. Maybe h. I j.", 0.04 + 0.03 + 0.1),
+        # hits 1, 0 | 0, 1: not more in the second half
+        ("But a. B c. D e. Maybe f.", 0.04 + 0.03),
+        ("wrong " * 30, 1.0),  # 0.10 * (1 + 0.5 * 29) = 1.55, capped
+    ],
+)
+def test_weighted_self_critique(text: str, expected: float) -> None:
+    assert weighted_self_critique_reward(text) == pytest.approx(expected)

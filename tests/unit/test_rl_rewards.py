@@ -3,7 +3,6 @@
 import pytest
 
 from megatron_revisual.rl.rewards import (
-    RELEASED_MRL_WEIGHTS,
     RewardConfig,
     RewardSample,
     accuracy_reward,
@@ -123,9 +122,12 @@ def test_efficient_length_reward_sigmoid(length: int, expected: float) -> None:
     assert efficient_length_reward_sigmoid(length, 1000) == pytest.approx(expected, abs=1e-12)
 
 
-def test_released_composition() -> None:
+def test_ours_composes_the_configured_terms() -> None:
     sample = RewardSample(response=r"<think>But wait, 2+2=4.</think> \boxed{4}", ground_truth="4")
-    scores = compute_reward(sample, RewardConfig())
+    # default: accuracy alone; format is always reported
+    assert compute_reward(sample, RewardConfig()) == {"accuracy": 1.0, "format": 1.0, "overall": 1.0}
+    weights = {"accuracy": 0.85, "self_critique": 0.05, "image_revisit": 0.05, "repetition": 0.05}
+    scores = compute_reward(sample, RewardConfig(weights=weights))
     # self-critique: "but" and "wait" each count twice -> 4 * 0.05; no image words; no repeats
     assert scores == pytest.approx(
         {
@@ -133,10 +135,10 @@ def test_released_composition() -> None:
             "self_critique": 0.2,
             "image_revisit": 0.0,
             "repetition": 1.0,
+            "format": 1.0,
             "overall": 0.85 + 0.05 * 0.2 + 0.05 * 1.0,
         }
     )
-    assert dict(RewardConfig().weights) == RELEASED_MRL_WEIGHTS
 
 
 def test_paper_style_composition_with_length() -> None:
@@ -154,7 +156,7 @@ def test_paper_style_composition_with_length() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"weights": {"accuracy": 1.0, "bogus": 1.0}}, "unknown reward terms"),
+        ({"weights": {"accuracy": 1.0, "bogus": 1.0}}, r"weights: unknown terms \[.bogus.\]"),
         ({"weights": {"efficient_length": 1.0}}, "need length_budget"),
         ({"weights": {"accuracy": 1.0}, "length_budget": 100}, "has no effect"),
     ],
