@@ -2,7 +2,7 @@
 
 `user_env` gives the environment without what this file adds, for tests that run a command
 exactly as a user does (README's main job). `--seed-sweep` runs the tests marked `seed_sweep`
-(the demo over five seeds, about half an hour on 2 cores), which are skipped otherwise.
+(the demo over five seeds, about 20 minutes on 2 cores), which are skipped otherwise.
 """
 
 import os
@@ -35,7 +35,7 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--seed-sweep"):
         return
-    skip = pytest.mark.skip(reason="the demo's seed sweep (~30 min on 2 cores): run with --seed-sweep")
+    skip = pytest.mark.skip(reason="the demo's seed sweep (~20 min on 2 cores): run with --seed-sweep")
     for item in items:
         if "seed_sweep" in item.keywords:
             item.add_marker(skip)

@@ -276,7 +276,7 @@ def train_rank(cfg: Any, resume: str) -> str:
             done = {
                 "global_step": runner.global_step,
                 "weights_sha256": digest,
-                "hf_export": str(export),
+                "hf_export": str(Path(export).absolute()),  # DONE.json is read from anywhere
                 "stages": list(cfg.stages),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }

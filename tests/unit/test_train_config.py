@@ -90,12 +90,12 @@ def test_pad_that_cannot_prioritise_warns_with_the_numbers(tmp_path):
     from megatron_revisual.config.validate import ConfigWarning
 
     with pytest.warns(ConfigWarning) as record:
-        _tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "mrl.rl.pad.ratio=1.5")
+        _tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "mrl.rl.pad.ratio=1.5", "trl.rl.pad.ratio=1.0")
     text = [str(w.message) for w in record if issubclass(w.category, ConfigWarning)]
     assert len(text) == 2  # mrl at ratio 1.5, trl at 1.0
     assert text[0].startswith(
         "mrl.rl.pad cannot prioritise: mode='paper' with ratio=1.5 >= |E|/N and no replacement draws "
-        "min(ceil(ratio x N), |E|) = |E| of the N = 8 x 8 = 64 samples"
+        "min(ceil(ratio x N), |E|) = |E| of the N = 16 x 8 = 128 samples"
     )
     assert "tau=0.3 has no effect" in text[0] and "trl.rl.pad cannot prioritise" in text[1]
     import warnings
@@ -173,7 +173,7 @@ def test_stage_checks_name_the_numbers(tmp_path):
     text = str(e.value)
     for expected in (
         "mrl.rollout.n=1 must be >= 2",
-        "mrl.rollout_batch_size=12 prompts is not a multiple of mrl.global_batch_size=8",
+        "mrl.rollout_batch_size=12 prompts is not a multiple of mrl.global_batch_size=16",
         "mrl.micro_batch_tokens=100 is smaller than the longest sample (rollout.max_prompt_length + "
         "max_response_length = 160)",
         "trl.rollout.tensor_parallel_size=3 must divide the world size 2; use one of [1, 2]",
