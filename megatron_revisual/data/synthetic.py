@@ -15,9 +15,9 @@ processor's minimum size.
 
 Tasks: `dots` (1 to max_dots equal black dots on white, in distinct cells of a 3x3 grid, so the
 count is the dark area over one dot's area: learnable from pooled patch features), `digit`
-(a seven-segment digit, slightly shifted) and `colour` (a coloured shape, named candidates).
-`count_dots`, `read_digit` and `read_colour` read the answer back from the pixels (tests check
-the data with them).
+(a seven-segment digit, slightly shifted), `colour` (a coloured shape, named candidates) and
+`side` (a coloured shape in the left or right half). `count_dots`, `read_digit`, `read_colour`
+and `read_side` read the answer back from the pixels (tests check the data with them).
 """
 
 from __future__ import annotations
@@ -168,17 +168,22 @@ def render_shape(colour: str, rng: random.Random, *, size: int = 56, side: str |
 
 def read_colour(image: Image.Image) -> str:
     """The `COLOURS` name nearest to the mean of the image's non-white pixels."""
-    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(np.float64)
-    mean = pixels[pixels.min(axis=1) < 200].mean(axis=0)
+    pixels = np.asarray(image.convert("RGB")).astype(np.float64)
+    mean = pixels[_ink(image)].mean(axis=0)
     return min(COLOURS, key=lambda name: float(((mean - np.array(COLOURS[name])) ** 2).sum()))
 
 
 def read_side(image: Image.Image) -> str | None:
     """"left" or "right" when all the image's non-white pixels lie in that half, else None."""
-    ink = np.asarray(image.convert("RGB")).min(axis=2) < 200
+    ink = _ink(image)
     half = ink.shape[1] // 2
     left, right = bool(ink[:, :half].any()), bool(ink[:, half:].any())
     return "left" if left and not right else "right" if right and not left else None
+
+
+def _ink(image: Image.Image) -> np.ndarray:
+    """The (H, W) mask of the pixels that are not white: a shape of any colour."""
+    return np.asarray(image.convert("RGB")).min(axis=2) < 200
 
 
 def _dark(image: Image.Image) -> np.ndarray:
