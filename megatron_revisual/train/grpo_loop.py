@@ -55,8 +55,8 @@ from megatron_revisual.train.stages import (
     dp_info,
     load_tokenizer_and_processor,
     mean,
+    row_multiple,
     skipped_report,
-    sp_multiple,
     step_seed,
 )
 
@@ -268,7 +268,7 @@ class GRPOLoop:
     def _batches(self, policy_samples: list[PolicySample]):
         return build_policy_batches(
             policy_samples, config=self.mrope, micro_batch_tokens=self.stage.micro_batch_tokens,
-            pad_to_multiple_of=sp_multiple(self.cfg), pad_token_id=self.tokenizer.pad_token_id or 0,
+            pad_to_multiple_of=row_multiple(self.cfg), pad_token_id=self.tokenizer.pad_token_id or 0,
         )
 
     # --- the step ------------------------------------------------------------------------------

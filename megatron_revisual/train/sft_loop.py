@@ -33,8 +33,8 @@ from megatron_revisual.train.stages import (
     dataset_spec,
     dp_info,
     load_tokenizer_and_processor,
+    row_multiple,
     skipped_report,
-    sp_multiple,
 )
 
 __all__ = ["SFTLoop", "load_sft_set"]
@@ -116,7 +116,7 @@ class SFTLoop:
         tokens = float(counts[1])
         rows = [
             _Row(pack_sequences([examples[i].to_sample() for i in group], config=self.mrope,
-                                pad_to_multiple_of=sp_multiple(self.cfg),
+                                pad_to_multiple_of=row_multiple(self.cfg),
                                 pad_token_id=self.tokenizer.pad_token_id or 0))
             for group in pack_groups([e.num_tokens for e in examples], self.stage.max_length)
         ]
