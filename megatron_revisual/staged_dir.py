@@ -18,8 +18,14 @@ _WRITE_ERRNOS = {errno.EFBIG, errno.EIO, errno.EROFS}
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[Errno 122]")
 # torch's zip writer (torch.save, distributed checkpoint files) drops the errno: "[enforce fail
 # at inline_container.cc:672] . unexpected pos 704 vs 598", "... file write failed"; whether the
-# disk is full is then read from the file system
-_WRITE_FAILED_TEXT = ("enforce fail at inline_container.cc", "PytorchStreamWriter failed writing")
+# disk is full is then read from the file system. megatron-core 0.19's async file writer only
+# logs its worker's error and raises "Worker failure: An error is caught while starting worker 0,
+# error: <class 'RuntimeError'>" (filesystem_async.py), so that text means the same.
+_WRITE_FAILED_TEXT = (
+    "enforce fail at inline_container.cc",
+    "PytorchStreamWriter failed writing",
+    "An error is caught while starting worker",
+)
 
 
 class OutputWriteError(OSError):

@@ -9,7 +9,7 @@ to get Megatron's `sharded_state_dict` (keys, global shapes, offsets, the SwiGLU
 hands it to torch.distributed.checkpoint with a planner whose `resolve_data` computes a tensor
 only when the writer asks for it: read the HF tensor(s), map them with `convert.mapping` into
 this rank's shard, write, drop. The checkpoint is Megatron's own format (metadata.json,
-common.pt, .metadata, __rank_i.distcp), so `dist_checkpointing.load` reshards it on load.
+.metadata, __rank_i.distcp), so `dist_checkpointing.load` reshards it on load.
 
 mcore-to-hf reads one parameter at a time straight from the .distcp files (the chunks the
 .metadata index points at, narrowed to the parameter's region), maps it back with `to_hf` and

@@ -5,8 +5,9 @@ Writing: `save_sharded_lazily` takes the `sharded_state_dict` of a model built o
 device (keys, global shapes, offsets, replica ids, the SwiGLU factory: all Megatron's own) and
 saves it through torch.distributed.checkpoint with a planner whose `resolve_data` asks a
 callback for each parameter's data only when the writer reaches it. The files are exactly what
-`dist_checkpointing.save` writes (metadata.json, common.pt, .metadata, __<rank>_0.distcp), so
-`dist_checkpointing.load` reads and reshards them.
+`dist_checkpointing.save` writes (metadata.json, .metadata, __<rank>_0.distcp; the common,
+non-sharded state is the object "common_state" inside them), so `dist_checkpointing.load`
+reads and reshards them.
 
 Reading: `DistCheckpointReader.read(key, offset, shape)` loads the stored chunks that overlap a
 region straight from the .distcp files (the .metadata index gives file, offset and length of
@@ -64,11 +65,11 @@ def save_sharded_lazily(
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject,
         ShardedTensor,
         ShardedTensorFactory,
         is_main_replica,
     )
-    from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
     from megatron.core.dist_checkpointing.strategies.torch import (
         _replace_state_dict_keys_with_sharded_keys,
@@ -98,7 +99,10 @@ def save_sharded_lazily(
                 uses[name] = uses.get(name, 0) + 1
 
     sharded_part, common = save_preprocess(sharded_state_dict, validate_access_integrity=True)
-    get_default_save_common_strategy().save_common(common, ckpt_dir)
+    # As dist_checkpointing.save stores it: one object, written by rank 0 (the main replica).
+    sharded_part["common_state"] = ShardedObject(
+        "common_state", common, (1,), (0,), replica_id=dist.get_rank()
+    )
     flat, _, _ = _replace_state_dict_keys_with_sharded_keys(
         sharded_part, keep_only_main_replica=True
     )

@@ -1,7 +1,8 @@
 """Run Megatron-Core on CPU (gloo) by redirecting its hard-coded CUDA calls.
 
-Megatron-Core 0.16.1 assumes a GPU in a handful of places (device placement, the CUDA RNG used
-by its model-parallel RNG tracker, tensor-type strings asserted by its optimizers). On a machine
+Megatron-Core 0.19 assumes a GPU in a handful of places (device placement, the CUDA RNG used
+by its model-parallel RNG tracker, tensor-type strings asserted by its optimizers, the current
+CUDA stream in its gradient sync). On a machine
 without a GPU, `install_cpu_compat()` points exactly those places at the CPU. This module is the
 only place in the project where such redirects live; on a machine with a GPU it does nothing.
 
@@ -10,8 +11,11 @@ that calls `install_cpu_compat()` (the rank's main thread, which is also where C
 backward). Code that creates CUDA tensors from other threads is not covered.
 
 Deliberately left alone: `torch.cuda.manual_seed_all` (no Megatron-Core caller; the call from
-`torch.manual_seed` is queued by `torch.cuda._lazy_call` and never runs, harmlessly) and
-`_lazy_call` itself (its one Megatron-Core user, `_set_cuda_rng_state`, is replaced).
+`torch.manual_seed` is queued by `torch.cuda._lazy_call` and never runs, harmlessly),
+`_lazy_call` itself (its one Megatron-Core user, `_set_cuda_rng_state`, is replaced) and
+`torch.cuda.set_rng_state` (its callers, the rerun state machine and Megatron-FSDP, restore the
+CPU generator with `torch.set_rng_state` beside it, from a state saved at the same moment: on CPU
+the same state; the CUDA call alone is queued and never runs, harmlessly).
 """
 
 from __future__ import annotations
@@ -112,11 +116,11 @@ def install_cpu_compat() -> None:
     _redirect(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
     # dist_checkpointing's save/load strategies synchronize the device.
     _redirect(torch.cuda, "synchronize", lambda device=None: None)
+    # The DDP gradient sync (param_and_grad_buffer.start_grad_sync) takes the current stream to
+    # wait on CUDA-graph events; torch's CPU stream has the same methods, as no-ops.
+    _redirect(torch.cuda, "current_stream", torch.cpu.current_stream)
     # CudaRNGStatesTracker.add (model_parallel_cuda_manual_seed) reads the CUDA RNG state.
     _redirect(torch.cuda, "get_rng_state", _cpu_rng_state)
-    # rerun_state_machine restores it; the original would be queued by torch.cuda._lazy_call
-    # and silently never run.
-    _redirect(torch.cuda, "set_rng_state", _set_cpu_rng_state)
     # CudaRNGStatesTracker.add seeds the per-TP-rank stream with it; the original is queued and
     # never run, silently giving every TP rank the same "model-parallel" stream.
     _redirect(torch.cuda, "manual_seed", _seed_cpu_generator)

@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -97,8 +97,7 @@ def initialize_parallel(
     layout = ParallelLayout.for_world(world_size, tp=tp, pp=pp, cp=cp, vpp=vpp)
     from megatron.core import parallel_state, tensor_parallel
 
-    if any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "SLURM_STEP_ID")):
-        reap_process_group_on_exit()  # a launcher's worker: torchrun gives each its own session
+    reap_worker_group_on_exit(os.environ)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -185,6 +184,16 @@ while os.getppid() == parent:
 os.killpg(group, signal.SIGKILL)
 """
 _reaper: Any = None
+
+
+def reap_worker_group_on_exit(environ: Mapping[str, str]) -> None:
+    """`reap_process_group_on_exit` for a launcher's worker whose process group is its own.
+    torchrun starts each worker in a session of its own, so there the group is the rank and what
+    it started. A Slurm step, in contrast, puts all its tasks in one process group, the first
+    task's: reaping that group would SIGKILL the other ranks whenever rank 0 exits first. There
+    slurmstepd ends the step's leftover processes itself when the step ends."""
+    if "TORCHELASTIC_RUN_ID" in environ:
+        reap_process_group_on_exit()
 
 
 def reap_process_group_on_exit() -> None:

@@ -99,7 +99,7 @@ def test_mrope_positions_split_like_tokens(cp_size):
 @pytest.mark.filterwarnings("ignore:Transformer Engine and Apex are not installed")
 @pytest.mark.parametrize("cp_size", [1, 2, 4])
 def test_bshd_equals_megatron_get_batch_on_this_cp_rank(cp_size, monkeypatch):
-    from megatron.core import parallel_state, utils
+    from megatron.core import utils
 
     gen = torch.Generator().manual_seed(cp_size)
     b, s = 3, 8 * cp_size
@@ -109,10 +109,19 @@ def test_bshd_equals_megatron_get_batch_on_this_cp_rank(cp_size, monkeypatch):
         "position_ids": torch.arange(s).expand(b, s).contiguous(),
         "attention_mask": torch.rand(b, 1, s, s, generator=gen) > 0.5,
     }
-    monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda: cp_size)
+    # Megatron asks the CP group it is given for its size and rank: a stand-in group answers.
+    cp_group = object()
+
+    def size_of(group: object) -> int:
+        assert group is cp_group
+        return cp_size
+
+    monkeypatch.setattr(torch.distributed, "get_world_size", size_of)
     for rank in range(cp_size):
-        monkeypatch.setattr(parallel_state, "get_context_parallel_rank", lambda r=rank: r)
-        want = utils.get_batch_on_this_cp_rank({k: v.clone() for k, v in batch.items()})
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group, r=rank: r)
+        want = utils.get_batch_on_this_cp_rank(
+            {k: v.clone() for k, v in batch.items()}, is_hybrid_cp=False, cp_group=cp_group
+        )
         for key, value in batch.items():
             seq_dim = 2 if key == "attention_mask" else 1
             assert torch.equal(cp_split_bshd(value, cp_size, rank, seq_dim), want[key]), key

@@ -1,10 +1,11 @@
-"""What Megatron-Core 0.16.1's THD rope does under context parallelism, and what we refuse.
+"""What Megatron-Core's THD rope does under context parallelism, and what we refuse.
 
 `_apply_rotary_pos_emb_thd` reads only `cp_group.size()` / `cp_group.rank()`, so a stub group
 stands in for each CP rank here (no processes). Finding: given frequencies for the WHOLE padded
 packed row, it rotates rank r's tokens (chunks r and 2cp-1-r of every sequence, our
 `cp_rank_indices` order) with exactly those tokens' rows; given the frequencies Megatron's
-`MultimodalRotaryEmbedding` hands it under CP (sliced as if the row were one sequence) it does not.
+`MultimodalRotaryEmbedding` hands it under CP (sliced as if the row were one sequence) it does not,
+which is why the model uses `FullRowMRoPE` (checked against megatron-core 0.19.2).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from megatron.core.models.common.embeddings.rope_utils import (
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_revisual.models.qwen25_vl.packed_attention import check_packed_mrope
+from megatron_revisual.models.qwen25_vl.packed_attention import FullRowMRoPE, check_packed_mrope
 from megatron_revisual.parallel.context_parallel import cp_rank_indices, cp_unsplit
 
 CP = 2
@@ -63,16 +64,47 @@ def test_thd_rope_with_full_row_freqs_rotates_each_cp_rank_with_its_own_rows():
     assert torch.equal(cp_unsplit(parts, cu, CP, seq_dim=0), full)
 
 
-def test_thd_rope_with_megatrons_cp_sliced_mrope_freqs_is_wrong():
-    cu, q, freqs = _row(1)
+def test_megatrons_mrope_slices_under_cp_and_full_row_mrope_does_not(monkeypatch):
+    """Why `FullRowMRoPE` exists. Megatron-Core's `MultimodalRotaryEmbedding` slices its output
+    for the CP rank as if the packed row were one sequence; THD rope then rotates with wrong rows.
+    When this test's first assertion fails, Megatron no longer slices: delete FullRowMRoPE."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    cu, q, _ = _row(1)
+    total, dim = int(cu[-1]), q.shape[-1]
+    sliced_by_megatron = []
+
+    def slice_for_cp_rank(emb, seq_dim, group):
+        # Megatron's get_pos_emb_on_this_cp_rank (its index tensor is pinned memory: GPU only):
+        # the row as ONE sequence of 2 * CP chunks, keeping chunks r and 2CP-1-r
+        sliced_by_megatron.append(group.rank())
+        chunks = emb.view(2 * CP, total // (2 * CP), *emb.shape[1:])
+        return chunks[[group.rank(), 2 * CP - 1 - group.rank()]].flatten(0, 1)
+
+    monkeypatch.setattr(rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", slice_for_cp_rank)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    megatron_mrope = rotary_pos_embedding.MultimodalRotaryEmbedding(kv_channels=dim, rotary_percent=1.0)
+    full_row_mrope = FullRowMRoPE(
+        rotary_pos_embedding.MultimodalRotaryEmbedding(kv_channels=dim, rotary_percent=1.0)
+    )
+    section = [2, 1, 1]  # t, h, w: dim / 2 frequencies
+    # image-like positions: not a function of the index within a sequence
+    positions = torch.randint(0, 40, (3, 1, total), generator=torch.Generator().manual_seed(2))
+    freqs = megatron_mrope(positions, section)  # CP = 1: every token's row
+    assert freqs.shape == (total, 1, 1, dim)
     full = _apply_rotary_pos_emb_bshd(q.unsqueeze(1), freqs).squeeze(1)
-    total = int(cu[-1])
     for rank in range(CP):
-        # get_pos_emb_on_this_cp_rank: the row as ONE sequence of 2 * CP chunks, keep r, 2CP-1-r
-        sliced = freqs.view(2 * CP, total // (2 * CP), 1, 1, -1)[[rank, 2 * CP - 1 - rank]].flatten(0, 1)
         idx = cp_rank_indices(cu, CP, rank)
-        got = _apply_rotary_pos_emb_thd(q[idx], cu, sliced, cp_group=_Group(CP, rank))
-        assert (got - full[idx]).abs().max() > 0.1
+        group = _Group(CP, rank)
+        ours = full_row_mrope(positions, section, cp_group=group)
+        assert torch.equal(ours, freqs)
+        assert torch.equal(_apply_rotary_pos_emb_thd(q[idx], cu, ours, cp_group=group), full[idx])
+        theirs = megatron_mrope(positions, section, cp_group=group)
+        assert sliced_by_megatron == [rank]
+        assert theirs.shape[0] == total // CP
+        wrong = _apply_rotary_pos_emb_thd(q[idx], cu, theirs, cp_group=group)
+        assert (wrong - full[idx]).abs().max() > 0.1
+        sliced_by_megatron.clear()
 
 
 def _config(**kw) -> TransformerConfig:

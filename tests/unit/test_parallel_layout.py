@@ -113,6 +113,7 @@ def test_install_twice_is_safe_and_redirects_to_cpu(compat_undone_afterwards) ->
     x = torch.ones(2)
     assert x.cuda() is x
     torch.cuda.synchronize()
+    assert isinstance(torch.cuda.current_stream(), torch.cpu.Stream)
     assert x.type() == "torch.cuda.FloatTensor"
     assert x.type(torch.float64).dtype == torch.float64
 

@@ -10,7 +10,7 @@ real tokens, so causality alone keeps real tokens from attending to it.
 
 Rotary embeddings under packing (why `qkv_format="thd"` is exact for M-RoPE here)
 ----------------------------------------------------------------------------------
-Megatron-Core 0.16.1's GPTModel builds M-RoPE frequencies from the per-token position ids
+Megatron-Core's GPTModel (0.19.2) builds M-RoPE frequencies from the per-token position ids
 [3, 1, T] (`MultimodalRotaryEmbedding`: one row of frequencies per token, [T, 1, 1, d]), whatever
 the packing. The attention then calls `_apply_rotary_pos_emb_thd` with the (padded) cu_seqlens,
 which has two cases: when the frequencies cover exactly `cu_seqlens[-1]` tokens it takes
@@ -32,6 +32,7 @@ its output with `get_pos_emb_on_this_cp_rank` whenever its CP group has more tha
 padded-batch rule, as if the row were one sequence); the [T / cp] rows left then fall into the
 restart case: wrong. `FullRowMRoPE` is that module without the slice, so under CP every rank
 computes the full row's frequencies from the full position ids and the attention picks its rows.
+megatron-core 0.19.2 still slices; tests/unit/test_cp_model_inputs.py says when it stops.
 """
 
 from __future__ import annotations
