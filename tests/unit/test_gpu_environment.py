@@ -82,3 +82,15 @@ def test_the_source_only_packages_metadata_is_for_the_pinned_versions():
 def test_cpu_and_gpu_share_one_pin(name):
     # the GPU set is resolved against the same file the CPU environment is installed from
     assert name in _pins(CONSTRAINTS.read_text())
+
+
+def test_the_dockerfile_copies_what_exists_and_installs_under_the_constraints():
+    text = (ROOT / "launch_scripts" / "Dockerfile").read_text()
+    sources = re.findall(r"^COPY (.+) \S+$", text, re.M)
+    assert sources, "no COPY line"
+    for line in sources:
+        for src in line.split():
+            assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+    installs = re.findall(r"pip install [^\n]*", text)
+    assert installs and all("-c launch_scripts/constraints.txt" in line for line in installs), installs
+    assert '".[gpu]"' in text
