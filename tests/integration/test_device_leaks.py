@@ -1,7 +1,7 @@
 """No host tensor reaches the GPU path of one cold-start SFT step and one GRPO update.
 
 On a GPU the model's parameters live on CUDA and every collective runs on NCCL, which refuses
-host tensors; here both are stood in for by `testing.fake_cuda` (a mock: there is no GPU): each
+host tensors; here both are stood in for by `fake_cuda.py` beside this test (a mock: there is no GPU): each
 tensor carries a logical device, an op mixing "cuda" and host tensors raises `DeviceLeak` as
 CUDA would, and a collective given a host tensor raises as NCCL would. The parameters are put on
 the fake GPU as `model.cuda()` would, the compute device is set to "cuda", and then the real
@@ -56,7 +56,7 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
     from megatron_revisual.parallel.device import set_compute_device
-    from megatron_revisual.testing.fake_cuda import fake_cuda
+    from fake_cuda import fake_cuda
     from megatron_revisual.train import grpo_step
     from megatron_revisual.train.grpo_loop import GRPOLoop
     from megatron_revisual.train.grpo_step import (

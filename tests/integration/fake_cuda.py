@@ -16,7 +16,7 @@ CPU (the CPU redirects of `parallel.cpu_compat` must be installed, as `initializ
   then runs on gloo, on the same data.
 
 A mock, by necessity: there is no CUDA device here. It is checked against the real mistakes it
-stands for (tests/unit/test_fake_cuda.py). Tensors it never saw made (autograd's gradients are
+stands for (test_fake_cuda.py beside it). Tensors it never saw made (autograd's gradients are
 given their parameter's device) are unknown and pass every check, so it can miss a leak, never
 invent one. Per thread, like every TorchFunctionMode: CPU autograd runs backward on the caller's
 thread.

@@ -1,4 +1,5 @@
-"""testing.fake_cuda: the mistakes it must catch, and what CUDA allows that it must not refuse."""
+"""fake_cuda.py (the stand-in for CUDA and NCCL of the leak test): the mistakes it must catch, and what
+CUDA allows that it must not refuse."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import torch
 
 from megatron_revisual.convert.dist_io import launch
 
+pytestmark = pytest.mark.integration
+
 
 def _checks() -> dict[str, str]:
     import torch.distributed as dist
 
-    from megatron_revisual.testing.fake_cuda import DeviceLeak, fake_cuda
+    from fake_cuda import DeviceLeak, fake_cuda
 
     seen: dict[str, str] = {}
 
@@ -60,7 +63,7 @@ def test_fake_cuda_refuses_what_cuda_and_nccl_refuse_and_nothing_else():
 
 def test_fake_cuda_needs_the_cpu_redirects():
     from megatron_revisual.parallel import cpu_compat
-    from megatron_revisual.testing.fake_cuda import fake_cuda
+    from fake_cuda import fake_cuda
 
     if cpu_compat._device_mode is not None:
         pytest.skip("an earlier test of this process left the redirects installed")
