@@ -51,12 +51,12 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
     """One SFT step and one GRPO update on fresh models; their metrics."""
     import contextlib
 
+    from fake_cuda import fake_cuda
     from megatron.core import parallel_state as ps
 
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
     from megatron_revisual.parallel.device import set_compute_device
-    from fake_cuda import fake_cuda
     from megatron_revisual.train import grpo_step
     from megatron_revisual.train.grpo_loop import GRPOLoop
     from megatron_revisual.train.grpo_step import (

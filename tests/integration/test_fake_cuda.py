@@ -13,7 +13,6 @@ pytestmark = pytest.mark.integration
 
 def _checks() -> dict[str, str]:
     import torch.distributed as dist
-
     from fake_cuda import DeviceLeak, fake_cuda
 
     seen: dict[str, str] = {}
@@ -62,8 +61,9 @@ def test_fake_cuda_refuses_what_cuda_and_nccl_refuse_and_nothing_else():
 
 
 def test_fake_cuda_needs_the_cpu_redirects():
-    from megatron_revisual.parallel import cpu_compat
     from fake_cuda import fake_cuda
+
+    from megatron_revisual.parallel import cpu_compat
 
     if cpu_compat._device_mode is not None:
         pytest.skip("an earlier test of this process left the redirects installed")
