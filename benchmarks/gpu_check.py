@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -299,6 +300,12 @@ class Checker:
     def vllm(self) -> dict:
         if importlib.util.find_spec("vllm") is None:
             return {"status": "skipped: vllm missing"}
+        import torch.distributed as dist
+
+        if dist.get_world_size() > 1:
+            # an engine in this process with its own TP 1 world; engines on every rank of a
+            # torchrun world (external_launcher) are the rollout issue's colocated placement
+            return {"status": "skipped: needs a world of 1 (one engine per rank is not built yet)"}
         from megatron_revisual.convert.export import stream_hf_tensors
         from megatron_revisual.rollout.engine import VLLMEngineConfig, create_engine
         from megatron_revisual.rollout.types import SamplingConfig
@@ -388,8 +395,12 @@ def main(argv: list[str] | None = None) -> int:
 
     initialize_parallel(tp=1, pp=1)
     world = dist.get_world_size()
-    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        hf_dir = Path(tmp) / "model"
+    # one directory for every rank (the same node: torchrun --nproc-per-node), written by rank 0
+    box = [tempfile.mkdtemp(prefix="gpu_check-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    try:
+        hf_dir = tmp / "model"
         if dist.get_rank() == 0:
             make_tiny_checkpoint(hf_dir, seed=0, spec=_spec(args.tiny, args.layers))
         dist.barrier()
@@ -406,8 +417,13 @@ def main(argv: list[str] | None = None) -> int:
                               "world_size": world, "backend": dist.get_backend(), "torch": torch.__version__,
                               "layers": None if args.tiny else args.layers, "dtype": str(checker.dtype)}), flush=True)
         checker.run()
-    if dist.is_initialized():
-        destroy_parallel()
+    finally:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
+        if dist.is_initialized():
+            dist.barrier()
+            destroy_parallel()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 1 if checker.failed else 0
 
 
