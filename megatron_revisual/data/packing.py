@@ -21,6 +21,11 @@ padding after it. Padding tokens carry `pad_token_id`, position 0, label 0 and l
   sequence's padding (sequence parallelism needs T divisible by TP; with CP, each CP rank's
   T / cp_size tokens must divide by TP, so pass tp * cp_size).
 
+`row_length_multiple` gives the `pad_to_multiple_of` a training step needs: TP with sequence
+parallelism, 2 * CP with context parallelism, and with FP8 the per-rank token count that
+Transformer Engine's FP8 GEMMs need (16 for the delayed and tensorwise recipes, 32 for mxfp8,
+128 for blockwise), each rank holding T / (TP * CP) tokens under SP.
+
 Labels are next-token targets inside a sequence: labels[j] = input_ids[j + 1], and the last
 token of every sequence has loss_mask 0, so no token is trained to predict the next sequence.
 """
@@ -36,6 +41,27 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig, packed_rope_index
 from megatron_revisual.parallel.context_parallel import pad_for_cp, padded_token_index
+
+# Tokens per rank that a Transformer Engine FP8 GEMM needs as a multiple, by FP8 recipe: the GEMM's
+# token dimension is scaled in blocks (mxfp8: 1x32; blockwise: 1x128 and 128x128) or, for the
+# per-tensor recipes, must meet the FP8 kernels' 16-element alignment.
+FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
+
+
+def row_length_multiple(*, tp: int, sequence_parallel: bool, cp: int, fp8_recipe: str | None) -> int:
+    """The multiple a packed row's length T must be for one training step.
+
+    Under sequence parallelism each TP rank holds T / TP tokens of the row (T / (TP * CP) with
+    CP), so those must be a multiple of the FP8 recipe's block; without SP every TP rank holds
+    all T. With CP every sequence is split into 2 * CP chunks (load-balanced order), so the row
+    is a multiple of 2 * CP times the per-rank multiple. `fp8_recipe` None: no FP8."""
+    if tp < 1 or cp < 1:
+        raise ValueError(f"tp={tp} and cp={cp} must be >= 1")
+    if fp8_recipe is not None and fp8_recipe not in FP8_TOKEN_MULTIPLE:
+        raise ValueError(f"fp8_recipe={fp8_recipe!r}: expected one of {sorted(FP8_TOKEN_MULTIPLE)} or None")
+    per_rank = FP8_TOKEN_MULTIPLE[fp8_recipe] if fp8_recipe is not None else 1
+    multiple = per_rank * (tp if sequence_parallel else 1)
+    return multiple * 2 * cp if cp > 1 else multiple
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

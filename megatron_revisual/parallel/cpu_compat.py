@@ -101,11 +101,12 @@ def _cuda_style_type(
     return _original_tensor_type(self, dtype, non_blocking, **kwargs)
 
 
-def install_cpu_compat() -> None:
-    """Point Megatron-Core's CUDA assumptions at the CPU; idempotent, a no-op with a GPU."""
+def install_cpu_compat() -> bool:
+    """Point Megatron-Core's CUDA assumptions at the CPU; idempotent, a no-op with a GPU.
+    Returns whether this call installed them (the caller then owns `uninstall_cpu_compat`)."""
     global _device_mode
     if torch.cuda.is_available() or _device_mode is not None:
-        return
+        return False
     from megatron.core.tensor_parallel import random as mcore_random
 
     # GPTModel, attention, DotProductAttention, p2p_communication and TransformerLayer pass
@@ -136,10 +137,12 @@ def install_cpu_compat() -> None:
     _device_mode = _CudaToCpuDeviceMode()
     _device_mode.__enter__()
     logging.getLogger(mcore_random.__name__).addFilter(_warning_filter)
+    return True
 
 
-def _uninstall_cpu_compat() -> None:
-    """Undo `install_cpu_compat()`; for tests that must not leak it into the rest of a session."""
+def uninstall_cpu_compat() -> None:
+    """Undo `install_cpu_compat()`: a process that ran ranks in-process (a one-rank conversion,
+    a test) gets torch's own CUDA functions back."""
     global _device_mode
     if _device_mode is None:
         return

@@ -31,7 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_revisual.parallel.cpu_compat import install_cpu_compat
+from megatron_revisual.parallel.cpu_compat import install_cpu_compat, uninstall_cpu_compat
+
+# Whether initialize_parallel installed the CPU redirects in this process (destroy_parallel
+# removes them again).
+_compat_installed_here = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,7 +96,9 @@ def initialize_parallel(
     timeout_s: float = 600.0,
 ) -> ParallelLayout:
     """Start torch.distributed from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT) and Megatron-Core's parallel state on top; seeds Megatron's RNG tracker."""
+    MASTER_PORT) and Megatron-Core's parallel state on top; seeds Megatron's RNG tracker.
+    Without a GPU it installs the CPU redirects (`cpu_compat`), which `destroy_parallel` removes."""
+    global _compat_installed_here
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = ParallelLayout.for_world(world_size, tp=tp, pp=pp, cp=cp, vpp=vpp)
     from megatron.core import parallel_state, tensor_parallel
@@ -102,7 +108,7 @@ def initialize_parallel(
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
-        install_cpu_compat()
+        _compat_installed_here = install_cpu_compat() or _compat_installed_here
     backend = backend or ("nccl" if on_gpu else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(
@@ -126,9 +132,13 @@ def destroy_parallel() -> None:
     """Tear down Megatron's parallel state and the default process group."""
     from megatron.core import parallel_state
 
+    global _compat_installed_here
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _compat_installed_here:  # the CPU redirects leave with the ranks that needed them
+        uninstall_cpu_compat()
+        _compat_installed_here = False
 
 
 class RankError(RuntimeError):

@@ -31,6 +31,7 @@ from megatron_revisual.data.datasets import (
     load_prompt_dataset,
     rollout_request,
 )
+from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import pad_step
@@ -55,8 +56,8 @@ from megatron_revisual.train.stages import (
     dp_info,
     load_tokenizer_and_processor,
     mean,
+    row_multiple,
     skipped_report,
-    sp_multiple,
     step_seed,
 )
 
@@ -268,7 +269,7 @@ class GRPOLoop:
     def _batches(self, policy_samples: list[PolicySample]):
         return build_policy_batches(
             policy_samples, config=self.mrope, micro_batch_tokens=self.stage.micro_batch_tokens,
-            pad_to_multiple_of=sp_multiple(self.cfg), pad_token_id=self.tokenizer.pad_token_id or 0,
+            pad_to_multiple_of=row_multiple(self.cfg), pad_token_id=self.tokenizer.pad_token_id or 0,
         )
 
     # --- the step ------------------------------------------------------------------------------
@@ -408,7 +409,7 @@ class GRPOLoop:
             for k, i in enumerate(mine):
                 out[i] = float(kl_penalty(old[k], ref[k], rl.kl_kind).sum())
         if dp > 1:
-            dist.all_reduce(out, group=ps.get_data_parallel_group())
+            out = all_reduce(out, group=ps.get_data_parallel_group())
         return out
 
     def _correction_metrics(self, corrections: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -416,8 +417,8 @@ class GRPOLoop:
         sums = torch.stack([c[0] for c in corrections]).sum(0)
         maxima = torch.stack([c[1] for c in corrections]).max(0).values
         if ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(sums, group=ps.get_data_parallel_group())
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+            sums = all_reduce(sums, group=ps.get_data_parallel_group())
+            maxima = all_reduce(maxima, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         return correction_metrics(sums, maxima, self.stage.rl.rollout_correction)
 
     def _logprob_diff(self, diffs: list[torch.Tensor]) -> dict[str, float]:
@@ -427,8 +428,8 @@ class GRPOLoop:
         stats = torch.tensor([float(flat.sum()), float(flat.numel())], dtype=torch.float64)
         top = torch.tensor([float(flat.max()) if flat.numel() else 0.0], dtype=torch.float64)
         if ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(stats, group=ps.get_data_parallel_group())
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+            stats = all_reduce(stats, group=ps.get_data_parallel_group())
+            top = all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         n = float(stats[1])
         return {"rollout/logprob_diff_mean": float(stats[0]) / n if n else math.nan,
                 "rollout/logprob_diff_max": float(top[0])}

@@ -35,6 +35,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_revisual.config.schema import ModelConfig, RolloutCorrectionConfig
 from megatron_revisual.data.packing import PackedBatch, Sample, pack_sequences
 from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig
+from megatron_revisual.parallel.device import all_reduce, compute_device, to_device
 from megatron_revisual.rl.logprobs import vocab_parallel_log_probs_and_entropy
 from megatron_revisual.rl.losses import (
     AGGREGATIONS,
@@ -277,7 +278,7 @@ def response_values(micro_batches: Sequence[PolicyMicroBatch], per_token: Sequen
 
 def _sequence_rows(mb: PolicyMicroBatch) -> torch.Tensor:
     """[n, T] float mask: row k marks the loss tokens of the row's k-th sequence."""
-    return (mb.sequence_index == torch.arange(mb.num_sequences).unsqueeze(1)).float()
+    return (mb.sequence_index == torch.arange(mb.num_sequences, device=mb.sequence_index.device).unsqueeze(1)).float()
 
 
 def apply_rollout_correction(
@@ -345,14 +346,16 @@ def run_packed_schedule(
     forward_only: bool,
 ) -> list[dict[str, Any]]:
     """Megatron's forward(-backward) schedule over packed rows (anything with a `.packed`
-    PackedBatch); `loss_func(item, logits)`; the results live on the last pipeline stage."""
+    PackedBatch); `loss_func(item, logits)`; the results live on the last pipeline stage.
+    Each row is built on the host and moved to the compute device here, whole (tokens, labels,
+    masks, RL tensors, pixels, cu_seqlens), as it enters the model; `loss_func` gets the moved one."""
     chunks = _chunks(model)
     if ps.get_context_parallel_world_size() > 1:
         raise NotImplementedError("grpo_step does not split RL tensors for context parallelism yet")
     config = chunks[0].config
 
     def forward_step(data_iterator, m):
-        mb = next(data_iterator)
+        mb = to_device(next(data_iterator))
         p = mb.packed
         output = m(
             p.input_ids, p.position_ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
@@ -381,11 +384,10 @@ def run_packed_schedule(
 
 def _from_last_stage(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Broadcast tensors that only the last pipeline stage holds (shapes known everywhere) to the
-    whole pipeline group: the sum with zeros elsewhere."""
+    whole pipeline group: the sum with zeros elsewhere (all on one device)."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
+    flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]), group=ps.get_pipeline_model_parallel_group())
     return list(flat.split([t.numel() for t in tensors]))
 
 
@@ -398,7 +400,8 @@ def compute_log_probs(
 ) -> list[torch.Tensor]:
     """Per-token log p(label) [1, T] (float32, 0 off the loss mask) of every micro-batch, under
     `model` (the policy for old log-probs, the frozen reference for KL); forward only.
-    Collective over the model-parallel group: every rank returns the same values."""
+    Collective over the model-parallel group: every rank returns the same values, on the host
+    (beside the micro-batches they are attached to)."""
     vocab = _real_vocab_size(_chunks(model)[0])
     for m in _chunks(model):
         m.eval()
@@ -411,8 +414,8 @@ def compute_log_probs(
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         values = [o["log_probs"].reshape(mb.advantages.shape) for o, mb in zip(out, micro_batches, strict=True)]
     else:
-        values = [torch.zeros(mb.advantages.shape) for mb in micro_batches]
-    return [v.reshape(mb.advantages.shape) for v, mb in zip(_from_last_stage(values), micro_batches, strict=True)]
+        values = [torch.zeros(mb.advantages.shape, device=compute_device()) for mb in micro_batches]
+    return [v.reshape(mb.advantages.shape).cpu() for v, mb in zip(_from_last_stage(values), micro_batches, strict=True)]
 
 
 def global_loss_counts(micro_batches: Sequence[PolicyMicroBatch]) -> tuple[float, float]:
@@ -423,25 +426,25 @@ def global_loss_counts(micro_batches: Sequence[PolicyMicroBatch]) -> tuple[float
         dtype=torch.float64,
     )
     if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        counts = all_reduce(counts, group=ps.get_data_parallel_group())
     return float(counts[0]), float(counts[1])
 
 
 def grads_are_finite(model: torch.nn.Module | list[torch.nn.Module]) -> bool:
     """Whether every gradient on every rank is finite (collective over the world). Reads
-    Megatron DDP's `main_grad` buffers (after the schedule's DP reduction) or `.grad`."""
-    bad = 0.0
+    Megatron DDP's `main_grad` buffers (after the schedule's DP reduction) or `.grad`, on their
+    device, and reads back one flag."""
+    flags = []
     for chunk in _chunks(model):
         for p in chunk.parameters():
             g = getattr(p, "main_grad", None)
             g = p.grad if g is None else g
-            if g is not None and not bool(torch.isfinite(g).all()):
-                bad = 1.0
-                break
-    flag = torch.tensor([bad])
+            if g is not None:
+                flags.append(torch.isfinite(g).all().logical_not())
+    bad = torch.stack(flags).any().float().reshape(1) if flags else torch.zeros(1, device=compute_device())
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+        bad = all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
 
 
 def step_if_finite(model: torch.nn.Module | list[torch.nn.Module], optimizer: Any,
@@ -548,11 +551,11 @@ def grpo_update(
     lr = float(optimizer.param_groups[0]["lr"])
     finite, update_successful, grad_norm = step_if_finite(chunks, optimizer, scheduler)
 
-    totals = torch.zeros(len(names), dtype=torch.float64)
+    totals = torch.zeros(len(names), dtype=torch.float64, device=compute_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         totals = torch.stack([o["stats"] for o in out]).sum(0)
         if ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+            totals = all_reduce(totals, group=ps.get_data_parallel_group())
     totals = _from_last_stage([totals])[0]
     metrics = {k: float(v) for k, v in zip(names, totals.tolist(), strict=True)}
     if not has_ref:

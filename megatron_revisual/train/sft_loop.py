@@ -10,6 +10,7 @@ the step on all DP ranks, so it does not depend on how the step is cut into rows
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from megatron.core import parallel_state as ps
 from megatron_revisual.data.datasets import PromptDataset, PromptLoader, load_prompt_dataset
 from megatron_revisual.data.packing import pack_sequences
 from megatron_revisual.data.sft import SFTFormatter, pack_groups
+from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.train.grpo_step import (
     _chunks,
     _from_last_stage,
@@ -33,8 +35,8 @@ from megatron_revisual.train.stages import (
     dataset_spec,
     dp_info,
     load_tokenizer_and_processor,
+    row_multiple,
     skipped_report,
-    sp_multiple,
 )
 
 __all__ = ["SFTLoop", "load_sft_set"]
@@ -50,11 +52,11 @@ def load_sft_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset:
     )
 
 
+@dataclasses.dataclass(frozen=True)
 class _Row:
-    """One packed row as `run_packed_schedule` takes it."""
+    """One packed row as `run_packed_schedule` takes it (a dataclass, so `to_device` moves it)."""
 
-    def __init__(self, packed: Any) -> None:
-        self.packed = packed
+    packed: Any
 
 
 class SFTLoop:
@@ -106,17 +108,16 @@ class SFTLoop:
         records = self.loader.next_batch()
         examples = [e for r in records[dp_rank::dp] if (e := self.formatter(r)) is not None]
         counts = torch.tensor([len(examples), sum(e.num_target_tokens for e in examples)], dtype=torch.float64)
-        smallest = counts[:1].clone()
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        smallest = all_reduce(counts[:1], op=dist.ReduceOp.MIN)
         if ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(counts, group=ps.get_data_parallel_group())
+            counts = all_reduce(counts, group=ps.get_data_parallel_group())
         skipped = {f"sft/{k}": v for k, v in sorted(self.formatter.counts.items())}
         if smallest.item() == 0:  # a DP rank with nothing to train on: no rank steps
             return {"skipped_step": 1.0, **skipped}
         tokens = float(counts[1])
         rows = [
             _Row(pack_sequences([examples[i].to_sample() for i in group], config=self.mrope,
-                                pad_to_multiple_of=sp_multiple(self.cfg),
+                                pad_to_multiple_of=row_multiple(self.cfg),
                                 pad_token_id=self.tokenizer.pad_token_id or 0))
             for group in pack_groups([e.num_tokens for e in examples], self.stage.max_length)
         ]
@@ -138,7 +139,7 @@ class SFTLoop:
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             total[0] = sum(float(o["nll"]) for o in out)
             if dp > 1:
-                dist.all_reduce(total, group=ps.get_data_parallel_group())
+                total = all_reduce(total, group=ps.get_data_parallel_group())
         total = _from_last_stage([total])[0]
         return {
             "loss": float(total[0]) / tokens,

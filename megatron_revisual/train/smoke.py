@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_revisual.config.schema import OptimConfig, RunConfig
 from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
 from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES, build_qwen25_vl
+from megatron_revisual.parallel.device import all_reduce, compute_device, to_device
 
 
 def wrap_ddp(cfg: RunConfig, model: torch.nn.Module) -> DistributedDataParallel:
@@ -111,12 +112,12 @@ def smoke_train_rank(cfg: RunConfig, token_ids: list[int]) -> list[dict[str, flo
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     # Same generator on every rank: each DP rank takes its own slice of the global batch.
     generator = torch.Generator().manual_seed(t.seed)
-    position_ids = torch.arange(t.seq_length).unsqueeze(0).expand(t.micro_batch_size, -1)
+    position_ids = torch.arange(t.seq_length, device=compute_device()).unsqueeze(0).expand(t.micro_batch_size, -1)
     if cfg.model.vision is not None:  # text tokens: the same position on all three M-RoPE axes
         position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         output = model(batch[:, :-1], position_ids, attention_mask=None, labels=batch[:, 1:])
 
         def loss_func(per_token_loss: torch.Tensor):
@@ -144,12 +145,11 @@ def smoke_train_rank(cfg: RunConfig, token_ids: list[int]) -> list[dict[str, flo
         _, grad_norm, _ = optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(increment=1)
-        loss = torch.zeros(1)
+        loss = torch.zeros(1, device=compute_device())
         if ps.is_pipeline_last_stage():
-            loss[0] = torch.stack([x["lm_loss"] for x in losses]).mean()
-            torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
-            loss /= dp
+            loss = torch.stack([x["lm_loss"] for x in losses]).mean().reshape(1)
+            loss = all_reduce(loss, group=ps.get_data_parallel_group()) / dp
         # Every rank reports the same numbers: sum over the pipeline (only the last stage is non-zero).
-        torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+        loss = all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
         history.append({"step": step + 1, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr})
     return history

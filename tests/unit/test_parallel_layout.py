@@ -65,10 +65,10 @@ def compat_undone_afterwards():
     earlier tests in the same pytest process (in-process ranks) may have installed them."""
     already_installed = cpu_compat._device_mode is not None
     if already_installed:
-        cpu_compat._uninstall_cpu_compat()
+        cpu_compat.uninstall_cpu_compat()
     yield
     if cpu_compat._device_mode is not None:
-        cpu_compat._uninstall_cpu_compat()
+        cpu_compat.uninstall_cpu_compat()
     if already_installed:
         install_cpu_compat()
 
@@ -125,7 +125,7 @@ def test_install_twice_is_safe_and_redirects_to_cpu(compat_undone_afterwards) ->
     mcore_random._set_cuda_rng_state(state)
     assert torch.equal(torch.rand(3), first)
 
-    cpu_compat._uninstall_cpu_compat()
+    cpu_compat.uninstall_cpu_compat()
     assert torch.cuda.current_device is original_current_device
     assert torch.ones(2).type() == "torch.FloatTensor"
 
@@ -170,3 +170,21 @@ def test_local_layer_spec_uses_our_norm_in_every_slot() -> None:
     assert spec.input_layernorm is spec.pre_mlp_layernorm is RMSNorm
     assert attention.q_layernorm is attention.k_layernorm is RMSNorm
     assert local_gpt_layer_spec().submodules.self_attention.submodules.q_layernorm is IdentityOp
+
+
+@needs_no_gpu
+def test_a_one_rank_launch_leaves_no_redirect_behind(compat_undone_afterwards) -> None:
+    """convert.dist_io.launch runs one rank in the caller's process: the CPU redirects it needs
+    leave with it (they used to stay, turning every later 'cuda' tensor of the process into a
+    CPU one)."""
+    from megatron_revisual.convert.dist_io import launch
+
+    original = torch.cuda.current_device
+    modes = torch._C._len_torch_function_stack()
+    inside = launch(lambda: (torch.cuda.current_device(), torch.zeros(1, device="cuda").device.type), tp=1, pp=1)
+    assert inside == [(torch.device("cpu"), "cpu")]  # redirected while the rank ran
+    assert torch.cuda.current_device is original
+    assert torch._C._len_torch_function_stack() == modes
+    assert cpu_compat._device_mode is None
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")

@@ -1,0 +1,96 @@
+"""The GPU install set resolves: torch, vLLM, Megatron-Core, transformers, Transformer Engine and
+flash-attn at the versions launch_scripts/constraints.txt pins, for Python 3.12 on x86_64 Linux.
+
+Resolution only: `uv pip compile` reads wheel metadata without downloading the wheels (several
+GB of CUDA libraries) and resolves for the GPU platform from this CPU machine. pip cannot do
+this here: `pip install --dry-run --report` downloads every wheel whole and must build
+transformer-engine-torch and flash-attn, which PyPI has as source only, to read their
+requirements (that build needs torch and the CUDA toolkit). Their requirements are therefore
+given as their sdists' PKG-INFO states them, in pyproject's [tool.uv.dependency-metadata].
+Needs the package index (CI reaches PyPI).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[2]
+CONSTRAINTS = ROOT / "launch_scripts" / "constraints.txt"
+GPU_PLATFORM = ["--python-version", "3.12", "--python-platform", "x86_64-manylinux_2_28"]
+
+
+def _uv() -> str:
+    uv = Path(sys.executable).with_name("uv")
+    found = str(uv) if uv.exists() else shutil.which("uv")
+    assert found, "uv is not installed: run launch_scripts/setup_env.sh (it is in the dev extra)"
+    return found
+
+
+def _pins(text: str) -> dict[str, str]:
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return {(r := Requirement(line)).name: str(r.specifier).removeprefix("==") for line in lines if line}
+
+
+def _resolve(constraints: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_uv(), "pip", "compile", str(ROOT / "pyproject.toml"), "--extra", "gpu", "--constraint", str(constraints),
+         *GPU_PLATFORM, "--no-header", "--quiet", "--output-file", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+
+
+def test_the_gpu_set_resolves_at_the_pinned_versions(tmp_path):
+    done = _resolve(CONSTRAINTS, tmp_path / "gpu.txt")
+    assert done.returncode == 0, done.stderr
+    resolved = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (tmp_path / "gpu.txt").read_text(), re.M))
+    pins = _pins(CONSTRAINTS.read_text())
+    for name in ("torch", "torchvision", "megatron-core", "transformers", "vllm", "transformer-engine",
+                 "transformer-engine-torch", "transformer-engine-cu13", "flash-attn"):
+        assert resolved.get(name) == pins[name], f"{name}: resolved {resolved.get(name)}, pinned {pins[name]}"
+    # one CUDA major for torch's libraries and Transformer Engine's core
+    assert {"nvidia-nccl-cu13", "nvidia-cudnn-cu13", "transformer-engine-cu13"} <= set(resolved)
+    assert "transformer-engine-cu12" not in resolved and "nvidia-nccl-cu12" not in resolved
+
+
+def test_a_set_that_cannot_resolve_fails_and_names_the_conflict(tmp_path):
+    broken = tmp_path / "constraints.txt"
+    # Transformer Engine's torch extension of 2.20.2 needs its core at the same version
+    broken.write_text(CONSTRAINTS.read_text().replace("transformer-engine-cu13==2.20.2", "transformer-engine-cu13==2.19.0"))
+    done = _resolve(broken, tmp_path / "gpu.txt")
+    assert done.returncode != 0
+    assert "transformer-engine-cu13==2.19.0" in done.stderr.replace("\n", " "), done.stderr
+
+
+def test_the_source_only_packages_metadata_is_for_the_pinned_versions():
+    pins = _pins(CONSTRAINTS.read_text())
+    given = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["uv"]["dependency-metadata"]
+    assert {m["name"]: m["version"] for m in given} == {
+        "transformer-engine-torch": pins["transformer-engine-torch"], "flash-attn": pins["flash-attn"]}
+    te = next(m for m in given if m["name"] == "transformer-engine-torch")
+    assert f"transformer_engine_cu13=={pins['transformer-engine-cu13']}" in te["requires-dist"]
+
+
+@pytest.mark.parametrize("name", ["torch", "vllm", "megatron-core", "transformers"])
+def test_cpu_and_gpu_share_one_pin(name):
+    # the GPU set is resolved against the same file the CPU environment is installed from
+    assert name in _pins(CONSTRAINTS.read_text())
+
+
+def test_the_dockerfile_copies_what_exists_and_installs_under_the_constraints():
+    text = (ROOT / "launch_scripts" / "Dockerfile").read_text()
+    sources = re.findall(r"^COPY (.+) \S+$", text, re.M)
+    assert sources, "no COPY line"
+    for line in sources:
+        for src in line.split():
+            assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+    installs = re.findall(r"pip install [^\n]*", text)
+    assert installs and all("-c launch_scripts/constraints.txt" in line for line in installs), installs
+    assert '".[gpu]"' in text
