@@ -7,7 +7,8 @@ this here: `pip install --dry-run --report` downloads every wheel whole and must
 transformer-engine-torch and flash-attn, which PyPI has as source only, to read their
 requirements (that build needs torch and the CUDA toolkit). Their requirements are therefore
 given as their sdists' PKG-INFO states them, in pyproject's [tool.uv.dependency-metadata].
-Needs the package index (CI reaches PyPI).
+Needs the package index (CI reaches PyPI), through the system's certificate store
+(`--system-certs`: the machines' TLS goes through a certificate uv does not bundle).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _pins(text: str) -> dict[str, str]:
 def _resolve(constraints: Path, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [_uv(), "pip", "compile", str(ROOT / "pyproject.toml"), "--extra", "gpu", "--constraint", str(constraints),
-         *GPU_PLATFORM, "--no-header", "--quiet", "--output-file", str(out)],
+         *GPU_PLATFORM, "--system-certs", "--no-header", "--quiet", "--output-file", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
 
