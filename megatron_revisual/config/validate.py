@@ -334,6 +334,13 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
                 f"{name}.rollout.tensor_parallel_size={tp} must divide the world size {world}; "
                 f"use one of {divisors(world)}"
             )
+        train_tp = cfg.parallel.tensor_model_parallel_size
+        if tp >= 1 and train_tp % tp and tp % train_tp:
+            problems.append(
+                f"{name}.rollout.tensor_parallel_size={tp} and parallel.tensor_model_parallel_size="
+                f"{train_tp}: one must divide the other (an engine's weights are gathered or split "
+                "within the training TP group)"
+            )
         problems += reward_config_problems(
             preset=rl.reward_preset, grader=rl.reward_grader, weights=rl.reward_weights,
             length_budget=rl.length_budget,

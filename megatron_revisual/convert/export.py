@@ -179,8 +179,10 @@ def stream_hf_tensors(
     model_cfg: ModelConfig,
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    exclude: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) for the whole model from a TP/PP-sharded Megatron model.
+    """Yield (HF name, tensor) for the whole model from a TP/PP-sharded Megatron model, except
+    the tensors whose HF names all start with a prefix in `exclude` (not gathered either).
 
     Collective: every rank of the model-parallel world must iterate it to the end, in step.
     `model` is this rank's model (or its list of virtual-pipeline chunks, or DDP wrappers);
@@ -191,6 +193,8 @@ def stream_hf_tensors(
     rules = export_rules(model_cfg, model_layer_backend(list(local)))
     ctx = mapping_context(model_cfg, tp)
     items = _plan(local, rules, model_cfg, ctx, pp, pp_group)
+    if exclude:
+        items = [it for it in items if not all(h.startswith(exclude) for h in it.rule.hf)]
     device = next(iter(local.values())).device
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [0]
     for bucket in _buckets(items, bucket_bytes):

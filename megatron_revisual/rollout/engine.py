@@ -245,6 +245,7 @@ class PreparedRequest:
     prompt: str
     images: list[Any]  # decoded PIL images
     prompt_tokens: int
+    seed_index: int  # see RolloutRequest.seed_index
 
 
 def _is_vision_checkpoint(model_path: str | Path) -> bool:
@@ -324,7 +325,8 @@ class PromptPreparer:
                 continue
             prepared.append(
                 PreparedRequest(
-                    index=i, prompt=request.prompt, images=images, prompt_tokens=n_tokens
+                    index=i, prompt=request.prompt, images=images, prompt_tokens=n_tokens,
+                    seed_index=i if request.seed_index is None else request.seed_index,
                 )
             )
         return prepared, skipped

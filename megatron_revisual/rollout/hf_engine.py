@@ -151,7 +151,7 @@ class HFEngine(RolloutEngine):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
             if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + p.index * sampling.n)
+                torch.manual_seed(sampling.seed + p.seed_index * sampling.n)
             out = self.model.generate(**inputs, **kwargs)
         prompt_ids = inputs["input_ids"][0].tolist()
         new_tokens = out.sequences[:, len(prompt_ids) :].tolist()

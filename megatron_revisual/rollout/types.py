@@ -86,10 +86,14 @@ class SamplingConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutRequest:
     """One prompt: chat-templated text with one ``<|vision_start|><|image_pad|><|vision_end|>``
-    placeholder per image, in the order of ``images``."""
+    placeholder per image, in the order of ``images``. ``seed_index`` is the index a seeded
+    request's sampling seed is derived from (``SamplingConfig.seed + seed_index * n + j``);
+    None: its position in the list. A batch split over several engines keeps each request's
+    index in the whole batch here, so its samples do not depend on which engine serves it."""
 
     prompt: str
     images: tuple[ImageLike, ...] = ()
+    seed_index: int | None = None
 
     @classmethod
     def with_image(cls, prompt: str, image: ImageLike | None) -> RolloutRequest:

@@ -264,10 +264,10 @@ class VLLMEngine(RolloutEngine):
             return EngineCrashedError(message)
         return RolloutEngineError(message)
 
-    def _sampling_params(self, sampling: SamplingConfig, request_index: int) -> Any:
+    def _sampling_params(self, sampling: SamplingConfig, seed_index: int) -> Any:
         from vllm import SamplingParams
 
-        seed = None if sampling.seed is None else sampling.seed + request_index * sampling.n
+        seed = None if sampling.seed is None else sampling.seed + seed_index * sampling.n
         return SamplingParams(
             # vLLM refuses n > 1 when greedy: the samples would be identical, so one is copied
             n=1 if sampling.temperature == 0 else sampling.n,
@@ -297,7 +297,7 @@ class VLLMEngine(RolloutEngine):
                     "image": p.images[0] if len(p.images) == 1 else p.images
                 }
             inputs.append(item)
-            params.append(self._sampling_params(sampling, p.index))
+            params.append(self._sampling_params(sampling, p.seed_index))
         samples: list[RolloutSample] = []
         if inputs:
             try:

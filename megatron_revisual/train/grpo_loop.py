@@ -16,6 +16,7 @@ before the advantages: one extra forward pass of each model over the step), roll
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +38,7 @@ from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import pad_step
 from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_reward
 from megatron_revisual.rl.rollout_correction import correction_metrics
+from megatron_revisual.rollout.colocated import ColocatedRollout, Placement
 from megatron_revisual.rollout.engine import load_image
 from megatron_revisual.rollout.types import SamplingConfig
 from megatron_revisual.train.grpo_step import (
@@ -95,7 +97,11 @@ class GRPOLoop:
         self.updates_per_step = planned_updates_per_step(stage_cfg)
         self.updates_done = 0  # optimizer updates of this stage: the entropy schedule's clock
         self.mrope = mrope_config(self.cfg.model)
-        self.engine = None
+        r = stage_cfg.rollout
+        self.placement = Placement(world_size=dist.get_world_size(), engine_tp=r.tensor_parallel_size,
+                                   mode=r.placement)
+        self.rollout: ColocatedRollout | None = None
+        self.last_sync = None
         self.reward_pool = None
         self.rollout_skips: Counter = Counter()
 
@@ -106,7 +112,8 @@ class GRPOLoop:
     def describe(self) -> str:
         s = self.stage
         return (f"{len(self.dataset)} prompts, {s.rollout_batch_size} x n={s.rollout.n} per step, "
-                f"updates of {s.global_batch_size} prompts' samples, engine {s.rollout.engine}")
+                f"updates of {s.global_batch_size} prompts' samples, {self.placement.num_engines} "
+                f"{s.rollout.engine} engine(s) ({s.rollout.placement})")
 
     def data_report(self) -> dict[str, int]:
         report = {"data/usable_rows": len(self.dataset), **skipped_report("data/skipped", self.dataset.skipped)}
@@ -153,10 +160,11 @@ class GRPOLoop:
         return {"pad_tau": self.pad_tau(stage_step), "entropy_coef": self.entropy_coef(self.updates_done),
                 "updates_done": self.updates_done}
 
-    def _start_engine(self):
+    def _make_engine(self):
+        """This rank's engine (or its part of one) for `rollout.colocated.ColocatedRollout`."""
+        from megatron_revisual.rollout.colocated import engine_threads
         from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig, create_engine
         from megatron_revisual.rollout.remote import EngineProcess
-        from megatron_revisual.train.stages import env_threads
 
         r = self.stage.rollout
         settings = {
@@ -170,18 +178,38 @@ class GRPOLoop:
         if r.engine == "transformers":
             return create_engine(HFEngineConfig(**settings))
         on_gpu = torch.cuda.is_available()
+        colocated = r.placement == "colocated"
+        if on_gpu and colocated:
+            # inside this rank: the engine's TP group is formed from the torchrun world, and the
+            # weight stream reaches vLLM's load_weights without leaving the GPU
+            return create_engine(VLLMEngineConfig(
+                **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+                gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=True,
+                distributed_executor_backend="external_launcher",
+            ))
+        if colocated and r.tensor_parallel_size != 1:
+            raise ValueError(
+                f"{self.name}.rollout.tensor_parallel_size={r.tensor_parallel_size} with placement "
+                "'colocated' needs GPUs (vLLM's external_launcher); on CPU each rank's engine has "
+                "tensor_parallel_size 1 (set it to 1, or rollout.placement=rank0)"
+            )
         config = VLLMEngineConfig(
             **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
             gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=on_gpu,
             cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
             cpu_prepack_weights=r.cpu_prepack_weights,
         )
-        return EngineProcess(config, env=env_threads(), start_timeout_s=1800, call_timeout_s=3600,
-                             log_path=Path(self.cfg.output_dir) / "logs" / "engine.log")
+        threads = os.environ.get("REVISUAL_ENGINE_THREADS", str(engine_threads(self.placement)))
+        log_name = "engine.log" if self.placement.num_engines == 1 else f"engine{self.rank}.log"
+        return EngineProcess(config, env={"OMP_NUM_THREADS": threads}, start_timeout_s=1800,
+                             call_timeout_s=3600, log_path=Path(self.cfg.output_dir) / "logs" / log_name)
 
     def start(self, resumed_at: int) -> None:
+        from megatron_revisual.rollout.colocated import ColocatedRollout
+
+        frozen = ("visual.",) if getattr(self.stage, "freeze_vision_tower", False) else ()
+        self.rollout = ColocatedRollout(self.placement, self._make_engine, rank=self.rank, frozen_prefixes=frozen)
         if self.rank == 0:
-            self.engine = self._start_engine()
             rl = self.stage.rl
             if rl.reward_workers:
                 from megatron_revisual.rl.reward_pool import RewardPool
@@ -193,34 +221,35 @@ class GRPOLoop:
             self._sync_weights()
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        if self.rollout is not None:
+            self.rollout.close()
+            self.rollout = None
         if self.reward_pool is not None:
             self.reward_pool.close()
             self.reward_pool = None
 
     # --- pieces of a step ------------------------------------------------------------------
     def _sync_weights(self) -> float:
+        """The trainer's weights into every engine (collective); wakes sleeping engines."""
         from megatron_revisual.convert.export import stream_hf_tensors
 
-        t0 = time.perf_counter()
         bucket = self.stage.rollout.weight_bucket_mb * 2**20
-        stream = stream_hf_tensors(self.model, self.cfg.model, bucket_bytes=bucket)
-        if self.rank == 0:
-            self.engine.update_weights(stream, bucket_bytes=bucket)
-        else:
-            for _ in stream:  # collective gathers: follow rank 0
-                pass
-        return time.perf_counter() - t0
+        report = self.rollout.sync_weights(
+            lambda exclude: stream_hf_tensors(self.model, self.cfg.model, bucket_bytes=bucket, exclude=exclude),
+            bucket_bytes=bucket,
+        )
+        self.last_sync = report
+        return report.seconds
 
     def _generate(self, records, sampling: SamplingConfig):
-        """Rank 0 samples; every rank gets the batch, samples ordered by (request, sample)."""
-        batch = None
-        if self.rank == 0:
-            batch = self.engine.generate([rollout_request(r, self.tokenizer) for r in records], sampling)
-        batch = _broadcast(batch)
-        return sorted(batch.samples, key=lambda s: (s.request_index, s.sample_index)), batch
+        """Every engine samples its share; every rank gets the batch, ordered by (request, sample)."""
+        from megatron_revisual.rollout.colocated import request_cost
+
+        requests = [rollout_request(r, self.tokenizer) for r in records]
+        costs = [request_cost(len(self.tokenizer(q.prompt, add_special_tokens=False)["input_ids"]), len(q.images))
+                 for q in requests]
+        batch = self.rollout.generate(requests, sampling, costs=costs)
+        return batch.samples, batch
 
     def _score(self, records, samples) -> list[dict[str, float]]:
         scores = None
@@ -282,6 +311,7 @@ class GRPOLoop:
         sampling = SamplingConfig(n=r.n, max_tokens=r.max_response_length, temperature=r.temperature,
                                   top_p=r.top_p, top_k=r.top_k, seed=step_seed(self.cfg.train.seed, global_step))
         samples, batch = self._generate(records, sampling)
+        self.rollout.sleep()  # the engines' memory is the trainer's until the weight sync
         self.rollout_skips.update(batch.skipped_counts())
         times["time/rollout"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -304,7 +334,7 @@ class GRPOLoop:
         if any(c != r.n for c in groups.values()):
             raise RuntimeError(f"rollout groups must have n={r.n} samples each, got {dict(groups)}")
         if not samples:
-            return {**row, "skipped_step": 1.0, **times}
+            return self._skipped(row, times)
         rewards = torch.tensor([sc["overall"] for sc in scores], dtype=torch.float32)
         if rl.kl_in_reward:
             t = time.perf_counter()
@@ -333,7 +363,7 @@ class GRPOLoop:
         if len(minis) > 1 and len(minis[-1]) < dp:  # a tail too short to give every DP rank one
             minis[-2] += minis.pop()
         if not minis or len(minis[0]) < dp:
-            return {**row, "skipped_step": 1.0, **times}
+            return self._skipped(row, times)
 
         # old and reference log-probs of every mini-batch before any update
         t = time.perf_counter()
@@ -364,7 +394,7 @@ class GRPOLoop:
             if rc.seq is not None:  # a mini-batch whose sequences were all rejected has no loss
                 planned = [b for b in planned if global_loss_counts(b)[0] > 0]
                 if not planned:
-                    return {**row, "skipped_step": 1.0, **times}
+                    return self._skipped(row, times)
 
         t = time.perf_counter()
         gspo = rl.policy_loss == "gspo"
@@ -393,7 +423,14 @@ class GRPOLoop:
         if any(u["skipped_non_finite"] for u in updates) and self.rank == 0:
             self.runner.log.note(f"[{self.name}] step {stage_step}: non-finite gradient; update skipped")
         times["time/sync"] = self._sync_weights()
+        row.update({"rollout/sync_bytes_per_rank": float(self.last_sync.bytes_to_engine),
+                    "rollout/engines": float(self.placement.num_engines)})
         return {**row, **times}
+
+    def _skipped(self, row: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
+        """A step that updated nothing: the engines wake with the weights they had."""
+        self.rollout.wake()
+        return {**row, "skipped_step": 1.0, **times}
 
     def _sequence_kl(self, records, samples) -> torch.Tensor:
         """sum_t KL_t(pi_old || pi_ref) of every response (float64 [N], the same on every rank),

@@ -2,8 +2,7 @@
 the parallel stack, the Megatron optimizer and the LR schedule work together from a `RunConfig`.
 
 Runs inside ranks already set up by `megatron_revisual.parallel` (see `smoke_train_rank`).
-The staged runner (`train.stages`) builds its DDP wrapper and optimizer with the same
-`wrap_ddp` / `build_optimizer`.
+Its DDP wrapper and optimizer come from `train.builders`, as the staged runner's do.
 """
 
 from __future__ import annotations
@@ -12,74 +11,13 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_revisual.config.schema import OptimConfig, RunConfig
+from megatron_revisual.config.schema import RunConfig
 from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
-from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES, build_qwen25_vl
+from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
 from megatron_revisual.parallel.device import all_reduce, compute_device, to_device
-
-
-def wrap_ddp(cfg: RunConfig, model: torch.nn.Module) -> DistributedDataParallel:
-    """Megatron DDP around `model` (fp32 gradient reduction; buckets for the distributed
-    optimizer when configured), with the model config's grad-finalize and no-sync hooks set."""
-    config = model.config
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
-        ),
-        model,
-    )
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    return ddp
-
-
-def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel], *,
-                    optim: OptimConfig | None = None, decay_steps: int | None = None):
-    """Megatron optimizer (distributed when configured) and its LR/WD schedule, from `optim`
-    (default cfg.optim) decaying over `decay_steps` (default cfg.train.train_iters)."""
-    o = optim or cfg.optim
-    decay = cfg.train.train_iters if decay_steps is None else decay_steps
-    opt = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer=o.optimizer,
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad,
-            bf16=cfg.model.params_dtype == "bf16",
-            fp16=cfg.model.params_dtype == "fp16",
-            params_dtype=TORCH_DTYPES[cfg.model.params_dtype],
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        ),
-        model_chunks,
-    )
-    sched = OptimizerParamScheduler(
-        opt,
-        init_lr=0.0 if o.lr_warmup_steps else o.lr,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_steps,
-        lr_decay_steps=decay,
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=decay,
-        wd_incr_style="constant",
-    )
-    return opt, sched
+from megatron_revisual.train.builders import build_optimizer, wrap_ddp
 
 
 def _windows(tokens: torch.Tensor, seq_length: int, count: int, generator: torch.Generator) -> torch.Tensor:

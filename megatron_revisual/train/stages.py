@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -167,7 +166,7 @@ class StageRunner:
     def _wrap(self, model: torch.nn.Module, stage_cfg: Any, total_steps: int, warmup: int | None):
         """DDP, a fresh optimizer and LR schedule for the stage (the run's optim with the stage's
         overrides; `warmup` steps unless the stage sets lr_warmup_steps itself)."""
-        from megatron_revisual.train.smoke import build_optimizer, wrap_ddp
+        from megatron_revisual.train.builders import build_optimizer, wrap_ddp
 
         o = OptimConfig(**{**dataclasses.asdict(self.cfg.optim), **stage_cfg.optim})
         if warmup is not None and "lr_warmup_steps" not in stage_cfg.optim:
@@ -324,9 +323,3 @@ def skipped_report(prefix: str, counts: Counter | dict[str, int]) -> dict[str, i
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def env_threads() -> dict[str, str]:
-    """Threads of the rollout engine's process next to the ranks (REVISUAL_ENGINE_THREADS, else
-    every core: on CPU the ranks wait while the engine generates)."""
-    return {"OMP_NUM_THREADS": os.environ.get("REVISUAL_ENGINE_THREADS", str(max(1, os.cpu_count() or 1)))}

@@ -58,6 +58,7 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
     from megatron_revisual.parallel.device import set_compute_device
     from megatron_revisual.train import grpo_step
+    from megatron_revisual.train.builders import build_optimizer, wrap_ddp
     from megatron_revisual.train.grpo_loop import GRPOLoop
     from megatron_revisual.train.grpo_step import (
         attach_log_probs,
@@ -67,7 +68,6 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
         mrope_config,
     )
     from megatron_revisual.train.sft_loop import SFTLoop
-    from megatron_revisual.train.smoke import build_optimizer, wrap_ddp
 
     if put_back == "batch left on the host":
         grpo_step.to_device = lambda obj, device=None: obj

@@ -62,6 +62,7 @@ def _rank(cfg, runs: list[tuple[str, str]]) -> dict:
     from megatron_revisual.convert.export import stream_hf_tensors
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.train.builders import build_optimizer
     from megatron_revisual.train.grpo_step import (
         attach_log_probs,
         build_policy_batches,
@@ -70,7 +71,6 @@ def _rank(cfg, runs: list[tuple[str, str]]) -> dict:
         mrope_config,
         response_values,
     )
-    from megatron_revisual.train.smoke import build_optimizer
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = list(range(dp_rank, 4, dp))  # this DP rank's share of the step's samples
