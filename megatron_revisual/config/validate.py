@@ -334,6 +334,9 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
                 f"{name}.rollout.tensor_parallel_size={tp} must divide the world size {world}; "
                 f"use one of {divisors(world)}"
             )
+        if r.engine == "transformers" and tp != 1:
+            problems.append(f"{name}.rollout.tensor_parallel_size={tp}: the transformers engine has no tensor "
+                            "parallelism; use 1 (one engine per rank)")
         train_tp = cfg.parallel.tensor_model_parallel_size
         if tp >= 1 and train_tp % tp and tp % train_tp:
             problems.append(

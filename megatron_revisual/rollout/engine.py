@@ -115,6 +115,7 @@ class VLLMEngineConfig(EngineConfig):
     distributed_executor_backend: str | None = None
     cpu_kv_cache_gib: float | None = None
     cpu_prepack_weights: bool = False
+    instance_id: str | None = None  # external_launcher on CPU: names the engine's shared memory
 
     def __post_init__(self) -> None:
         super().__post_init__()

