@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,46 @@ from megatron_revisual.train.stages import (
 __all__ = ["GRPOLoop", "load_validation_set", "planned_updates_per_step", "validation_report"]
 _UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower",
                    "ppo_kl", "grad_norm", "skipped_non_finite")
+
+
+@dataclass(frozen=True)
+class _Rollout:
+    records: list[Any]  # the step's prompt records
+    samples: list[Any]  # RolloutSample, ordered by (request, sample)
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Rewards:
+    values: torch.Tensor  # [N] float32, one per sample
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Selection:
+    advantages: torch.Tensor  # [N]
+    minis: list[list[int]]  # sample indices per optimizer update; [] when the step is skipped
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Planned:
+    batches: list[list[Any]]  # this DP rank's PolicyMicroBatches per optimizer update
+    kl_in_loss: bool
+    metrics: dict[str, float]
+
+
+@contextmanager
+def _timed(times: dict[str, float], key: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = time.perf_counter() - t
+
+
+def _reward_metrics(scores: list[dict[str, float]]) -> dict[str, float]:
+    return {f"reward/{k}": mean([sc.get(k, 0.0) for sc in scores]) for k in sorted({k for sc in scores for k in sc})}
 
 
 class GRPOLoop:
@@ -282,48 +324,80 @@ class GRPOLoop:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, stage_step: int) -> dict[str, Any]:
-        stage, rl, r = self.stage, self.stage.rl, self.stage.rollout
+        """rollout -> rewards -> advantages and selection -> old / reference log-probs -> updates
+        -> weight sync, each timed; a step that selects nothing ends early (engines woken)."""
         global_step = self.runner.global_step + 1
+        row: dict[str, Any] = {}
         times: dict[str, float] = {}
-        t = time.perf_counter()
+        with _timed(times, "time/rollout"):
+            rollout = self._rollout(global_step)
+        row.update(rollout.metrics)
+        with _timed(times, "time/reward"):
+            scores = self._score(rollout.records, rollout.samples)
+        if not rollout.samples:
+            return self._skipped({**row, **_reward_metrics(scores)}, times)
+        rewards = self._rewards(rollout, scores, times)
+        row.update(rewards.metrics)
+        selection = self._select(rollout, rewards, stage_step, global_step)
+        row.update(selection.metrics)
+        if not selection.minis:
+            return self._skipped(row, times)
+        with _timed(times, "time/old_and_ref_logprob"):
+            planned = self._plan_updates(rollout, selection)
+        row.update(planned.metrics)
+        if not planned.batches:
+            return self._skipped(row, times)
+        with _timed(times, "time/update"):
+            row.update(self._update(planned, stage_step))
+        with _timed(times, "time/sync"):
+            self._sync_weights()
+        row.update({"rollout/sync_bytes_per_rank": float(self.last_sync.bytes_to_engine),
+                    "rollout/engines": float(self.placement.num_engines)})
+        return {**row, **times}
+
+    def _rollout(self, global_step: int) -> _Rollout:
+        """The step's prompts sampled by the engines, which then sleep until the weight sync."""
+        r = self.stage.rollout
         records = self.loader.next_batch()
         sampling = SamplingConfig(n=r.n, max_tokens=r.max_response_length, temperature=r.temperature,
                                   top_p=r.top_p, top_k=r.top_k, seed=step_seed(self.cfg.train.seed, global_step))
         samples, batch = self._generate(records, sampling)
         self.rollout.sleep()  # the engines' memory is the trainer's until the weight sync
         self.rollout_skips.update(batch.skipped_counts())
-        times["time/rollout"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scores = self._score(records, samples)
-        times["time/reward"] = time.perf_counter() - t
-
-        row: dict[str, Any] = {}
-        terms = sorted({k for sc in scores for k in sc})
-        for k in terms:
-            row[f"reward/{k}"] = mean([sc.get(k, 0.0) for sc in scores])
-        lengths = [len(s.token_ids) for s in samples]
-        row.update({
-            "response/length_mean": mean(lengths), "response/length_max": float(max(lengths, default=0)),
-            "response/clip_ratio": mean([float(s.finish_reason == "length") for s in samples]),
-            "rollout/samples": float(len(samples)), "rollout/skipped_requests": float(len(batch.skipped)),
-            **{f"rollout/skipped/{k}": float(v) for k, v in sorted(self.rollout_skips.items())},
-        })
         # GRPO needs whole groups: requests the engine skipped have none; any other shape is a bug
         groups = Counter(s.request_index for s in samples)
         if any(c != r.n for c in groups.values()):
             raise RuntimeError(f"rollout groups must have n={r.n} samples each, got {dict(groups)}")
-        if not samples:
-            return self._skipped(row, times)
+        lengths = [len(s.token_ids) for s in samples]
+        metrics = {
+            "response/length_mean": mean(lengths), "response/length_max": float(max(lengths, default=0)),
+            "response/clip_ratio": mean([float(s.finish_reason == "length") for s in samples]),
+            "rollout/samples": float(len(samples)), "rollout/skipped_requests": float(len(batch.skipped)),
+            **{f"rollout/skipped/{k}": float(v) for k, v in sorted(self.rollout_skips.items())},
+        }
+        return _Rollout(records=records, samples=samples, metrics=metrics)
+
+    def _rewards(self, rollout: _Rollout, scores: list[dict[str, float]], times: dict[str, float]) -> _Rewards:
+        """Each sample's scalar reward: the reward terms' `overall`, less the KL penalty when
+        rl.kl_in_reward."""
+        rl = self.stage.rl
+        metrics = _reward_metrics(scores)
         rewards = torch.tensor([sc["overall"] for sc in scores], dtype=torch.float32)
         if rl.kl_in_reward:
-            t = time.perf_counter()
-            penalty = rl.kl_coef * self._sequence_kl(records, samples)
+            with _timed(times, "time/kl_in_reward"):
+                penalty = rl.kl_coef * self._sequence_kl(rollout.records, rollout.samples)
             rewards = rewards - penalty.float()
-            row.update({"reward/kl_penalty": float(penalty.mean()), "reward/with_kl_penalty": float(rewards.mean())})
-            times["time/kl_in_reward"] = time.perf_counter() - t
-        advantages = grpo_advantages(rewards, r.n, normalize_std=rl.normalize_std)
-        row.update({"adv/mean": float(advantages.mean()), "adv/abs_mean": float(advantages.abs().mean()),
-                    "adv/max": float(advantages.max()), "adv/min": float(advantages.min())})
+            metrics.update({"reward/kl_penalty": float(penalty.mean()), "reward/with_kl_penalty": float(rewards.mean())})
+        return _Rewards(values=rewards, metrics=metrics)
+
+    def _select(self, rollout: _Rollout, rewards: _Rewards, stage_step: int, global_step: int) -> _Selection:
+        """Group-normalised advantages, the samples PAD (or a non-zero advantage) keeps, in
+        mini-batches of global_batch_size prompts' samples; none when too few to give every DP
+        rank one."""
+        rl, r, samples = self.stage.rl, self.stage.rollout, rollout.samples
+        advantages = grpo_advantages(rewards.values, r.n, normalize_std=rl.normalize_std)
+        metrics = {"adv/mean": float(advantages.mean()), "adv/abs_mean": float(advantages.abs().mean()),
+                   "adv/max": float(advantages.max()), "adv/min": float(advantages.min())}
         if rl.pad.enabled:
             gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, global_step, salt=1))
             p = rl.pad
@@ -331,28 +405,33 @@ class GRPOLoop:
             result = pad_step(advantages, mode=p.mode, t_low=p.t_low, t_high=p.t_high, ratio=p.ratio,
                               tau=self.pad_tau(stage_step), alpha=alpha, replacement=p.replacement,
                               generator=gen, step=global_step)
-            row.update(result.metrics)
+            metrics.update(result.metrics)
             chosen = result.indices.tolist()
         else:
             chosen = [i for i in range(len(samples)) if float(advantages[i]) != 0.0]
         chosen = [i for i in chosen if samples[i].token_ids]
-        dp, dp_rank = dp_info()
-        per_update = stage.global_batch_size * r.n
+        dp, _ = dp_info()
+        per_update = self.stage.global_batch_size * r.n
         minis = [chosen[k : k + per_update] for k in range(0, len(chosen), per_update)]
         if len(minis) > 1 and len(minis[-1]) < dp:  # a tail too short to give every DP rank one
             minis[-2] += minis.pop()
         if not minis or len(minis[0]) < dp:
-            return self._skipped(row, times)
+            minis = []
+        return _Selection(advantages=advantages, minis=minis, metrics=metrics)
 
-        # old and reference log-probs of every mini-batch before any update
-        t = time.perf_counter()
+    def _plan_updates(self, rollout: _Rollout, selection: _Selection) -> _Planned:
+        """This DP rank's micro-batches of every mini-batch, with old (and reference) log-probs
+        from before any update, and the rollout correction's weights."""
+        rl, r = self.stage.rl, self.stage.rollout
+        records, samples = rollout.records, rollout.samples
+        dp, dp_rank = dp_info()
         rc = rl.rollout_correction
         kl_in_loss = self.reference is not None and not rl.kl_in_reward
         planned, diffs, corrections, imbalance = [], [], [], []
-        for mini in minis:
+        for mini in selection.minis:
             mine, ratio = self._deal(samples, mini, dp, dp_rank)
             imbalance.append(ratio)
-            batches = self._batches(self._policy_samples(records, samples, advantages, mine,
+            batches = self._batches(self._policy_samples(records, samples, selection.advantages, mine,
                                                          with_rollout_log_probs=rc.enabled))
             # the policy being optimised is the one that sampled: logits / rollout temperature
             old = compute_log_probs(self.model, batches, temperature=r.temperature or 1.0)
@@ -367,33 +446,32 @@ class GRPOLoop:
             for k, values in response_values(batches, old).items():
                 engine_lp = torch.tensor(samples[mine[k]].logprobs, dtype=torch.float32)
                 diffs.append((values - engine_lp).abs())
-        times["time/old_and_ref_logprob"] = time.perf_counter() - t
-        row["update/dp_tokens_max_over_mean"] = max(imbalance)
-        row.update(self._logprob_diff(diffs))
+        metrics = {"update/dp_tokens_max_over_mean": max(imbalance), **self._logprob_diff(diffs)}
         if rc.enabled:
-            row.update(self._correction_metrics(corrections))
+            metrics.update(self._correction_metrics(corrections))
             if rc.seq is not None:  # a mini-batch whose sequences were all rejected has no loss
                 planned = [b for b in planned if global_loss_counts(b)[0] > 0]
-                if not planned:
-                    return self._skipped(row, times)
+        return _Planned(batches=planned, kl_in_loss=kl_in_loss, metrics=metrics)
 
-        t = time.perf_counter()
+    def _update(self, planned: _Planned, stage_step: int) -> dict[str, Any]:
+        """rl.ppo_epochs passes of one optimizer update per mini-batch; their mean metrics."""
+        rl, r = self.stage.rl, self.stage.rollout
         gspo = rl.policy_loss == "gspo"
         updates, betas = [], []
         for _epoch in range(rl.ppo_epochs):
-            for batches in planned:
+            for batches in planned.batches:
                 betas.append(self.entropy_coef(self.updates_done))
                 updates.append(grpo_update(
                     self.model, self.optimizer, batches, loss_type=rl.policy_loss,
                     clip_low=rl.gspo_clip_low if gspo else rl.clip_low,
                     clip_high=rl.gspo_clip_high if gspo else rl.clip_high, clip_dual=rl.clip_dual,
-                    kl_coef=rl.kl_coef if kl_in_loss else 0.0, kl_kind=rl.kl_kind,
+                    kl_coef=rl.kl_coef if planned.kl_in_loss else 0.0, kl_kind=rl.kl_kind,
                     entropy_coef=betas[-1], agg=rl.loss_agg, scheduler=self.scheduler,
                     temperature=r.temperature or 1.0,
                 ))
                 # the released actor anneals after every optimizer call, skipped ones included
                 self.updates_done += 1
-        times["time/update"] = time.perf_counter() - t
+        row: dict[str, Any] = {}
         for k in _UPDATE_METRICS:
             values = [u[k] for u in updates if k in u]
             if values:
@@ -403,10 +481,7 @@ class GRPOLoop:
                     "update/sequences": float(sum(u["num_sequences"] for u in updates))})
         if any(u["skipped_non_finite"] for u in updates) and self.rank == 0:
             self.runner.log.note(f"[{self.name}] step {stage_step}: non-finite gradient; update skipped")
-        times["time/sync"] = self._sync_weights()
-        row.update({"rollout/sync_bytes_per_rank": float(self.last_sync.bytes_to_engine),
-                    "rollout/engines": float(self.placement.num_engines)})
-        return {**row, **times}
+        return row
 
     def _skipped(self, row: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
         """A step that updated nothing: the engines wake with the weights they had."""
