@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                                  # one GPU, NCCL world of 1
     torchrun --nproc-per-node 8 benchmarks/gpu_check.py             # NCCL world of 8 (DP 8)
+    torchrun --nproc-per-node 8 benchmarks/gpu_check.py --rollout-tp 2   # 4 vLLM engines of TP 2
     python benchmarks/gpu_check.py --tiny                           # CPU: the same code, tiny model (CI)
 
 The model has Qwen2.5-VL-7B's widths (hidden 3584, 28 heads / 4 KV groups, FFN 18944, vocab
@@ -17,8 +18,10 @@ test model in fp32 on gloo instead. Every check prints one JSON line on rank 0:
                            device, sampling, rewards, advantages, log-probs, one update each
   te_fp8                   the Transformer Engine spec, FP8 forward/backward on a row padded to
                            the recipe's multiple (data.packing.row_length_multiple)
-  vllm_generate_sleep_sync vLLM generate, sleep, wake (weights), weight sync, wake (KV), generate;
-                           the engine's log-probs against Megatron's after the sync
+  vllm_generate_sleep_sync the colocated rollout: an engine per --rollout-tp ranks (on GPUs inside
+                           the ranks, external_launcher); generate, sleep, wake (weights), weight
+                           sync from every rank, wake (KV), generate; the engines' log-probs
+                           against Megatron's after the sync; the world still works after close
 
 A check whose package is missing prints "skipped: <package> missing", never "passed". The exit
 code is 1 when any check failed. Libraries may log between the lines; the JSON lines are those
@@ -298,37 +301,53 @@ class Checker:
         return {"status": "passed" if good else "failed", "steps": steps, "logprob_tolerance": tol}
 
     def vllm(self) -> dict:
+        """The colocated rollout (`rollout.colocated`): an engine per rank (in the rank's process
+        on GPUs, vLLM's external_launcher; in a child process on CPU), or one engine of
+        --rollout-tp ranks; generate, sleep, wake weights, sync, wake KV cache, generate."""
         if importlib.util.find_spec("vllm") is None:
             return {"status": "skipped: vllm missing"}
         import torch.distributed as dist
 
-        if dist.get_world_size() > 1:
-            # an engine in this process with its own TP 1 world; engines on every rank of a
-            # torchrun world (external_launcher) are the rollout issue's colocated placement
-            return {"status": "skipped: needs a world of 1 (one engine per rank is not built yet)"}
         from megatron_revisual.convert.export import stream_hf_tensors
-        from megatron_revisual.rollout.engine import VLLMEngineConfig, create_engine
+        from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, start_engine
+        from megatron_revisual.rollout.engine import VLLMEngineConfig
         from megatron_revisual.rollout.types import SamplingConfig
 
         model = self.policy[0] if self.policy else self._policy()[0]
         on_gpu = self.device.type == "cuda"
-        engine = create_engine(VLLMEngineConfig(
+        placement = Placement(world_size=dist.get_world_size(), engine_tp=self.args.rollout_tp)
+        config = VLLMEngineConfig(
             model_path=str(self.hf_dir), dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32",
             max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.3, enable_sleep_mode=on_gpu,
-            cpu_kv_cache_gib=None if on_gpu else 1.0))
+            cpu_kv_cache_gib=None if on_gpu else 1.0)
+        rollout = ColocatedRollout(placement, lambda: start_engine(placement, config, rank=dist.get_rank()),
+                                   rank=dist.get_rank())
         sampling = SamplingConfig(n=2, max_tokens=32, temperature=1.0, seed=0)
-        first = engine.generate(self._prompts(2), sampling)
-        slept = engine.free_memory()
-        woke_weights = engine.restore_memory(kv_cache=False)
-        sync = engine.update_weights(stream_hf_tensors(model, self.cfg.model))
-        woke_kv = engine.restore_memory()
-        second = engine.generate(self._prompts(2), sampling)
+        prompts = self._prompts(2 * placement.num_engines)
+        first = rollout.generate(prompts, sampling)
+        rollout.sleep()
+        self.sync()
+        t0 = time.perf_counter()
+        report = rollout.sync_weights(lambda exclude: stream_hf_tensors(model, self.cfg.model, exclude=exclude),
+                                      bucket_bytes=512 << 20)
+        self.sync()
+        sync_s = time.perf_counter() - t0
+        second = rollout.generate(prompts, sampling)
         diff = self._engine_vs_megatron(second.samples, model)
-        engine.close()
+        slept = rollout.engine.capabilities.sleep
+        history = rollout.cycle.history
+        rollout.close()
+        alive = torch.ones(1, device=self.device)
+        dist.all_reduce(alive)  # the trainer's world outlives the engines
         tol = 1e-3 if self.dtype == torch.float32 else 5e-2
-        good = len(first.samples) == len(second.samples) == 4 and diff <= tol and (slept or not on_gpu)
-        return {"status": "passed" if good else "failed", "sleep": slept, "woke_weights": woke_weights,
-                "woke_kv_cache": woke_kv, "sync_seconds": sync.seconds, "sync_gib": sync.bytes / 2**30,
+        samples = 2 * 2 * placement.num_engines
+        good = (len(first.samples) == len(second.samples) == samples and diff <= tol and (slept or not on_gpu)
+                and history[-3:] == [("awake", "asleep"), ("asleep", "weights"),
+                                                               ("weights", "awake")]
+                and int(alive) == dist.get_world_size())
+        return {"status": "passed" if good else "failed", "engines": placement.num_engines,
+                "engine_tp": placement.engine_tp, "sleep_mode": slept, "history": history,
+                "sync_seconds": sync_s, "sync_gib_per_rank": report.bytes_to_engine / 2**30,
                 "logprob_diff_mean_after_sync": diff, "tolerance": tol}
 
     def te_fp8(self) -> dict:
@@ -379,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2, help="language and vision layers of the 7B-width model")
     parser.add_argument("--seq", type=int, default=None, help="tokens of the longest sequence (default 2048; tiny 64)")
     parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"])
+    parser.add_argument("--rollout-tp", type=int, default=1, help="ranks per vLLM engine (divides the world)")
     args = parser.parse_args(argv)
     args.seq = args.seq or (64 if args.tiny else 2048)
     if not args.tiny and not torch.cuda.is_available():

@@ -216,3 +216,16 @@ def test_copied_config_dtype_follows_the_weights(tmp_path):
     assert (out / "tokenizer.json").read_text() == "{}"
     write_hf_side_files(tmp_path, VL, src)  # same dtype: copied byte for byte
     assert (tmp_path / "config.json").read_bytes() == (src / "config.json").read_bytes()
+
+
+def test_stream_leaves_out_excluded_prefixes():
+    g = torch.Generator().manual_seed(1)
+    hf = {n: torch.randn(s, generator=g) for n, s in _hf_shape_table(VL).items()}
+    ctx = mapping_context(VL, 1)
+    params = {r.megatron: to_megatron(r, [hf[n] for n in r.hf], ctx, 0) for r in export_rules(VL)}
+    model = _Stage(params, VL.num_layers)
+    every = [n for n, _ in stream_hf_tensors(model, VL)]
+    kept = list(stream_hf_tensors(model, VL, exclude=("visual.",)))
+    assert any(n.startswith("visual.") for n in every)
+    assert [n for n, _ in kept] == [n for n in every if not n.startswith("visual.")]
+    assert all(torch.equal(t, hf[n]) for n, t in kept)
