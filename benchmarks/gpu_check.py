@@ -308,7 +308,6 @@ class Checker:
             return {"status": "skipped: vllm missing"}
         import torch.distributed as dist
 
-        from megatron_revisual.convert.export import stream_hf_tensors
         from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, start_engine
         from megatron_revisual.rollout.engine import VLLMEngineConfig
         from megatron_revisual.rollout.types import SamplingConfig
@@ -328,8 +327,7 @@ class Checker:
         rollout.sleep()
         self.sync()
         t0 = time.perf_counter()
-        report = rollout.sync_weights(lambda exclude: stream_hf_tensors(model, self.cfg.model, exclude=exclude),
-                                      bucket_bytes=512 << 20)
+        report = rollout.sync_model(model, self.cfg.model, bucket_bytes=512 << 20)
         self.sync()
         sync_s = time.perf_counter() - t0
         second = rollout.generate(prompts, sampling)

@@ -12,6 +12,14 @@ its own copy.) Broadcasts go in flat buffers of up to `bucket_bytes`, several sm
 collective; a tensor larger than that goes alone. With TP = PP = 1 there are no collectives at
 all, which also lets the generator run on a meta-device model (shapes only).
 
+With ``own_tp_slot=True`` (a weight sync into a vLLM engine whose TP size and ranks are the
+trainer's) the language model's decoder layers are not gathered: each rank's own shard fills
+its slot of the HF tensor and the other ranks' slots hold NaN. vLLM's loaders read
+only the slot of the engine's TP rank, so the engine gets exactly the shard it would have cut
+from the gathered tensor, and the row- and column-parallel layers cost no TP traffic. (The
+vocabulary is padded differently by Megatron and vLLM, and the vision tower may run
+data-parallel inside vLLM, so embeddings, output layer and vision tower are still gathered.)
+
 Yielded tensors may alias model parameters (never modify them); every bucket gets a fresh
 buffer, so a consumer may hold tensors across yields (vLLM's loader holds a layer's worth).
 """
@@ -19,7 +27,7 @@ buffer, so a consumer may hold tensors across yields (vLLM's loader holds a laye
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -165,13 +173,41 @@ def _buckets(items: list[_Item], bucket_bytes: int) -> Iterator[list[_Item]]:
         yield bucket
 
 
-def _gather_tp(param: torch.Tensor, kind: Kind, tp: int, tp_group) -> list[torch.Tensor]:
+@dataclass
+class ExportTraffic:
+    """What one rank's iteration of `stream_hf_tensors` moved between ranks."""
+
+    tp_bytes_sent: int = 0  # all-gathers within the TP group: (tp - 1) x this rank's shard
+    pp_bytes_received: int = 0  # broadcasts from the stage holding a bucket
+    own_slot_tensors: list[str] = field(default_factory=list)  # Megatron names not gathered
+
+
+# Layers whose HF tensors are concatenations of the TP shards (in rank order) along one dim.
+_SLOT_KINDS = (Kind.COLUMN, Kind.ROW, Kind.QKV, Kind.GATE_UP)
+_DECODER = "language_model.decoder."
+
+
+def _own_slot(rule: Rule) -> bool:
+    return rule.kind in _SLOT_KINDS and rule.megatron.startswith(_DECODER)
+
+
+def _gather_tp(param: torch.Tensor, kind: Kind, tp: int, tp_group, *,
+               traffic: ExportTraffic | None) -> list[torch.Tensor]:
     data = param.detach()
     if tp == 1 or kind in (Kind.REPLICATED, Kind.PATCH):
         return [data] * tp
     shards = [torch.empty_like(data) for _ in range(tp)]
     dist.all_gather(shards, data.contiguous(), group=tp_group)
+    if traffic is not None:
+        traffic.tp_bytes_sent += (tp - 1) * data.numel() * data.element_size()
     return shards
+
+
+def _own_slot_shards(shard: torch.Tensor, tp: int, tp_rank: int) -> list[torch.Tensor]:
+    """All TP ranks' shards as far as this rank knows them: its own, and NaN for the peers'
+    (never to be read: a consumer that reads them fails loudly)."""
+    other = torch.full_like(shard, float("nan"))
+    return [shard if r == tp_rank else other for r in range(tp)]
 
 
 def stream_hf_tensors(
@@ -180,9 +216,13 @@ def stream_hf_tensors(
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     exclude: tuple[str, ...] = (),
+    own_tp_slot: bool = False,
+    traffic: ExportTraffic | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) for the whole model from a TP/PP-sharded Megatron model, except
     the tensors whose HF names all start with a prefix in `exclude` (not gathered either).
+    `own_tp_slot`: decoder layers carry only this rank's TP slot (see the module docstring);
+    `traffic` counts the bytes moved between ranks.
 
     Collective: every rank of the model-parallel world must iterate it to the end, in step.
     `model` is this rank's model (or its list of virtual-pipeline chunks, or DDP wrappers);
@@ -199,24 +239,43 @@ def stream_hf_tensors(
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [0]
     for bucket in _buckets(items, bucket_bytes):
         owner = bucket[0].owner
-        tensors: list[torch.Tensor] = []
+        # own-slot items travel as the owner's raw shard and become HF tensors on arrival (a PP
+        # group joins ranks of one TP rank, so the owner's slot is the receiver's own)
+        own = [own_tp_slot and tp > 1 and _own_slot(item.rule) for item in bucket]
+        payload: list[torch.Tensor] = []
         if owner == pp_rank:
-            for item in bucket:
-                shards = _gather_tp(local[item.rule.megatron], item.rule.kind, tp, tp_group)
-                tensors += rule_to_hf(item.rule, shards, ctx, model_cfg)
+            for item, mine in zip(bucket, own, strict=True):
+                param = local[item.rule.megatron]
+                if mine:
+                    payload.append(param.detach())
+                    if traffic is not None:
+                        traffic.own_slot_tensors.append(item.rule.megatron)
+                    continue
+                shards = _gather_tp(param, item.rule.kind, tp, tp_group, traffic=traffic)
+                payload += rule_to_hf(item.rule, shards, ctx, model_cfg)
         if pp > 1:
-            tensors = _broadcast_bucket(
-                tensors, bucket, src=pp_ranks[owner], group=pp_group, device=device
-            )
+            shapes = [s for item, mine in zip(bucket, own, strict=True)
+                      for s in ([item.shard_shape] if mine else item.hf_shapes)]
+            payload = _broadcast_bucket(payload, shapes, bucket[0].dtype, src=pp_ranks[owner],
+                                        group=pp_group, device=device)
+            if traffic is not None and owner != pp_rank:
+                traffic.pp_bytes_received += sum(t.numel() * t.element_size() for t in payload)
+        tensors, k = [], 0
+        for item, mine in zip(bucket, own, strict=True):
+            if mine:
+                tensors += rule_to_hf(item.rule, _own_slot_shards(payload[k], tp, tp_rank), ctx, model_cfg)
+                k += 1
+            else:
+                tensors += payload[k : k + len(item.rule.hf)]
+                k += len(item.rule.hf)
         names = [n for item in bucket for n in item.rule.hf]
         yield from zip(names, tensors, strict=True)
 
 
 def _broadcast_bucket(
-    tensors: list[torch.Tensor], bucket: list[_Item], *, src: int, group, device: torch.device
+    tensors: list[torch.Tensor], shapes: list[tuple[int, ...]], dtype: torch.dtype, *, src: int, group,
+    device: torch.device,
 ) -> list[torch.Tensor]:
-    shapes = [s for item in bucket for s in item.hf_shapes]
-    dtype = bucket[0].dtype
     if tensors:
         flat = (
             torch.cat([t.reshape(-1) for t in tensors])

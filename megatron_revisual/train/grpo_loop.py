@@ -252,13 +252,8 @@ class GRPOLoop:
     # --- pieces of a step ------------------------------------------------------------------
     def _sync_weights(self) -> float:
         """The trainer's weights into every engine (collective); wakes sleeping engines."""
-        from megatron_revisual.convert.export import stream_hf_tensors
-
         bucket = self.stage.rollout.weight_bucket_mb * 2**20
-        report = self.rollout.sync_weights(
-            lambda exclude: stream_hf_tensors(self.model, self.cfg.model, bucket_bytes=bucket, exclude=exclude),
-            bucket_bytes=bucket,
-        )
+        report = self.rollout.sync_model(self.model, self.cfg.model, bucket_bytes=bucket)
         self.last_sync = report
         return report.seconds
 
@@ -352,6 +347,7 @@ class GRPOLoop:
         with _timed(times, "time/sync"):
             self._sync_weights()
         row.update({"rollout/sync_bytes_per_rank": float(self.last_sync.bytes_to_engine),
+                    "rollout/sync_tp_peer_bytes_per_rank": float(self.last_sync.bytes_to_tp_peers),
                     "rollout/engines": float(self.placement.num_engines)})
         return {**row, **times}
 

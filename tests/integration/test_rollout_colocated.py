@@ -9,7 +9,8 @@ again with the same seeds. Three layouts:
 - train TP 1 x DP 2, one engine at rank 0 (`rollout.placement=rank0`): the reference;
 - train TP 2, two engines: each rank gathers within its TP group and feeds its engine;
 - train TP 2, one engine of TP 2 spanning both ranks, inside the training processes (vLLM's
-  external_launcher over the gloo world): each rank feeds its half, vLLM slices the tensors.
+  external_launcher over the gloo world): each rank hands its own decoder shards, ungathered,
+  to its half of the engine; embeddings and the vision tower are gathered and vLLM slices them.
 
 Checked: the per-engine log-prob gap after the sync is <= 1e-3 mean on every engine and >= 100x
 larger before it; every layout samples the same token ids (a request's seed follows its index
@@ -37,7 +38,6 @@ def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, engine_tp: int, log_dir
     from megatron.core import parallel_state as ps
     from test_rollout_vllm import ENGINE_SETTINGS, SAMPLING, megatron_logprobs, rollout_requests
 
-    from megatron_revisual.convert.export import stream_hf_tensors
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
     from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, start_engine
@@ -69,11 +69,13 @@ def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, engine_tp: int, log_dir
         out[f"{phase}_texts"] = [s.text for s in batch.samples]
         if phase == "before":
             rollout.sleep()
-            report = rollout.sync_weights(
-                lambda exclude: stream_hf_tensors(model, cfg.model, bucket_bytes=1 << 18, exclude=exclude),
-                bucket_bytes=1 << 18)
+            report = rollout.sync_model(model, cfg.model, bucket_bytes=1 << 18)
             out["sync"] = dataclasses.asdict(report)
             out["history"] = None if rollout.cycle is None else rollout.cycle.history
+    split = {n: p.numel() * p.element_size() for n, p in model.named_parameters()
+             if getattr(p, "tensor_model_parallel", False)}
+    out["tp_split_bytes"] = {"all": sum(split.values()),
+                             "outside_decoder": sum(b for n, b in split.items() if not n.startswith("language_model.decoder."))}
     out["engine_type"] = type(rollout.engine).__name__ if rollout.engine is not None else None
     rollout.close()
     # an in-process engine shares this world: closing it must leave the trainer's groups working
@@ -146,6 +148,16 @@ def test_shards_are_even_and_each_rank_feeds_its_own_engine(runs):
     assert [r["engine_type"] for r in both] == ["VLLMEngine", "VLLMEngine"]
     assert [r["engine_type"] for r in two] == ["EngineProcess", "EngineProcess"]
     assert all(r["sync"]["bytes_to_engine"] == model_bytes for r in both)
+    # what each rank sent its TP peer: everything split for engines of TP 1, only what lies
+    # outside the decoder layers for the engine of the trainer's TP
+    for r in runs["tp2_two_engines"]:
+        assert not r["sync"]["own_tp_slot"]
+        assert r["sync"]["bytes_to_tp_peers"] == r["tp_split_bytes"]["all"] > 0
+    for r in both:
+        assert r["sync"]["own_tp_slot"]
+        assert r["sync"]["bytes_to_tp_peers"] == r["tp_split_bytes"]["outside_decoder"] > 0
+        assert r["tp_split_bytes"]["outside_decoder"] < r["tp_split_bytes"]["all"]
+    assert all(r["sync"]["bytes_to_tp_peers"] == 0 and not r["sync"]["own_tp_slot"] for r in two)
     rank0 = runs["tp1_rank0_engine"]
     assert rank0[0]["sync"]["bytes_to_engine"] == model_bytes and rank0[1]["sync"]["bytes_to_engine"] == 0
     assert rank0[1]["history"] is None
