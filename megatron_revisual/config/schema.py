@@ -103,6 +103,13 @@ class ParallelConfig:
     # A smaller first stage leaves room for the vision tower, which lives on stage 0.
     num_layers_in_first_pipeline_stage: int | None = None
     use_distributed_optimizer: bool = True
+    # Megatron DDP: gradient reduce-scatter / all-reduce during the backward pass, parameter
+    # all-gather during the next forward (needs the distributed optimizer and overlapped
+    # gradient reduction); bucket size in parameters (None: Megatron's default,
+    # max(40M, 1M x DP)).
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: int | None = None
 
 
 @dataclass(kw_only=True)

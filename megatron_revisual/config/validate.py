@@ -140,6 +140,11 @@ def validate_config(cfg: RunConfig) -> None:
 
     if p.sequence_parallel and tp == 1:
         problems.append("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
+    if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+        problems.append("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true "
+                        "and parallel.overlap_grad_reduce=true")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+        problems.append(f"parallel.ddp_bucket_size={p.ddp_bucket_size}: expected a number of parameters >= 1")
     if cp > 1 and t.seq_length % (2 * cp):
         problems.append(
             f"train.seq_length={t.seq_length} must be divisible by 2 x context_parallel_size={2 * cp} "

@@ -5,6 +5,9 @@ optimizer with its LR / weight-decay schedule, from a `RunConfig`. Used by the s
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -17,23 +20,52 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_revisual.config.schema import OptimConfig, RunConfig
 from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES
 
-__all__ = ["build_optimizer", "wrap_ddp"]
+__all__ = ["build_optimizer", "ddp_config", "params_gathered", "wrap_ddp"]
 
 
 def wrap_ddp(cfg: RunConfig, model: torch.nn.Module) -> DistributedDataParallel:
     """Megatron DDP around `model` (fp32 gradient reduction; buckets for the distributed
     optimizer when configured), with the model config's grad-finalize and no-sync hooks set."""
     config = model.config
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
-        ),
-        model,
-    )
+    ddp = DistributedDataParallel(config, ddp_config(cfg), model)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
+    if ddp.ddp_config.overlap_grad_reduce:
+        # the pipeline schedules start the last micro-batch's reduction as soon as they can
+        config.grad_sync_func = ddp.start_grad_sync
+        vision = getattr(model, "vision_model", None)
+        if vision is not None and any(p.requires_grad for p in vision.parameters()):
+            model.idle_vision_pass = True  # every micro-batch gives the vision tower gradients
     return ddp
+
+
+def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
+    p = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        bucket_size=p.ddp_bucket_size,
+    )
+
+
+@contextlib.contextmanager
+def params_gathered(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> Iterator[None]:
+    """With ``overlap_param_gather`` an optimizer step leaves each rank's parameters partly stale
+    (only its own distributed-optimizer shard is new) until the next forward's pre-hooks gather
+    them. Whatever reads the parameters outside a forward (a checkpoint save, the weight sync
+    into the rollout engines, an HF export) runs inside this: the gather is forced first, and
+    the hooks are back afterwards. Without overlap it does nothing."""
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    overlapped = [c for c in chunks if getattr(getattr(c, "ddp_config", None), "overlap_param_gather", False)]
+    for chunk in overlapped:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in overlapped:
+            chunk.enable_forward_pre_hook()
 
 
 def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel], *,

@@ -252,8 +252,11 @@ class GRPOLoop:
     # --- pieces of a step ------------------------------------------------------------------
     def _sync_weights(self) -> float:
         """The trainer's weights into every engine (collective); wakes sleeping engines."""
+        from megatron_revisual.train.builders import params_gathered
+
         bucket = self.stage.rollout.weight_bucket_mb * 2**20
-        report = self.rollout.sync_model(self.model, self.cfg.model, bucket_bytes=bucket)
+        with params_gathered(self.model):
+            report = self.rollout.sync_model(self.model, self.cfg.model, bucket_bytes=bucket)
         self.last_sync = report
         return report.seconds
 

@@ -223,6 +223,8 @@ class StageRunner:
         return out
 
     def run_stage(self, name: str, *, resume: bool) -> str:
+        from megatron_revisual.train.builders import params_gathered
+
         cfg = self.cfg
         stage_cfg = getattr(cfg, name)
         start_ckpt, start_hf = self._start_point(name)
@@ -275,14 +277,16 @@ class StageRunner:
                 stop = self._stop_requested()
                 every = cfg.checkpoint.every
                 if stage_step < total and (stop or (every and self.global_step % every == 0)):
-                    self._save(name, stage_step, total, model=model, optimizer=optimizer,
-                               scheduler=scheduler, loop=loop, stage_end=False)
+                    with params_gathered(ddp):
+                        self._save(name, stage_step, total, model=model, optimizer=optimizer,
+                                   scheduler=scheduler, loop=loop, stage_end=False)
                 if stop and stage_step < total:
                     self._consume_stop()
                     return "stopped"
-            self.final_export = self._export(name, ddp)
-            self._save(name, total, total, model=model, optimizer=optimizer, scheduler=scheduler,
-                       loop=loop, stage_end=True)
+            with params_gathered(ddp):
+                self.final_export = self._export(name, ddp)
+                self._save(name, total, total, model=model, optimizer=optimizer, scheduler=scheduler,
+                           loop=loop, stage_end=True)
         finally:
             loop.close()
         if self._stop_requested():

@@ -22,6 +22,7 @@ cover this rank's tokens only, in `cp_token_indices` order: split loss_mask etc.
 
 from __future__ import annotations
 
+import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
@@ -117,6 +118,13 @@ class Qwen25VLModel(MegatronModule):
             self.language_model.rotary_pos_emb = FullRowMRoPE(self.language_model.rotary_pos_emb)
         # Read by Megatron's finalize_model_grads to all-reduce tied embedding grads across PP.
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+        # Set by train.builders.wrap_ddp under overlapped gradient reduction: a training forward
+        # without images runs the vision tower on a blank image and adds 0 x its output, so every
+        # trainable parameter gets a gradient in every micro-batch. Megatron launches a bucket's
+        # reduction when all its parameters have one; a DP rank whose micro-batch had no image
+        # would otherwise launch its buckets in another order than its peers (a collective
+        # mismatch under gloo, a hang under NCCL).
+        self.idle_vision_pass = False
 
     def shared_embedding_or_output_weight(self) -> Tensor:
         return self.language_model.shared_embedding_or_output_weight()
@@ -140,6 +148,9 @@ class Qwen25VLModel(MegatronModule):
             ("image", self.model_cfg.image_token_id, pixel_values, image_grid_thw),
             ("video", self.model_cfg.video_token_id, pixel_values_videos, video_grid_thw),
         ]
+        if (self.idle_vision_pass and self.vision_model is not None and torch.is_grad_enabled()
+                and pixel_values is None and pixel_values_videos is None):
+            embeddings = embeddings + 0.0 * self._blank_image_embeddings(embeddings).sum()
         for kind, token_id, pixels, grid in media:
             mask = input_ids == token_id
             count = int(mask.sum())
@@ -162,6 +173,15 @@ class Qwen25VLModel(MegatronModule):
             embeddings = embeddings.transpose(0, 1)
             embeddings = embeddings.masked_scatter(mask.unsqueeze(-1), vision).transpose(0, 1)
         return embeddings.contiguous()
+
+    def _blank_image_embeddings(self, like: Tensor) -> Tensor:
+        """The vision tower's output for one black image of one merge unit (merge^2 patches)."""
+        v = self.model_cfg.vision
+        m = v.spatial_merge_size
+        width = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        pixels = torch.zeros(m * m, width, dtype=like.dtype, device=like.device)
+        grid = torch.tensor([[1, m, m]], dtype=torch.long, device=like.device)
+        return self.vision_model(pixels, grid)
 
     def forward(
         self,
