@@ -92,6 +92,16 @@ def test_first_stage_override():
                               "parallel.num_layers_in_first_pipeline_stage=5"])
 
 
+def test_overlap_param_gather_needs_the_distributed_optimizer_and_overlapped_grads():
+    cfg = load_config(SEVEN_B)  # the H100 recipes turn both on
+    assert cfg.parallel.overlap_grad_reduce and cfg.parallel.overlap_param_gather
+    with pytest.raises(ConfigValidationError) as e:
+        load_config(SEVEN_B, ["parallel.overlap_grad_reduce=false", "parallel.ddp_bucket_size=0"])
+    assert ("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true and "
+            "parallel.overlap_grad_reduce=true") in str(e.value)
+    assert "parallel.ddp_bucket_size=0: expected a number of parameters >= 1" in str(e.value)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
