@@ -5,6 +5,7 @@
 #   HF=/models/Qwen2.5-VL-7B-Instruct CKPT=/ckpt/qwen25vl_7b_mcore TP=2 PP=2 checkpoint_tools/verify.sh
 #
 # Env: HF, CKPT (required); TP, PP (default 1: the layout to load at, CPU gloo ranks);
+# FIRST_STAGE_LAYERS (layers on the first stage when PP does not divide them);
 # PROMPT / IMAGE (optional single prompt / image file instead of the built-in batch); PYTHON.
 # Both models run in fp32 on CPU: allow ~4 bytes per parameter for each (7B: ~60 GB total).
 set -euo pipefail
@@ -13,6 +14,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 args=(verify --hf "$HF" --ckpt "$CKPT" --tp "${TP:-1}" --pp "${PP:-1}")
+[[ -n "${FIRST_STAGE_LAYERS:-}" ]] && args+=(--first-stage-layers "$FIRST_STAGE_LAYERS")
 [[ -n "${PROMPT:-}" ]] && args+=(--prompt "$PROMPT")
 [[ -n "${IMAGE:-}" ]] && args+=(--image "$IMAGE")
 cd "$REPO"

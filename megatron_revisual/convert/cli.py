@@ -1,14 +1,17 @@
 """`revisual convert`: Hugging Face <-> Megatron-Core checkpoints, and a logit check between them.
 
-    revisual convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M] [--overwrite]
+    revisual convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M [--first-stage-layers K]] [--overwrite]
     revisual convert mcore-to-hf --ckpt DIR --out DIR [--hf-config DIR] [--max-shard-size 5GB] [--overwrite]
-    revisual convert verify --hf DIR --ckpt DIR [--tp N --pp M] [--prompt TEXT ...] [--image PATH ...]
+    revisual convert verify --hf DIR --ckpt DIR [--tp N --pp M [--first-stage-layers K]] [--prompt TEXT ...] [--image PATH ...]
 
 Also runnable as `python -m megatron_revisual.convert.cli ...`. Conversion runs on CPU (gloo
 ranks for --tp/--pp > 1); the tensors stream through one at a time, so memory stays far below
 the checkpoint size. The Megatron checkpoint loads at any TP/PP later (dist_checkpointing
 reshards), so --tp/--pp of hf-to-mcore only choose how many processes write it. Outputs appear
-under --out only when complete; an existing --out is replaced only with --overwrite.
+under --out only when complete; an existing --out is replaced only with --overwrite. A --pp
+that does not divide the layers splits them as training does with
+parallel.num_layers_in_first_pipeline_stage: --first-stage-layers on the first stage, the rest
+evenly; without it, the split whose largest stage is smallest (e.g. 28 layers at --pp 3: 8, 10, 10).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+
+
+FIRST_STAGE_HELP = ("layers on the first pipeline stage, the rest split evenly (default: even, or "
+                    "when --pp does not divide the layers the split whose largest stage is smallest)")
 
 
 def _positive(text: str) -> int:
@@ -74,6 +81,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="pipeline-parallel ranks writing it (loads at any PP)",
     )
+    p.add_argument("--first-stage-layers", type=_positive, default=None, help=FIRST_STAGE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser(
@@ -110,6 +118,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pp", type=_positive, default=1, help="pipeline-parallel size to load the checkpoint at"
     )
+    p.add_argument("--first-stage-layers", type=_positive, default=None, help=FIRST_STAGE_HELP)
     p.add_argument(
         "--prompt",
         action="append",
@@ -143,7 +152,8 @@ def run_convert(args: argparse.Namespace) -> int:
             from megatron_revisual.convert.dist_ckpt import convert_hf_to_mcore
 
             out = convert_hf_to_mcore(
-                args.hf, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite
+                args.hf, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
+                first_stage_layers=args.first_stage_layers,
             )
             print(
                 f"wrote Megatron checkpoint {out} (saved from TP={args.tp}, PP={args.pp}; loads at any layout)"
@@ -163,7 +173,8 @@ def run_convert(args: argparse.Namespace) -> int:
             from megatron_revisual.convert.verify import failures, format_report, verify
 
             report = verify(
-                args.hf, args.ckpt, tp=args.tp, pp=args.pp, prompts=args.prompt, images=args.image
+                args.hf, args.ckpt, tp=args.tp, pp=args.pp, first_stage_layers=args.first_stage_layers,
+                prompts=args.prompt, images=args.image,
             )
             print(format_report(report))
             problems = failures(report, args.max_diff)

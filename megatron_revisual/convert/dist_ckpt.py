@@ -79,15 +79,29 @@ _MODEL_PREFIXES = ("language_model.", "vision_model.")
 # --------------------------------------------------------------------------- config & metadata
 
 
-def run_config_for(model_cfg: ModelConfig, tp: int, pp: int) -> RunConfig:
-    """A validated RunConfig that builds `model_cfg` at (tp, pp) on the local layer spec."""
+# The convert commands' names for the layout options that validation errors name.
+_CLI_OPTIONS = {
+    "parallel.tensor_model_parallel_size": "--tp",
+    "parallel.pipeline_model_parallel_size": "--pp",
+    "parallel.num_layers_in_first_pipeline_stage": "--first-stage-layers",
+}
+
+
+def run_config_for(model_cfg: ModelConfig, tp: int, pp: int, first_stage_layers: int | None = None) -> RunConfig:
+    """A validated RunConfig that builds `model_cfg` at (tp, pp) on the local layer spec. When
+    `pp` does not divide the layers and `first_stage_layers` is None, the first stage (which also
+    holds the vision tower) gets `default_first_stage_layers`. Errors name the convert
+    commands' options."""
     from megatron_revisual.config.validate import ConfigValidationError, validate_config
 
+    if first_stage_layers is None and pp > 1 and model_cfg.num_layers % pp:
+        first_stage_layers = default_first_stage_layers(model_cfg.num_layers, pp)
     cfg = RunConfig(
         model=dataclasses.replace(model_cfg, layer_backend="local", hf_path=None),
         parallel=ParallelConfig(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            num_layers_in_first_pipeline_stage=first_stage_layers,
             use_distributed_optimizer=False,
         ),
         cluster=ClusterConfig(devices_per_node=tp * pp, backend="gloo"),
@@ -96,8 +110,22 @@ def run_config_for(model_cfg: ModelConfig, tp: int, pp: int) -> RunConfig:
     try:
         validate_config(cfg)
     except ConfigValidationError as e:
-        raise ConvertError(f"cannot lay the model out at TP={tp}, PP={pp}: {e}") from None
+        message = str(e)
+        for option, flag in _CLI_OPTIONS.items():
+            message = message.replace(option, flag)
+        where = f"TP={tp}, PP={pp}" + (f", {first_stage_layers} layers on the first stage" if first_stage_layers else "")
+        raise ConvertError(f"cannot lay the model out at {where}: {message}") from None
     return cfg
+
+
+def default_first_stage_layers(num_layers: int, pp: int) -> int | None:
+    """For `pp` stages that do not divide `num_layers`: the first stage's layer count that makes
+    the largest stage smallest, the rest splitting evenly (ties: the smaller first stage, which
+    also holds the vision tower); None when no split exists (pp > num_layers)."""
+    splits = [f for f in range(1, num_layers - pp + 2) if (num_layers - f) % (pp - 1) == 0]
+    if pp < 2 or not splits:
+        return None
+    return min(splits, key=lambda f: (max(f, (num_layers - f) // (pp - 1)), f))
 
 
 def model_config_from_hf(hf_dir: str | Path, params_dtype: str) -> ModelConfig:
@@ -280,14 +308,14 @@ class _HFShards:
         return shard.to(param.dtype)
 
 
-def _hf_to_mcore_rank(jobs: list[tuple[ModelConfig, str, str]]) -> int:
+def _hf_to_mcore_rank(jobs: list[tuple[ModelConfig, str, str]], first_stage_layers: int | None = None) -> int:
     """Collective: write each (model config, HF dir, checkpoint dir) job; bytes written here."""
     from megatron.core import parallel_state as ps
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     written = 0
     for model_cfg, hf_dir, ckpt_dir in jobs:
-        model = build_meta_stage(run_config_for(model_cfg, tp, pp))
+        model = build_meta_stage(run_config_for(model_cfg, tp, pp, first_stage_layers))
         shards = _HFShards(model, model_cfg, hf_dir)
         agree_on_errors(shards.check())
         nbytes = {name: p.numel() * p.element_size() for name, p in shards.params.items()}
@@ -296,14 +324,18 @@ def _hf_to_mcore_rank(jobs: list[tuple[ModelConfig, str, str]]) -> int:
 
 
 def convert_hf_to_mcore(
-    hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, overwrite: bool = False
+    hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, overwrite: bool = False,
+    first_stage_layers: int | None = None,
 ) -> Path:
-    """Write `hf_dir` as a Megatron-Core torch_dist checkpoint saved from (tp, pp) ranks."""
-    return convert_many_hf_to_mcore([(hf_dir, out_dir)], tp=tp, pp=pp, overwrite=overwrite)[0]
+    """Write `hf_dir` as a Megatron-Core torch_dist checkpoint saved from (tp, pp) ranks (the
+    first stage holding `first_stage_layers` layers; default: even, or `default_first_stage_layers`)."""
+    return convert_many_hf_to_mcore([(hf_dir, out_dir)], tp=tp, pp=pp, overwrite=overwrite,
+                                     first_stage_layers=first_stage_layers)[0]
 
 
 def convert_many_hf_to_mcore(
-    jobs: list[tuple[str | Path, str | Path]], *, tp: int = 1, pp: int = 1, overwrite: bool = False
+    jobs: list[tuple[str | Path, str | Path]], *, tp: int = 1, pp: int = 1, overwrite: bool = False,
+    first_stage_layers: int | None = None,
 ) -> list[Path]:
     """Several hf-to-mcore conversions on one set of rank processes (for small models, starting
     the processes costs more than converting). Every input is checked before anything is written."""
@@ -319,7 +351,7 @@ def convert_many_hf_to_mcore(
                 f"{reader.source}: tensors have dtypes {sorted(map(str, dtypes))}; expected one of fp32/bf16/fp16"
             )
         model_cfg = model_config_from_hf(hf, _DTYPE_FIELDS[dtypes.pop()])
-        run_config_for(model_cfg, tp, pp)  # layout errors before any process starts
+        run_config_for(model_cfg, tp, pp, first_stage_layers)  # layout errors before any process starts
         _check_hf_names(reader, model_cfg)
         prepared.append((model_cfg, hf, out))
     with contextlib.ExitStack() as stack:
@@ -336,10 +368,14 @@ def convert_many_hf_to_mcore(
                     (cfg, str(hf), str(st))
                     for (cfg, hf, _), st in zip(prepared, stagings, strict=True)
                 ],
+                first_stage_layers,
             ),
         )
         for (cfg, hf, _), staging in zip(prepared, stagings, strict=True):
-            write_checkpoint_metadata(staging, cfg, hf_dir=hf, layout={"tp": tp, "pp": pp})
+            layout = {"tp": tp, "pp": pp}
+            if first_stage_layers is not None:
+                layout["first_stage_layers"] = first_stage_layers
+            write_checkpoint_metadata(staging, cfg, hf_dir=hf, layout=layout)
     return [out for _, _, out in prepared]
 
 

@@ -140,7 +140,7 @@ def megatron_batch(
 
 
 def _megatron_logits_rank(
-    model_cfg: ModelConfig, ckpt_dir: str, batch: dict, hf_dir: str
+    model_cfg: ModelConfig, ckpt_dir: str, batch: dict, hf_dir: str, first_stage_layers: int | None = None
 ) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -149,7 +149,7 @@ def _megatron_logits_rank(
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    cfg = run_config_for(dataclasses.replace(model_cfg, params_dtype="fp32"), tp, pp)
+    cfg = run_config_for(dataclasses.replace(model_cfg, params_dtype="fp32"), tp, pp, first_stage_layers)
     model = build_qwen25_vl(
         cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
     )
@@ -236,10 +236,12 @@ def verify(
     *,
     tp: int = 1,
     pp: int = 1,
+    first_stage_layers: int | None = None,
     prompts: list[str] | None = None,
     images: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Compare the logits of `hf_dir` (transformers) and `ckpt_dir` (Megatron at tp, pp)."""
+    """Compare the logits of `hf_dir` (transformers) and `ckpt_dir` (Megatron at tp, pp, with
+    `first_stage_layers` on the first stage; default: even, or `default_first_stage_layers`)."""
     from megatron_revisual.convert.dist_io import DistCheckpointReader
     from megatron_revisual.convert.safetensors_io import HFCheckpoint
 
@@ -251,12 +253,13 @@ def verify(
     DistCheckpointReader(ckpt)
     # The checkpoint's stored config, which must agree with hf_dir's config.json.
     model_cfg, _ = checkpoint_model_config(ckpt, hf_dir)
-    run_config_for(model_cfg, tp, pp)  # layout errors before any work
+    run_config_for(model_cfg, tp, pp, first_stage_layers)  # layout errors before any work
     inputs = build_batch(hf_dir, model_cfg, _samples(prompts, images))
     ref = hf_logits(hf_dir, model_cfg, inputs)
     batch = megatron_batch(model_cfg, inputs)
     results = launch(
-        _megatron_logits_rank, tp=tp, pp=pp, args=(model_cfg, str(ckpt), batch, str(hf_dir))
+        _megatron_logits_rank, tp=tp, pp=pp,
+        args=(model_cfg, str(ckpt), batch, str(hf_dir), first_stage_layers)
     )
     ours = next(r["logits"] for r in results if "logits" in r)
     report = compare_logits(ours, ref, inputs["attention_mask"].bool())
