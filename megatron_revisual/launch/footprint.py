@@ -22,7 +22,7 @@ from megatron_revisual.config.schema import ModelConfig, RunConfig
 __all__ = ["RolloutFootprint", "kv_cache_bytes_per_token", "parameter_count", "rollout_footprint"]
 
 GIB = 2**30
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def parameter_count(m: ModelConfig) -> dict[str, int]:
@@ -81,16 +81,22 @@ def rollout_footprint(cfg: RunConfig, stage: str, *, gpu_gib: float = 80.0) -> R
     s = getattr(cfg, stage)
     r, m, p = s.rollout, cfg.model, cfg.parallel
     world = cfg.cluster.world_size
-    dtype_bytes = _DTYPE_BYTES[m.params_dtype]
+    dtype_bytes = DTYPE_BYTES[m.params_dtype]
     counts = parameter_count(m)
     full = (counts["language"] + counts["vision"]) * dtype_bytes
     engine_tp = r.tensor_parallel_size
     engines = world // engine_tp if r.placement == "colocated" else 1
     weights = full / engine_tp
     kv_bytes = max(0.0, r.gpu_memory_utilization * gpu_gib * GIB - weights)
-    # each rank gathers its stage's TP-split tensors (treated here as all of them) in its group
+    # each rank gathers its stage's TP-split tensors (treated here as all of them) in its group;
+    # an engine of the trainer's TP takes the decoder layers from the local shards (only the
+    # embeddings and the vision tower are gathered)
     t, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    gathered = (t - 1) / t * full / pp
+    gathered_part = full
+    if engine_tp == t and r.placement == "colocated":
+        embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+        gathered_part = (embeddings + counts["vision"]) * dtype_bytes
+    gathered = (t - 1) / t * gathered_part / pp
     return RolloutFootprint(
         stage=stage, world_size=world, train_tp=t, engine_tp=engine_tp, engines=engines,
         weight_gib_per_gpu=weights / GIB, kv_cache_gib_per_gpu=kv_bytes / GIB,

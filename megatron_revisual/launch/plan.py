@@ -155,6 +155,13 @@ def validate_plan(plan: LaunchPlan) -> RunConfig:
         raise LaunchError(f"{where}: {e}") from None
     if stand_in:  # report the real path, not the temporary one
         cfg.model.hf_path = read_raw_config(plan.recipe, overrides)["model"]["hf_path"]
+    if cfg.cluster.backend == "nccl":  # GPUs: the memory plan must fit too (`revisual plan`)
+        from megatron_revisual.launch.planner import plan_run
+
+        short = [s for s in plan_run(cfg) if not s.fits]
+        if short:
+            raise LaunchError(f"{where} does not fit in 80 GiB GPUs (`revisual plan {plan.recipe}`):\n  - " + "\n  - ".join(
+                f"{s.stage}: peak {s.peak_gib:.1f} GiB; to fit: {s.suggestion}" for s in short))
     return cfg
 
 
