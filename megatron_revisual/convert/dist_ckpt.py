@@ -122,8 +122,10 @@ def default_first_stage_layers(num_layers: int, pp: int) -> int | None:
     """For `pp` stages that do not divide `num_layers`: the first stage's layer count that makes
     the largest stage smallest, the rest splitting evenly (ties: the smaller first stage, which
     also holds the vision tower); None when no split exists (pp > num_layers)."""
+    if pp < 2:
+        return None
     splits = [f for f in range(1, num_layers - pp + 2) if (num_layers - f) % (pp - 1) == 0]
-    if pp < 2 or not splits:
+    if not splits:
         return None
     return min(splits, key=lambda f: (max(f, (num_layers - f) // (pp - 1)), f))
 

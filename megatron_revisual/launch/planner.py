@@ -34,13 +34,14 @@ counted: keep some GiB of headroom.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import sys
 from collections.abc import Callable
 
 from megatron_revisual.config.schema import ModelConfig, RunConfig
-from megatron_revisual.launch.footprint import DTYPE_BYTES, GIB, rollout_footprint
+from megatron_revisual.launch.footprint import DTYPE_BYTES, GIB, parameter_count, rollout_footprint
 
 __all__ = ["LayerCounts", "StagePlan", "local_parameters", "plan_run", "plan_stage"]
 
@@ -220,7 +221,7 @@ def _plan_pipeline_stage(cfg: RunConfig, stage: str, k: int, *, gpu_gib: float, 
         engine = s.rollout.gpu_memory_utilization * gpu_gib * GIB
 
     # step time: training FLOPs per token, 6N + causal attention (x 4/3 with full recompute)
-    n_params = sum(c.total for c in local_parameters(cfg)) * t  # whole model
+    n_params = sum(parameter_count(m).values())  # the whole model
     q = m.num_attention_heads * m.head_dim
     if grpo:
         row = s.rollout.max_prompt_length + s.rollout.max_response_length
@@ -276,7 +277,7 @@ def _with_suggestion(cfg: RunConfig, stage: str, plan: StagePlan, **kw) -> Stage
     from megatron_revisual.config.validate import ConfigValidationError, validate_config
 
     for text, edit in _candidates(cfg, stage):
-        changed = _copy(cfg)
+        changed = copy.deepcopy(cfg)
         edit(changed)
         try:
             validate_config(changed)
@@ -287,12 +288,6 @@ def _with_suggestion(cfg: RunConfig, stage: str, plan: StagePlan, **kw) -> Stage
             return dataclasses.replace(plan, suggestion=f"{text} (peak {trial.peak_gib:.1f} GiB)")
     return dataclasses.replace(plan, suggestion="none of recomputation, a larger TP or PP, a smaller engine "
                                                 "share or smaller micro-batches is enough: use more GPUs")
-
-
-def _copy(cfg: RunConfig) -> RunConfig:
-    import copy
-
-    return copy.deepcopy(cfg)
 
 
 def plan_run(cfg: RunConfig, **kw) -> list[StagePlan]:

@@ -42,6 +42,7 @@ def test_default_split_makes_the_largest_stage_smallest():
     assert default_first_stage_layers(64, 3) == 20  # 20 + 22 + 22 (the 32B's 64 layers)
     assert default_first_stage_layers(4, 3) == 2  # 2 + 1 + 1
     assert default_first_stage_layers(2, 3) is None  # more stages than layers
+    assert default_first_stage_layers(28, 1) is None  # one stage: nothing to split
 
 
 @pytest.mark.parametrize("first", [None, "2"])
