@@ -374,11 +374,14 @@ class GRPOStageConfig:
 class CheckpointConfig:
     """Checkpoints every `every` steps (and at each stage's end and on a stop request), keeping
     the last `keep_last` (stage-end checkpoints are kept as well). `dir` defaults to
-    <output_dir>/checkpoints."""
+    <output_dir>/checkpoints. `async_save`: write the tensors in the background (Megatron-Core's
+    async queue) while training goes on; a checkpoint is complete (and counts for `--resume`)
+    once its writes finished, at the latest before the next save or the stage's end."""
 
     every: int = 50
     keep_last: int = 2
     dir: str | None = None
+    async_save: bool = False
 
 
 @dataclass(kw_only=True)

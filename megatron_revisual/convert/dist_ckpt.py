@@ -518,5 +518,7 @@ def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
 
     ckpt = resolve_checkpoint_dir(ckpt_dir)
     DistCheckpointReader(ckpt)  # a missing or cut .distcp file: a ConvertError naming it
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
-    model.load_state_dict(state, strict=True)
+    sharded = model.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, str(ckpt))
+    # a training checkpoint's common part also holds the optimizer's groups and the LR schedule
+    model.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=True)

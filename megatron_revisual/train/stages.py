@@ -32,13 +32,14 @@ from megatron_revisual.config.schema import DataConfig, OptimConfig, RunConfig
 from megatron_revisual.data.datasets import REVISUAL_FORMAT_PROMPT, DatasetSpec
 from megatron_revisual.data.packing import row_length_multiple
 from megatron_revisual.train.checkpointing import (
+    CHECKPOINT_FORMAT,
+    AsyncSaves,
+    current_layout,
     find_stage_end,
-    load_rank_state,
-    optimizer_state,
-    restore_optimizer_state,
+    restore_training_state,
     rng_state,
     save_checkpoint,
-    set_rng_state,
+    training_state_dict,
 )
 
 __all__ = ["StageRunner", "dataset_spec", "weights_digest"]
@@ -98,6 +99,7 @@ class StageRunner:
         self.stop_file = stop_file_path(cfg.output_dir)
         self.out = Path(cfg.output_dir)
         self.final_export: Path | None = None
+        self.async_saves = AsyncSaves() if cfg.checkpoint.async_save else None
         self.log = None
         if self.rank == 0:
             from megatron_revisual.config import config_to_dict
@@ -192,15 +194,24 @@ class StageRunner:
             **loop.schedule_state(stage_step),
         }
         state = _broadcast(state)  # rank 0's wandb id
-        rank_state = {"optimizer": optimizer_state(optimizer), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        state.update(checkpoint_format=CHECKPOINT_FORMAT, layout=current_layout())
+        self._complete_saves(blocking=True)  # one save in flight at a time
         path = save_checkpoint(
-            self.ckpt_root, self.global_step, model=model, model_cfg=self.cfg.model,
-            hf_side_dir=self.cfg.model.hf_path, rank_state=rank_state, trainer_state=state,
-            keep_last=self.cfg.checkpoint.keep_last,
+            self.ckpt_root, self.global_step, state=training_state_dict(model, optimizer, scheduler),
+            model_cfg=self.cfg.model, hf_side_dir=self.cfg.model.hf_path, rank_state={"rng": rng_state()},
+            trainer_state=state, keep_last=self.cfg.checkpoint.keep_last, async_saves=self.async_saves,
         )
         if self.log is not None:
-            self.log.note(f"[{name}] checkpoint {path}")
+            self.log.note(f"[{name}] checkpoint {path}" + (" (writing in the background)" if self.async_saves else ""))
         return path
+
+    def _complete_saves(self, *, blocking: bool) -> None:
+        """Collective: complete the background saves whose writes finished (all, when blocking)."""
+        if self.async_saves is None:
+            return
+        for path in self.async_saves.poll(blocking=blocking):
+            if self.log is not None:
+                self.log.note(f"checkpoint {path} complete")
 
     def _export(self, name: str, ddp: torch.nn.Module) -> Path:
         """The policy as an HF directory <output_dir>/hf/<name> (collective)."""
@@ -247,10 +258,9 @@ class StageRunner:
         loop.attach(ddp, optimizer, scheduler)
         first = 1
         if state is not None:
-            saved = load_rank_state(self.resume_dir)
-            restore_optimizer_state(optimizer, saved["optimizer"], str(self.resume_dir))
-            scheduler.load_state_dict(saved["scheduler"])
-            set_rng_state(saved["rng"])
+            note = restore_training_state(self.resume_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+            if note is not None and self.log is not None:
+                self.log.note(note)
             loop.load_data_state(state["data"])
             first = int(state["stage_step"]) + 1
         loop.start(resumed_at=first - 1)
@@ -274,6 +284,7 @@ class StageRunner:
                 if self.log is not None:
                     self.log.log(row)
                     self.log.progress(name, stage_step, total, row)
+                self._complete_saves(blocking=False)
                 stop = self._stop_requested()
                 every = cfg.checkpoint.every
                 if stage_step < total and (stop or (every and self.global_step % every == 0)):
@@ -281,12 +292,14 @@ class StageRunner:
                         self._save(name, stage_step, total, model=model, optimizer=optimizer,
                                    scheduler=scheduler, loop=loop, stage_end=False)
                 if stop and stage_step < total:
+                    self._complete_saves(blocking=True)
                     self._consume_stop()
                     return "stopped"
             with params_gathered(ddp):
                 self.final_export = self._export(name, ddp)
                 self._save(name, total, total, model=model, optimizer=optimizer, scheduler=scheduler,
                            loop=loop, stage_end=True)
+            self._complete_saves(blocking=True)  # the next stage starts from this checkpoint
         finally:
             loop.close()
         if self._stop_requested():

@@ -38,7 +38,7 @@ class _Weights(torch.nn.Module):
 
 
 def _save(root, iteration: int, numel: int) -> None:
-    save_checkpoint(root, iteration, model=_Weights(numel), model_cfg=MODEL_CFG, hf_side_dir=None,
+    save_checkpoint(root, iteration, state=_Weights(numel).sharded_state_dict(), model_cfg=MODEL_CFG, hf_side_dir=None,
                     rank_state={"rng": iteration}, trainer_state={"global_step": iteration})
 
 
