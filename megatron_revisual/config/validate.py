@@ -467,11 +467,6 @@ def validate_for_training(cfg: RunConfig) -> None:
         problems.append("stages is empty: list the stages to run, e.g. [cold_start, mrl, trl]")
     if "mrl" in cfg.stages and cfg.model.vision is None:
         problems.append("stages includes 'mrl' (multimodal GRPO) but the model has no vision tower")
-    if cfg.parallel.context_parallel_size > 1:
-        problems.append(
-            f"parallel.context_parallel_size={cfg.parallel.context_parallel_size}: the packed SFT / GRPO "
-            "steps of `revisual train` do not split their per-token tensors over CP yet; use 1"
-        )
     if cfg.parallel.virtual_pipeline_model_parallel_size is not None:
         problems.append("parallel.virtual_pipeline_model_parallel_size: `revisual train` builds one "
                         "model chunk per pipeline stage; leave it unset")

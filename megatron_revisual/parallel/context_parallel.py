@@ -206,3 +206,77 @@ def cp_unsplit_bshd(parts: Sequence[torch.Tensor], cp_size: int, seq_dim: int = 
     """Inverse of `cp_split_bshd` given every CP rank's part in rank order."""
     total = sum(p.shape[seq_dim] for p in parts)
     return cp_unsplit(parts, [0, total], cp_size, seq_dim)
+
+
+# --- collectives over the CP group with autograd -----------------------------------------------
+def _gather_parts(tensor: torch.Tensor, group) -> list[torch.Tensor]:  # noqa: ANN001
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+class _AllGatherSummedBackward(torch.autograd.Function):
+    """Concatenate every CP rank's equal-shaped tensor along dim 0. Backward: each rank's part
+    gets the sum of every rank's gradient for it (the gathered tensor feeds different work on
+    each rank, e.g. the keys and values every rank's queries attend to)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+        import torch.distributed as dist
+
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), tensor.shape[0]
+        return torch.cat(_gather_parts(tensor, group), dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+class _AllGatherReplicatedBackward(torch.autograd.Function):
+    """Concatenate every CP rank's equal-shaped tensor along dim 0, for work that every CP rank
+    then repeats identically (a loss over the whole row). Backward: this rank's slice of the
+    gradient, no communication (every rank holds the same gradient)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # noqa: ANN001
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(group), tensor.shape[0]
+        return torch.cat(_gather_parts(tensor, group), dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def all_gather_cp(tensor: torch.Tensor, group, *, replicated: bool) -> torch.Tensor:  # noqa: ANN001
+    """Every CP rank's `tensor` (equal shapes) concatenated along dim 0 in rank order, with
+    autograd. `replicated`: what follows runs identically on every rank (the gradient is taken
+    from this rank's slice); otherwise each rank's gradient contributions are summed."""
+    fn = _AllGatherReplicatedBackward if replicated else _AllGatherSummedBackward
+    return fn.apply(tensor, group)
+
+
+def cp_order(cu_seqlens: torch.Tensor | Sequence[int], cp_size: int) -> torch.Tensor:
+    """For each token of the rank-order concatenation of every CP rank's part, its index in the
+    full row (its inverse permutation, `argsort`, puts the concatenation back in row order)."""
+    return torch.cat([cp_rank_indices(cu_seqlens, cp_size, r) for r in range(cp_size)])
+
+
+def gather_full_row(local: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int], group) -> torch.Tensor:  # noqa: ANN001
+    """The full packed row [..., T] of a per-token tensor [..., T / cp] that every CP rank holds
+    for its own tokens (`cp_rank_indices` order), for work every CP rank then repeats on the
+    whole row (log-probs into the GRPO / SFT loss); autograd takes each rank's slice back."""
+    import torch.distributed as dist
+
+    cp = dist.get_world_size(group)
+    moved = local.movedim(-1, 0)
+    gathered = all_gather_cp(moved, group, replicated=True)
+    inverse = torch.argsort(cp_order(cu_seqlens, cp)).to(gathered.device)
+    return gathered.index_select(0, inverse).movedim(0, -1)

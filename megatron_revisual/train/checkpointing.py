@@ -246,6 +246,7 @@ def training_state_dict(model: torch.nn.Module, optimizer: Any, scheduler: Any, 
     """What the dist checkpoint holds: the model's sharded tensors under their own keys (what
     `revisual convert` and `load_model_checkpoint` read), the optimizer's under `optimizer.`
     (Megatron's reshardable format, mapped onto the model's sharding) and the LR schedule."""
+    _prime_optimizer_state(optimizer)  # a stage saved before its first update has no state yet
     model_sd = model.sharded_state_dict()
     optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA))
     return {**model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}
@@ -264,7 +265,6 @@ def restore_training_state(ckpt: Path, *, model: torch.nn.Module, optimizer: Any
         return None
     from megatron.core import dist_checkpointing
 
-    _prime_optimizer_state(optimizer)
     request = training_state_dict(model, optimizer, scheduler, is_loading=True)
     wanted = {"optimizer": request["optimizer"]}
     loaded = dist_checkpointing.load(wanted, str(ckpt))
@@ -280,9 +280,12 @@ def restore_training_state(ckpt: Path, *, model: torch.nn.Module, optimizer: Any
 
 
 def _prime_optimizer_state(optimizer: Any) -> None:
-    """Give a fresh optimizer the state entries a load fills: Megatron's `init_state_fn` (zero
-    moments) and, for torch's own Adam (no Transformer Engine / Apex fused Adam), the per-parameter
-    `step` that the distributed optimizer's `state_dict` reads; the load then overwrites all."""
+    """Give an optimizer that has not stepped yet the state a fresh Adam would create at its first
+    step: Megatron's `init_state_fn` (zero moments) and, for torch's own Adam (no Transformer
+    Engine / Apex fused Adam), the per-parameter `step` 0 that the distributed optimizer's
+    `state_dict` reads (it asserts one common step). Needed to save before the first update (a
+    GRPO stage whose every step PAD skipped) and to load (which then overwrites all of it).
+    Entries that exist are left as they are; the next step's arithmetic is unchanged."""
     for opt in _inner_optimizers(optimizer):
         init = getattr(opt, "init_state_fn", None)
         if init is not None:
@@ -455,7 +458,9 @@ def _save_strategy() -> Any:
     parallel save) when there is more than one."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
 
     strategy = get_default_save_sharded_strategy()
     if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:

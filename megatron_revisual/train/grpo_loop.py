@@ -317,7 +317,8 @@ class GRPOLoop:
     def _batches(self, policy_samples: list[PolicySample]):
         return build_policy_batches(
             policy_samples, config=self.mrope, micro_batch_tokens=self.stage.micro_batch_tokens,
-            pad_to_multiple_of=row_multiple(self.cfg), pad_token_id=self.tokenizer.pad_token_id or 0,
+            pad_to_multiple_of=row_multiple(self.cfg), cp_size=self.cfg.parallel.context_parallel_size,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
         )
 
     # --- the step ------------------------------------------------------------------------------

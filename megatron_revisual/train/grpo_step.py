@@ -176,12 +176,13 @@ def build_policy_batches(
     micro_batch_tokens: int | None = None,
     micro_batch_size: int | None = None,
     pad_to_multiple_of: int = 1,
+    cp_size: int = 1,
     pad_token_id: int = 0,
 ) -> list[PolicyMicroBatch]:
     """Pack `samples` (in order) into micro-batches of at most `micro_batch_tokens` tokens or of
     `micro_batch_size` samples; loss on response tokens only, advantages (and any given
-    log-probs) at the label positions of the response tokens. `pad_to_multiple_of`: TP with
-    sequence parallelism."""
+    log-probs) at the label positions of the response tokens. `pad_to_multiple_of`: the row
+    multiple (`stages.row_multiple`); `cp_size`: every sequence padded to a multiple of 2 x CP."""
     for i, s in enumerate(samples):
         r = s.response_ids.numel()
         if r == 0 or s.prompt_ids.numel() == 0:
@@ -213,6 +214,7 @@ def build_policy_batches(
             ],
             config=config,
             pad_to_multiple_of=pad_to_multiple_of,
+            cp_size=cp_size,
             pad_token_id=pad_token_id,
         )
         total = int(packed.input_ids.shape[1])
@@ -338,6 +340,29 @@ def token_log_probs_and_entropy(
     return vocab_parallel_log_probs_and_entropy(logits, labels, vocab_start_index=start)
 
 
+def row_log_probs_and_entropy(
+    logits: torch.Tensor, packed: Any, vocab_size: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_log_probs_and_entropy` over the whole packed row [1, T], from the model's logits.
+
+    Under CP the logits cover this rank's tokens only (`cp_token_indices` order): the log-probs
+    and entropies of its tokens are computed here, then all-gathered over the CP group into row
+    order, so the loss and its metrics (per-sequence aggregations, PAD, KL) see whole sequences,
+    exactly as at CP 1. Every CP rank then computes the same loss; autograd hands each rank the
+    gradient of its own tokens (DDP sums the CP ranks' gradients with the DP ranks')."""
+    if ps.get_context_parallel_world_size() == 1:
+        return token_log_probs_and_entropy(logits, packed.labels, vocab_size, temperature)
+    from megatron_revisual.models.qwen25_vl.model import split_for_context_parallel
+    from megatron_revisual.parallel.context_parallel import gather_full_row
+
+    params = packed.packed_seq_params
+    labels = split_for_context_parallel(packed.labels, params)
+    lp, entropy = token_log_probs_and_entropy(logits, labels, vocab_size, temperature)
+    bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+    group = ps.get_context_parallel_group()
+    return gather_full_row(lp, bounds, group), gather_full_row(entropy, bounds, group)
+
+
 def run_packed_schedule(
     model: torch.nn.Module | list[torch.nn.Module],
     micro_batches: Sequence[Any],
@@ -350,8 +375,6 @@ def run_packed_schedule(
     Each row is built on the host and moved to the compute device here, whole (tokens, labels,
     masks, RL tensors, pixels, cu_seqlens), as it enters the model; `loss_func` gets the moved one."""
     chunks = _chunks(model)
-    if ps.get_context_parallel_world_size() > 1:
-        raise NotImplementedError("grpo_step does not split RL tensors for context parallelism yet")
     config = chunks[0].config
 
     def forward_step(data_iterator, m):
@@ -407,7 +430,7 @@ def compute_log_probs(
         m.eval()
 
     def loss_func(mb: PolicyMicroBatch, logits: torch.Tensor):
-        lp, _ = token_log_probs_and_entropy(logits, mb.packed.labels, vocab, temperature)
+        lp, _ = row_log_probs_and_entropy(logits, mb.packed, vocab, temperature)
         return logits.new_zeros(()), {"log_probs": lp.float() * mb.packed.loss_mask}
 
     out = run_packed_schedule(model, micro_batches, loss_func, forward_only=True)
@@ -510,12 +533,13 @@ def grpo_update(
     per_token = agg == "token-mean"
     denominator = tokens if per_token else sequences
     # Megatron divides each returned loss by the micro-batch count and DDP averages gradients
-    # over DP: undo both so the gradient is that of the global aggregate.
+    # over DP (x CP, which the schedule undoes itself, multiplying the loss by the CP size): undo
+    # both so the gradient is that of the global aggregate.
     undo = len(micro_batches) * ps.get_data_parallel_world_size()
     names = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl")
 
     def loss_func(mb: PolicyMicroBatch, logits: torch.Tensor):
-        lp, entropy = token_log_probs_and_entropy(logits, mb.packed.labels, vocab, temperature)
+        lp, entropy = row_log_probs_and_entropy(logits, mb.packed, vocab, temperature)
         # One row per packed sequence, so the seq-mean aggregations see sequences.
         n = mb.num_sequences
         rows = _sequence_rows(mb)  # [n, T]

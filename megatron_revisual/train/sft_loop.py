@@ -27,9 +27,9 @@ from megatron_revisual.train.grpo_step import (
     _from_last_stage,
     _real_vocab_size,
     mrope_config,
+    row_log_probs_and_entropy,
     run_packed_schedule,
     step_if_finite,
-    token_log_probs_and_entropy,
 )
 from megatron_revisual.train.stages import (
     dataset_spec,
@@ -39,7 +39,7 @@ from megatron_revisual.train.stages import (
     skipped_report,
 )
 
-__all__ = ["SFTLoop", "load_sft_set"]
+__all__ = ["SFTLoop", "load_sft_set", "sft_update"]
 
 
 def load_sft_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset:
@@ -118,31 +118,13 @@ class SFTLoop:
         rows = [
             _Row(pack_sequences([examples[i].to_sample() for i in group], config=self.mrope,
                                 pad_to_multiple_of=row_multiple(self.cfg),
+                                cp_size=self.cfg.parallel.context_parallel_size,
                                 pad_token_id=self.tokenizer.pad_token_id or 0))
             for group in pack_groups([e.num_tokens for e in examples], self.stage.max_length)
         ]
-        vocab = _real_vocab_size(_chunks(self.model)[0])
-        undo = len(rows) * dp  # Megatron divides by the micro-batch count, DDP averages over DP
-
-        def loss_func(row: _Row, logits: torch.Tensor):
-            lp, _ = token_log_probs_and_entropy(logits, row.packed.labels, vocab, 1.0)
-            nll = -(lp.float() * row.packed.loss_mask).sum()
-            return nll / tokens * undo, {"nll": nll.detach().double()}
-
-        self.model.train()
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        out = run_packed_schedule([self.model], rows, loss_func, forward_only=False)
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        ok, _, grad_norm = step_if_finite([self.model], self.optimizer, self.scheduler)
-        total = torch.zeros(1, dtype=torch.float64)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            total[0] = sum(float(o["nll"]) for o in out)
-            if dp > 1:
-                total = all_reduce(total, group=ps.get_data_parallel_group())
-        total = _from_last_stage([total])[0]
+        total, ok, grad_norm, lr = sft_update(self.model, self.optimizer, self.scheduler, rows, tokens=tokens)
         return {
-            "loss": float(total[0]) / tokens,
+            "loss": total / tokens,
             "grad_norm": grad_norm,
             "lr": lr,
             "sft/sequences": float(counts[0]),
@@ -151,3 +133,35 @@ class SFTLoop:
             "skipped_non_finite": float(not ok),
             **skipped,
         }
+
+
+def sft_update(model: Any, optimizer: Any, scheduler: Any | None, rows: list[Any], *,
+               tokens: float) -> tuple[float, bool, float, float]:
+    """One optimizer step of the mean token NLL over `tokens` target tokens (the whole step, all
+    DP ranks), this rank's share given as packed `rows` (anything with a `.packed` PackedBatch),
+    run as gradient-accumulation micro-batches. Returns (the step's summed NLL over all DP
+    ranks, finite, grad_norm, lr), the same on every rank."""
+    dp = ps.get_data_parallel_world_size()
+    vocab = _real_vocab_size(_chunks(model)[0])
+    # Megatron divides by the micro-batch count and DDP averages over DP (x CP, which Megatron's
+    # schedule undoes itself: it multiplies the loss by the CP size)
+    undo = len(rows) * dp
+
+    def loss_func(row: Any, logits: torch.Tensor):
+        lp, _ = row_log_probs_and_entropy(logits, row.packed, vocab, 1.0)
+        nll = -(lp.float() * row.packed.loss_mask).sum()
+        return nll / tokens * undo, {"nll": nll.detach().double()}
+
+    model.train()
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    out = run_packed_schedule([model], rows, loss_func, forward_only=False)
+    lr = float(optimizer.param_groups[0]["lr"])
+    ok, _, grad_norm = step_if_finite([model], optimizer, scheduler)
+    total = torch.zeros(1, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        total[0] = sum(float(o["nll"]) for o in out)
+        if dp > 1:
+            total = all_reduce(total, group=ps.get_data_parallel_group())
+    total = _from_last_stage([total])[0]
+    return float(total[0]), ok, grad_norm, lr

@@ -192,3 +192,41 @@ def test_async_save_writes_the_same_checkpoints_while_training_goes_on(full, tmp
     _resume(full, resumed, out / "checkpoints" / "iter_0000003")
     assert {s: r["loss"] for s, r in _rows(resumed).items()} == {s: ref[s]["loss"] for s in (4, 5, 6)}
     shutil.rmtree(out)
+
+
+def _save_before_any_update(cfg, root: str) -> dict:
+    """A stage whose every step PAD skipped saves an optimizer that never stepped."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
+    from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.train import checkpointing as ck
+    from megatron_revisual.train.builders import build_optimizer, wrap_ddp
+
+    def fresh():
+        model = build_qwen25_vl(cfg, pre_process=True, post_process=True)
+        load_hf_weights(model, SafetensorsReader(cfg.model.hf_path), cfg.model, tp_rank=ps.get_tensor_model_parallel_rank(),
+                        tp_size=ps.get_tensor_model_parallel_world_size())
+        optimizer, scheduler = build_optimizer(cfg, [wrap_ddp(cfg, model)])
+        return model, optimizer, scheduler
+
+    model, optimizer, scheduler = fresh()
+    path = ck.save_checkpoint(root, 0, state=ck.training_state_dict(model, optimizer, scheduler), model_cfg=cfg.model,
+                              hf_side_dir=None, rank_state={"rng": ck.rng_state()},
+                              trainer_state={"checkpoint_format": 2, "layout": ck.current_layout()})
+    model, optimizer, scheduler = fresh()
+    ck.restore_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    states = [s for opt in ck._inner_optimizers(optimizer) for s in opt.optimizer.state.values()]
+    return {"steps": sorted({float(s["step"]) for s in states}),
+            "moments": max(float(s["exp_avg"].abs().max()) for s in states)}
+
+
+def test_a_stage_saved_before_its_first_update_saves_and_resumes(tmp_path):
+    from megatron_revisual.config import load_config
+    from megatron_revisual.parallel import run_distributed
+    from megatron_revisual.testing.tiny_checkpoint import make_tiny_checkpoint
+
+    hf = make_tiny_checkpoint(tmp_path / "hf")
+    cfg = load_config(RECIPE, [f"model.hf_path={hf}", *TP1_DP2])
+    for got in run_distributed(_save_before_any_update, world_size=2, args=(cfg, str(tmp_path / "ckpt")), timeout_s=300):
+        assert got == {"steps": [0.0], "moments": 0.0}

@@ -212,8 +212,6 @@ def test_training_refuses_layouts_its_steps_cannot_run(tmp_path):
 
     cfg = _tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "parallel.context_parallel_size=2", "train.seq_length=64",
                 "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false")
-    assert cfg.parallel.context_parallel_size == 2  # loads: model tests and conversion use CP
-    with pytest.raises(ConfigValidationError, match="context_parallel_size=2: the packed SFT / GRPO steps"):
-        validate_for_training(cfg)
+    validate_for_training(cfg)  # the SFT and GRPO steps split their rows over CP
     with pytest.raises(ConfigValidationError, match="stages is empty"):
         validate_for_training(_tiny(tmp_path, f"model.hf_path={tmp_path}/hf", "stages=[]"))

@@ -17,7 +17,9 @@ embeds and scatters the vision embeddings on the full row, keeps this rank's tok
 (`cp_token_indices`: chunks r and 2cp-1-r of every sequence), and the rope picks the same rows
 from full-row frequencies (`packed_attention.FullRowMRoPE`). Outputs (per-token loss, logits)
 cover this rank's tokens only, in `cp_token_indices` order: split loss_mask etc. with
-`split_for_context_parallel`. The attention itself runs CP only in Transformer Engine (GPU).
+`split_for_context_parallel`. Each image goes through the vision tower on one CP rank only
+(`_vision_embeddings`). Attention under CP: Transformer Engine's THD attention (p2p) on GPU, our
+exact all-gather attention on the local spec (`packed_attention.PackedCausalAttention`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ def split_for_context_parallel(
             f"{seq_dim}, got shape {tuple(tensor.shape)}"
         )
     return tensor.index_select(dim, index.to(tensor.device))
+
+
+def _deal_runs(sizes: list[int], parts: int) -> list[int]:
+    """Boundaries [0, ..., len(sizes)] cutting `sizes` into `parts` contiguous runs: run r ends at
+    the first item whose running total reaches (r + 1) / parts of the whole (runs may be empty)."""
+    total, running, bounds = sum(sizes), 0, [0]
+    for i, size in enumerate(sizes):
+        running += size
+        while len(bounds) < parts and running * parts >= total * len(bounds):
+            bounds.append(i + 1)
+    bounds += [len(sizes)] * (parts + 1 - len(bounds))
+    return bounds
 
 
 class Qwen25VLModel(MegatronModule):
@@ -163,7 +177,7 @@ class Qwen25VLModel(MegatronModule):
                 continue
             if self.vision_model is None:
                 raise ValueError(f"{kind} inputs given to a model without a vision tower")
-            vision = self.vision_model(pixels, grid).to(embeddings.dtype)
+            vision = self._vision_embeddings(pixels, grid).to(embeddings.dtype)
             if vision.shape[0] != count:
                 raise ValueError(
                     f"input_ids hold {count} {kind} placeholder tokens (id {token_id}) but the vision "
@@ -173,6 +187,36 @@ class Qwen25VLModel(MegatronModule):
             embeddings = embeddings.transpose(0, 1)
             embeddings = embeddings.masked_scatter(mask.unsqueeze(-1), vision).transpose(0, 1)
         return embeddings.contiguous()
+
+    def _vision_embeddings(self, pixels: Tensor, grid: Tensor) -> Tensor:
+        """The vision tower's embeddings of all images (or videos) of the row, [tokens, hidden].
+
+        Under CP each image is encoded once, not on every CP rank: the images are dealt to the CP
+        ranks in contiguous runs of about equal patch counts, each rank encodes its run, and the
+        embeddings are all-gathered (zero-padded to the longest run) before the scatter into the
+        full row. The gather's backward sums every rank's gradient (each rank's tokens use other
+        ranks' images). A rank dealt no image encodes one blank merge unit and keeps none of it,
+        so its vision tower still takes part in the backward."""
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp == 1:
+            return self.vision_model(pixels, grid)
+        from megatron_revisual.parallel.context_parallel import all_gather_cp
+
+        rank = parallel_state.get_context_parallel_rank()
+        merge = self.model_cfg.vision.spatial_merge_size ** 2
+        patches = grid.prod(-1).tolist()
+        bounds = _deal_runs(patches, cp)  # image runs [bounds[r], bounds[r + 1])
+        first, last = bounds[rank], bounds[rank + 1]
+        if last > first:
+            start = sum(patches[:first])
+            mine = self.vision_model(pixels[start:start + sum(patches[first:last])], grid[first:last])
+        else:
+            mine = self._blank_image_embeddings(pixels)[:0]
+        counts = [sum(patches[bounds[r]:bounds[r + 1]]) // merge for r in range(cp)]
+        longest = max(counts)
+        padded = torch.cat([mine, mine.new_zeros(longest - mine.shape[0], mine.shape[1])])
+        every = all_gather_cp(padded, parallel_state.get_context_parallel_group(), replicated=False)
+        return torch.cat([every[r * longest:r * longest + n] for r, n in enumerate(counts)])
 
     def _blank_image_embeddings(self, like: Tensor) -> Tensor:
         """The vision tower's output for one black image of one merge unit (merge^2 patches)."""

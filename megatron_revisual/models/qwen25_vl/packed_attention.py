@@ -107,11 +107,9 @@ class PackedCausalAttention(MegatronModule):
         """query [s, b, heads, d], key/value [s, b, groups, d] (thd: no b) -> [s, b, heads*d]."""
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by PackedCausalAttention")
-        if self.config.context_parallel_size > 1:
-            # Each rank holds only its chunks of every sequence; attending needs the ring exchange.
-            raise NotImplementedError(
-                "context parallel attention runs through Transformer Engine's THD attention (GPU)"
-            )
+        cp = self.config.context_parallel_size > 1
+        if cp and packed_seq_params is None:
+            raise NotImplementedError("context parallelism takes packed THD rows")
         if packed_seq_params is None:
             return self._padded(query, key, value, attention_mask)
         if attention_mask is not None:
@@ -122,6 +120,8 @@ class PackedCausalAttention(MegatronModule):
         if batch != 1:
             raise ValueError(f"a packed row has batch 1, got {batch}")
         bounds = segment_bounds(packed_seq_params)
+        if cp:
+            return self._context_parallel(query, key, value, bounds)
         if bounds[0] != 0 or bounds[-1] != tokens:
             raise ValueError(f"cu_seqlens {bounds} do not cover the {tokens} packed tokens")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [1, heads, t, d]
@@ -139,6 +139,44 @@ class PackedCausalAttention(MegatronModule):
             dim=0,
         )
         return out.view(tokens, 1, -1)
+
+    def _context_parallel(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int]
+    ) -> torch.Tensor:
+        """CP rank r holds chunks r and 2cp-1-r of every sequence (`cp_rank_indices` order). Keys
+        and values of the whole row are all-gathered over the CP group (their gradients summed
+        back to their owners) and put in row order; each sequence's local queries then attend to
+        the sequence's keys at positions <= their own. Exact, not fast: every rank holds the whole
+        row's K/V (Transformer Engine's p2p ring on GPU exchanges them chunk by chunk instead)."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_revisual.parallel.context_parallel import (
+            all_gather_cp,
+            cp_order,
+            cp_rank_indices,
+        )
+
+        group = ps.get_context_parallel_group()
+        cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        tokens = query.shape[0]
+        if bounds[0] != 0 or bounds[-1] != tokens * cp:
+            raise ValueError(f"cu_seqlens {bounds} do not cover {cp} CP ranks x {tokens} tokens")
+        inverse = torch.argsort(cp_order(bounds, cp)).to(query.device)
+        k_row, v_row = (all_gather_cp(t, group, replicated=False).index_select(0, inverse) for t in (key, value))
+        mine = cp_rank_indices(bounds, cp, rank).to(query.device)
+        outs, done = [], 0
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            n = (e - s) // cp
+            if n == 0:
+                continue
+            where = mine[done:done + n]
+            allowed = torch.arange(s, e, device=query.device).unsqueeze(0) <= where.unsqueeze(1)  # [n, L]
+            q = query[done:done + n].permute(1, 2, 0, 3)  # [1, heads, n, d]
+            k, v = (t[s:e].permute(1, 2, 0, 3) for t in (k_row, v_row))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale, enable_gqa=True)
+            outs.append(out.permute(2, 0, 1, 3))
+            done += n
+        return torch.cat(outs, dim=0).reshape(tokens, 1, -1)
 
     def _padded(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
