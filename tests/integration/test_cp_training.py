@@ -71,7 +71,23 @@ def _model(cfg):
 
 
 def _grads(ddp) -> dict[str, torch.Tensor]:
-    return {name: p.main_grad.detach().clone() for name, p in ddp.named_parameters() if p.requires_grad}
+    """Every parameter's gradient, TP shards gathered back to the whole tensor."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for name, p in ddp.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = p.main_grad.detach().clone()
+        if getattr(p, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+            parts = [torch.empty_like(g) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            torch.distributed.all_gather(parts, g, group=ps.get_tensor_model_parallel_group())
+            if "mlp.linear_fc1" in name:  # gated MLP: each shard is [gate_r; up_r]
+                halves = [part.chunk(2, dim=0) for part in parts]
+                parts = [h[0] for h in halves] + [h[1] for h in halves]
+            g = torch.cat(parts, dim=p.partition_dim)
+        out[name] = g
+    return out
 
 
 def _rank(cfg, mode: str) -> dict:
@@ -88,8 +104,10 @@ def _rank(cfg, mode: str) -> dict:
         response_values,
     )
     from megatron_revisual.train.sft_loop import sft_update
+    from megatron_revisual.train.stages import row_multiple
 
     cp = ps.get_context_parallel_world_size()
+    multiple = row_multiple(cfg)  # 2 x CP x TP with sequence parallelism
     samples = _samples(cfg)
     ddp, optimizer, scheduler = _model(cfg)
     if mode == "sft":
@@ -101,7 +119,7 @@ def _rank(cfg, mode: str) -> dict:
                                                torch.ones(samples[i].response_ids.numel(), dtype=torch.bool)]),
                         pixel_values=samples[i].pixel_values, image_grid_thw=samples[i].image_grid_thw)
                  for i in group],
-                config=mrope_config(cfg.model), cp_size=cp)
+                config=mrope_config(cfg.model), pad_to_multiple_of=multiple, cp_size=cp)
             rows.append(_PackedRow(packed))
         tokens = float(sum(int(r.packed.loss_mask.sum()) for r in rows))
         total, ok, grad_norm, _ = sft_update(ddp, optimizer, scheduler, rows, tokens=tokens)
@@ -113,7 +131,7 @@ def _rank(cfg, mode: str) -> dict:
                    generator=torch.Generator().manual_seed(3))
     chosen = sorted(pad.indices.tolist())
     batches = build_policy_batches([samples[i] for i in chosen], config=mrope_config(cfg.model),
-                                   micro_batch_tokens=64, cp_size=cp)
+                                   micro_batch_tokens=64, pad_to_multiple_of=multiple, cp_size=cp)
     old = compute_log_probs(ddp, batches)
     masks = [mb.packed.loss_mask for mb in batches]
     offsets = [m * torch.where(mb.packed.labels % 3 == 0, -1.2, 0.3 * (1 - 2 * (mb.packed.labels % 2)))
@@ -132,11 +150,11 @@ class _PackedRow:
     packed: Any
 
 
-def _cfg(hf_dir: Path, cp: int):
+def _cfg(hf_dir: Path, cp: int, tp: int = 1):
     return load_config(ROOT / "configs" / "tiny_cpu_demo.yaml", [
-        f"model.hf_path={hf_dir}", "parallel.tensor_model_parallel_size=1",
-        f"parallel.context_parallel_size={cp}", "parallel.sequence_parallel=false",
-        "parallel.use_distributed_optimizer=false", f"cluster.devices_per_node={cp}",
+        f"model.hf_path={hf_dir}", f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.context_parallel_size={cp}", f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}",
+        "parallel.use_distributed_optimizer=false", f"cluster.devices_per_node={cp * tp}",
         "optim.optimizer=sgd", "optim.lr=0.5", "optim.lr_warmup_steps=0", "optim.lr_decay_style=constant",
         "optim.clip_grad=0.0", "train.global_batch_size=4", "train.micro_batch_size=1",
     ])
@@ -161,13 +179,16 @@ def _compare_grads(ref: dict, got: dict, label: str) -> None:
     print(f"{label}: {len(ref)} gradients, worst difference {worst:.2e} of the tensor's largest entry")
 
 
-@pytest.mark.parametrize("mode", ["sft", "grpo"])
-def test_cp2_step_matches_cp1(hf_dir, mode):
+@pytest.mark.parametrize(("mode", "tp"), [("sft", 1), ("grpo", 1), ("grpo", 2)])
+def test_cp2_step_matches_cp1(hf_dir, mode, tp):
+    """At TP 2 x CP 2 (4 ranks, sequence parallel) as well: each CP rank's tokens divide over
+    its TP ranks, the vision tower's images over the CP ranks, and K/V are gathered per TP rank's
+    heads."""
     (base,) = run_distributed(_rank, world_size=1, args=(_cfg(hf_dir, 1), mode), timeout_s=600)
-    split = run_distributed(_rank, world_size=2, cp=2, args=(_cfg(hf_dir, 2), mode), timeout_s=600)
+    split = run_distributed(_rank, world_size=2 * tp, tp=tp, cp=2, args=(_cfg(hf_dir, 2, tp), mode), timeout_s=600)
     print(f"\n{mode} CP 1: " + ", ".join(f"{k}={v:.6g}" for k, v in base["metrics"].items()))
     for rank, got in enumerate(split):
-        label = f"{mode} CP 2 rank {rank}"
+        label = f"{mode} TP {tp} x CP 2 rank {rank}"
         for key, want in base["metrics"].items():
             assert got["metrics"][key] == pytest.approx(want, abs=1e-5), f"{label}: {key}"
         _compare_grads(base["grads"], got["grads"], label)
@@ -178,8 +199,8 @@ def test_cp2_step_matches_cp1(hf_dir, mode):
         for got in split:
             for i, want in base["old"].items():
                 assert (got["old"][i] - want).abs().max().item() <= 1e-5, f"old log-probs of sample {i}"
-        # rows padded per sequence to a multiple of 2 x CP at CP 2
-        assert all(n % 4 == 0 for n in split[0]["rows"])
+        # rows padded per sequence to a multiple of 2 x CP at CP 2 (x TP with SP)
+        assert all(n % (4 * tp) == 0 for n in split[0]["rows"])
 
 
 @pytest.mark.slow
