@@ -25,7 +25,7 @@ Per GPU of the fullest pipeline stage, for every stage of the curriculum:
 - a step-time estimate from FLOPs at a stated MFU: 6 x parameters per token plus causal
   attention (+ a forward with full recomputation; GRPO adds the old- and reference-log-prob
   forwards). Generation is memory-bound and not estimated.
-When a stage does not fit, the plan names the first change (of recomputation, a larger TP, a
+When a stage does not fit, the plan names the first change (of recomputation, a larger CP, a larger TP, a
 larger PP, a smaller engine share, smaller micro-batches) that makes it fit.
 Vision activations and framework overheads (CUDA context, NCCL buffers, fragmentation) are not
 counted: keep some GiB of headroom.
@@ -253,6 +253,10 @@ def _candidates(cfg: RunConfig, stage: str) -> list[tuple[str, Callable[[RunConf
         def full(c: RunConfig) -> None:
             c.train.recompute_granularity, c.train.recompute_method, c.train.recompute_num_layers = "full", "uniform", 1
         out.append(("train.recompute_granularity=full train.recompute_method=uniform train.recompute_num_layers=1", full))
+    cp2 = p.context_parallel_size * 2  # splits every row's activations and logits
+    if cfg.cluster.world_size % (cp2 * p.tensor_model_parallel_size * p.pipeline_model_parallel_size) == 0:
+        out.append((f"parallel.context_parallel_size={cp2}",
+                    lambda c: setattr(c.parallel, "context_parallel_size", cp2)))
     t2 = p.tensor_model_parallel_size * 2
     if m.num_query_groups % t2 == 0 and cfg.cluster.devices_per_node % t2 == 0:
         out.append((f"parallel.tensor_model_parallel_size={t2}",
@@ -286,7 +290,7 @@ def _with_suggestion(cfg: RunConfig, stage: str, plan: StagePlan, **kw) -> Stage
         trial = plan_stage(changed, stage, **kw)
         if trial.fits:
             return dataclasses.replace(plan, suggestion=f"{text} (peak {trial.peak_gib:.1f} GiB)")
-    return dataclasses.replace(plan, suggestion="none of recomputation, a larger TP or PP, a smaller engine "
+    return dataclasses.replace(plan, suggestion="none of recomputation, a larger CP, TP or PP, a smaller engine "
                                                 "share or smaller micro-batches is enough: use more GPUs")
 
 
