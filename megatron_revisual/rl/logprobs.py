@@ -72,7 +72,23 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: _Group | None) -> Non
         dist.all_reduce(t, op=op, group=group)
 
 
+# Tokens are processed in chunks of about this many logits, so the float32 temporaries of the
+# statistics (the promoted logits, z - m, exp, p * z, the gradient's terms: ~8 of them) take
+# ~8 x 4 x 2^24 B = 512 MiB at most, instead of ~8 times the whole [tokens, V / TP] (about 75 GB
+# for a 32k-token row of Qwen2.5-VL's 152k vocabulary at TP 2).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(local_vocab: int) -> int:
+    """Tokens per chunk for a local vocabulary shard of `local_vocab` columns."""
+    return max(1, CHUNK_ELEMENTS // max(1, local_vocab))
+
+
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
+    """Forward and backward in chunks of `chunk_rows` tokens (module docstring for the maths);
+    saves the logits themselves (no float32 copy) and four numbers per token. Every TP rank has
+    the same tokens and shard width, so every rank runs the same number of chunk all-reduces."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -81,33 +97,20 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         vocab_start: int,
         group: _Group | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # At least float32: bf16 softmax statistics lose the log-prob differences PPO clips on.
-        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        local_vocab = z.shape[-1]
-        # The max only shifts for stability, so no gradient flows through it.
-        m = z.max(dim=-1).values
-        _all_reduce(m, dist.ReduceOp.MAX, group)
-        shifted = z - m.unsqueeze(-1)
-        exp = shifted.exp()
-
+        local_vocab = logits.shape[-1]
+        rows = chunk_rows(local_vocab)
         local_target = targets - vocab_start
         owned = (local_target >= 0) & (local_target < local_vocab)
         safe_index = torch.where(owned, local_target, torch.zeros_like(local_target))
-        target_logit = shifted.gather(-1, safe_index.unsqueeze(-1)).squeeze(-1)
-        target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
-
-        # One all-reduce for three per-token sums instead of three round trips.
-        stats = torch.stack([exp.sum(dim=-1), target_logit, _p_times_z(exp, shifted).sum(dim=-1)])
-        _all_reduce(stats, dist.ReduceOp.SUM, group)
-        sum_exp, target_logit, weighted = stats.unbind(0)
-
-        log_sum_exp = sum_exp.log()
-        log_probs = target_logit - log_sum_exp
-        mean_shifted = weighted / sum_exp  # E_p[z - m]
-        entropy = log_sum_exp - mean_shifted
-
-        ctx.save_for_backward(shifted, log_sum_exp, mean_shifted, safe_index, owned)
-        ctx.logits_dtype = logits.dtype
+        flat_logits, flat_index, flat_owned = logits.reshape(-1, local_vocab), safe_index.reshape(-1), owned.reshape(-1)
+        outputs = []
+        for a in range(0, flat_logits.shape[0], rows):
+            outputs.append(_chunk_statistics(flat_logits[a:a + rows], flat_index[a:a + rows],
+                                             flat_owned[a:a + rows], group))
+        m, log_sum_exp, mean_shifted, log_probs, entropy = (
+            torch.cat(parts).reshape(targets.shape) for parts in zip(*outputs, strict=True)
+        )
+        ctx.save_for_backward(logits, m, log_sum_exp, mean_shifted, safe_index, owned)
         # Unused outputs (e.g. entropy when only log-probs enter the loss) then arrive as None.
         ctx.set_materialize_grads(False)
         return log_probs, entropy
@@ -116,18 +119,52 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, None, None, None]:
-        shifted, log_sum_exp, mean_shifted, safe_index, owned = ctx.saved_tensors
-        probs = (shifted - log_sum_exp.unsqueeze(-1)).exp()
-        grad = torch.zeros_like(shifted)
-        if grad_entropy is not None:
-            centered = _p_times_z(probs, shifted - mean_shifted.unsqueeze(-1))
-            grad -= grad_entropy.to(grad.dtype).unsqueeze(-1) * centered
-        if grad_log_probs is not None:
-            g = grad_log_probs.to(grad.dtype)
-            grad -= g.unsqueeze(-1) * probs
-            # +g at the target column, on the rank that owns it only.
-            grad.scatter_add_(-1, safe_index.unsqueeze(-1), (g * owned.to(g.dtype)).unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None
+        logits, m, log_sum_exp, mean_shifted, safe_index, owned = ctx.saved_tensors
+        local_vocab = logits.shape[-1]
+        rows = chunk_rows(local_vocab)
+        grad_out = torch.empty_like(logits)
+        flat_grad = grad_out.view(-1, local_vocab)
+        flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+        z_all, m, lse, mean = logits.reshape(-1, local_vocab), flat(m), flat(log_sum_exp), flat(mean_shifted)
+        index, own, g_lp, g_h = flat(safe_index), flat(owned), flat(grad_log_probs), flat(grad_entropy)
+        for a in range(0, z_all.shape[0], rows):
+            b = a + rows
+            z = z_all[a:b].to(torch.promote_types(logits.dtype, torch.float32))
+            shifted = z - m[a:b].unsqueeze(-1)
+            probs = (shifted - lse[a:b].unsqueeze(-1)).exp()
+            grad = torch.zeros_like(shifted)
+            if g_h is not None:
+                centered = _p_times_z(probs, shifted - mean[a:b].unsqueeze(-1))
+                grad -= g_h[a:b].to(grad.dtype).unsqueeze(-1) * centered
+            if g_lp is not None:
+                g = g_lp[a:b].to(grad.dtype)
+                grad -= g.unsqueeze(-1) * probs
+                # +g at the target column, on the rank that owns it only.
+                grad.scatter_add_(-1, index[a:b].unsqueeze(-1), (g * own[a:b].to(g.dtype)).unsqueeze(-1))
+            flat_grad[a:b] = grad.to(logits.dtype)
+        return grad_out, None, None, None
+
+
+def _chunk_statistics(
+    logits: torch.Tensor, safe_index: torch.Tensor, owned: torch.Tensor, group: _Group | None
+) -> tuple[torch.Tensor, ...]:
+    """(m, log S, E_p[z - m], log p(y), H) of a chunk of tokens [rows, V / TP]."""
+    # At least float32: bf16 softmax statistics lose the log-prob differences PPO clips on.
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # The max only shifts for stability, so no gradient flows through it.
+    m = z.max(dim=-1).values
+    _all_reduce(m, dist.ReduceOp.MAX, group)
+    shifted = z - m.unsqueeze(-1)
+    exp = shifted.exp()
+    target_logit = shifted.gather(-1, safe_index.unsqueeze(-1)).squeeze(-1)
+    target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
+    # One all-reduce for three per-token sums instead of three round trips.
+    stats = torch.stack([exp.sum(dim=-1), target_logit, _p_times_z(exp, shifted).sum(dim=-1)])
+    _all_reduce(stats, dist.ReduceOp.SUM, group)
+    sum_exp, target_logit, weighted = stats.unbind(0)
+    log_sum_exp = sum_exp.log()
+    mean_shifted = weighted / sum_exp  # E_p[z - m]
+    return m, log_sum_exp, mean_shifted, target_logit - log_sum_exp, log_sum_exp - mean_shifted
 
 
 def vocab_parallel_log_probs_and_entropy(
