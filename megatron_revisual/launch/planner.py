@@ -16,7 +16,10 @@ Per GPU of the fullest pipeline stage, for every stage of the curriculum:
   MLP's gate/up/activation; no dropout, flash attention keeps no score matrix), in the
   model's dtype, split by TP (sequence parallel) and CP; with full recomputation only each
   layer's input plus one layer's working set. A 1F1B pipeline keeps PP - k micro-batches on
-  stage k. Plus fp32 logits and their gradient on the last stage.
+  stage k. The local spec (`model.layer_backend: local`, what CPUs run) keeps more per layer
+  (`_activation_bytes_per_token_layer`). Plus, on the last stage, the loss's peak: the logits,
+  their gradient and the padded-vocabulary copy in the model's dtype, and one chunk of the
+  chunked log-prob / entropy computation in fp32.
 - GRPO stages: the reference model (KL) and the colocated engine (`launch.footprint`). The
   engine sleeps while the trainer works (its weights leave the GPU, its KV cache is dropped)
   and the trainer's activations are freed while the engine generates, so the peak is the larger
@@ -43,7 +46,7 @@ from collections.abc import Callable
 from megatron_revisual.config.schema import ModelConfig, RunConfig
 from megatron_revisual.launch.footprint import DTYPE_BYTES, GIB, parameter_count, rollout_footprint
 
-__all__ = ["LayerCounts", "StagePlan", "local_parameters", "plan_run", "plan_stage"]
+__all__ = ["LayerCounts", "StagePlan", "local_parameters", "plan_pipeline_stages", "plan_run", "plan_stage"]
 
 VOCAB_DIVISOR = 128  # Megatron's make_vocab_size_divisible_by
 
@@ -147,7 +150,7 @@ class StagePlan:
         rows = [
             ("parameters", self.params_gib), ("gradients (fp32)", self.grads_gib),
             ("optimizer state", self.optimizer_gib), ("reference model", self.reference_gib),
-            ("activations", self.activations_gib), ("logits (fp32, + grad)", self.logits_gib),
+            ("activations", self.activations_gib), ("logits, grad, loss chunk", self.logits_gib),
             ("training peak", self.train_peak_gib),
         ]
         if self.kind == "grpo":
@@ -164,22 +167,53 @@ class StagePlan:
         return "\n".join(lines)
 
 
-def _activation_bytes_per_token_layer(m: ModelConfig, dtype_bytes: int) -> int:
-    """Tensors one layer keeps for backward, per token (before TP / CP splitting)."""
+def _activation_bytes_per_token_layer(m: ModelConfig, dtype_bytes: int, backend: str = "transformer_engine") -> int:
+    """Tensors one layer keeps for backward, per token (before TP / CP splitting).
+
+    Transformer Engine: the layer's input and norm output (attention), Q K V, the attention
+    output, input and norm output (MLP), gate and up, the activation (fc2's input).
+    The local spec (plain torch modules; what runs on CPU), counted from the tensors autograd
+    saves in one layer (torch.autograd.graph.saved_tensors_hooks): each RMSNorm keeps its input
+    and output (4h), the QKV and fc1 linears a separate copy of their input (2h), the output
+    projection its input (q), the fused QKV output (2 x KV groups + q: V stays a view of it), the
+    rotated Q and K, the attention output (q, kv, q), the rotary cos / sin of Q and K (4 x
+    head_dim), flash attention's log-sum-exp (heads), the fc1 output (2f), the gated product's
+    operands (2f) and fc2's input (f)."""
     h, f = m.hidden_size, m.ffn_hidden_size
     q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
-    # input + norm output (attention), Q K V, attention output, input + norm output (MLP),
-    # gate and up, the activation (fc2's input)
+    if backend == "local":
+        return dtype_bytes * (6 * h + 4 * q + 3 * kv + 5 * f + 4 * m.head_dim + m.num_attention_heads)
     return dtype_bytes * (2 * h + q + 2 * kv + q + 2 * h + 2 * f + f)
+
+
+def _layer_backend(m: ModelConfig) -> str:
+    """The backend a plan assumes: `auto` plans for GPUs, i.e. Transformer Engine."""
+    return "local" if m.layer_backend == "local" else "transformer_engine"
+
+
+def _logits_bytes(tokens: int, local_vocab: int, dtype_bytes: int) -> int:
+    """The last stage's loss peak: the logits and their gradient in the model's dtype plus the
+    copy the loss masks the TP padding into (or divides by the temperature), and the float32
+    working set of one chunk of `rl.logprobs` (about 4 [chunk, V / TP] tensors)."""
+    from megatron_revisual.rl.logprobs import chunk_rows
+
+    chunk = min(tokens, chunk_rows(local_vocab))
+    return tokens * local_vocab * 3 * dtype_bytes + chunk * local_vocab * 4 * 4
 
 
 def plan_stage(cfg: RunConfig, stage: str, *, gpu_gib: float = 80.0, mfu: float = 0.35,
                peak_tflops: float = 989.0) -> StagePlan:
     """The memory and step time of `stage` (a name in cfg.stages) on one GPU of its fullest
     pipeline stage."""
-    plans = [_plan_pipeline_stage(cfg, stage, k, gpu_gib=gpu_gib, mfu=mfu, peak_tflops=peak_tflops)
-             for k in range(cfg.parallel.pipeline_model_parallel_size)]
+    plans = plan_pipeline_stages(cfg, stage, gpu_gib=gpu_gib, mfu=mfu, peak_tflops=peak_tflops)
     return max(plans, key=lambda plan: plan.peak_gib)
+
+
+def plan_pipeline_stages(cfg: RunConfig, stage: str, *, gpu_gib: float = 80.0, mfu: float = 0.35,
+                         peak_tflops: float = 989.0) -> list[StagePlan]:
+    """`plan_stage` for every pipeline stage, in order."""
+    return [_plan_pipeline_stage(cfg, stage, k, gpu_gib=gpu_gib, mfu=mfu, peak_tflops=peak_tflops)
+            for k in range(cfg.parallel.pipeline_model_parallel_size)]
 
 
 def _plan_pipeline_stage(cfg: RunConfig, stage: str, k: int, *, gpu_gib: float, mfu: float,
@@ -201,7 +235,7 @@ def _plan_pipeline_stage(cfg: RunConfig, stage: str, k: int, *, gpu_gib: float, 
 
     tokens = (s.micro_batch_tokens if grpo else s.max_length) // cp
     layers = _stage_layers(m.num_layers, pp, p.num_layers_in_first_pipeline_stage)[k]
-    per_token_layer = _activation_bytes_per_token_layer(m, dtype_bytes) / t
+    per_token_layer = _activation_bytes_per_token_layer(m, dtype_bytes, _layer_backend(m)) / t
     if t_cfg.recompute_granularity == "full":
         per_micro = tokens * (layers * m.hidden_size * dtype_bytes / t + per_token_layer)
     elif t_cfg.recompute_granularity == "selective":  # the core attention output is recomputed
@@ -210,7 +244,7 @@ def _plan_pipeline_stage(cfg: RunConfig, stage: str, k: int, *, gpu_gib: float, 
     else:
         per_micro = tokens * layers * per_token_layer
     activations = per_micro * (pp - k)  # 1F1B: stage k holds PP - k micro-batches
-    logits = tokens * padded_vocab(m, t) // t * 4 * 2 if k == pp - 1 else 0
+    logits = _logits_bytes(tokens, padded_vocab(m, t) // t, dtype_bytes) if k == pp - 1 else 0
 
     reference = engine = engine_weights = kv = 0.0
     if grpo:
