@@ -14,6 +14,8 @@ test model in fp32 on gloo instead. Every check prints one JSON line on rank 0:
                            the same device and weights; forward tokens/s of both and the ratio
   sft_packed_steps         5 optimizer steps on packed rows (Megatron DDP + optimizer): losses,
                            tokens/s, peak memory; fwd+bwd tokens/s over transformers' padded batch
+  checkpoint_async_roundtrip the policy's checkpoint with the optimizer (reshardable format) written
+                           by Megatron's async queue, loaded into a fresh policy: all equal
   grpo_steps               2 GRPO steps: weights synced into the transformers engine on the
                            device, sampling, rewards, advantages, log-probs, one update each
   te_fp8                   the Transformer Engine spec, FP8 forward/backward on a row padded to
@@ -215,6 +217,48 @@ class Checker:
                 "transformers_padded_fwd_bwd_tokens_per_s": real / hf_seconds,
                 "ours_with_optimizer_over_transformers_fwd_bwd": hf_seconds / seconds}
 
+    def checkpoint(self) -> dict:
+        """The trained policy's checkpoint (model, optimizer in Megatron's reshardable format, LR
+        schedule) written in the background on Megatron's async queue (tensors staged to host, a
+        forked writer), completed by the poll, then loaded into a fresh model and optimizer: every
+        parameter, fp32 main parameter and Adam moment must come back equal."""
+        from megatron_revisual.convert.dist_ckpt import load_model_checkpoint
+        from megatron_revisual.train import checkpointing as ck
+
+        model, optimizer, scheduler = self.policy or self._policy()
+        saves = ck.AsyncSaves()
+        self.sync()
+        start = time.perf_counter()
+        ck.save_checkpoint(
+            Path(self.cfg.output_dir) / "checkpoints", 5,
+            state=ck.training_state_dict(model.module, optimizer, scheduler), model_cfg=self.cfg.model,
+            hf_side_dir=None, rank_state={"rng": ck.rng_state()},
+            trainer_state={"checkpoint_format": ck.CHECKPOINT_FORMAT, "layout": ck.current_layout()},
+            async_saves=saves,
+        )
+        returned = time.perf_counter() - start
+        (path,) = saves.poll(blocking=True)
+        written = time.perf_counter() - start
+        fresh, fresh_optimizer, fresh_scheduler = self._policy()
+        load_model_checkpoint(fresh.module, path)
+        ck.restore_training_state(path, model=fresh.module, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+        mismatched = [n for (n, a), b in zip(model.named_parameters(), fresh.parameters(), strict=True)
+                      if not torch.equal(a, b)]
+        for saved, loaded in zip(ck._inner_optimizers(optimizer), ck._inner_optimizers(fresh_optimizer), strict=True):
+            params = [p for g in saved.optimizer.param_groups for p in g["params"]]
+            others = [p for g in loaded.optimizer.param_groups for p in g["params"]]
+            for i, (a, b) in enumerate(zip(params, others, strict=True)):
+                if not torch.equal(a, b):
+                    mismatched.append(f"main parameter {i}")
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if not torch.equal(saved.optimizer.state[a][key], loaded.optimizer.state[b][key]):
+                        mismatched.append(f"{key} {i}")
+        del fresh, fresh_optimizer, fresh_scheduler
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"status": "passed" if not mismatched else "failed", "mismatched": mismatched[:5],
+                "seconds_until_training_resumes": returned, "seconds_until_complete": written}
+
     def _hf_train_step(self, seqs: list[torch.Tensor]) -> float:
         """Seconds of one forward+backward of transformers on the same sequences, right-padded."""
         hf = self.hf_model().train()
@@ -378,6 +422,7 @@ class Checker:
     def run(self) -> None:
         self.report("logits_vs_transformers", self.logits)
         self.report("sft_packed_steps", self.sft)
+        self.report("checkpoint_async_roundtrip", self.checkpoint)
         self.report("grpo_steps", self.grpo)
         self.report("te_fp8", self.te_fp8)
         # last: an in-process vLLM engine takes over torch.distributed's default group and

@@ -22,9 +22,10 @@ def test_gpu_check_tiny_runs_every_check():
                           text=True, timeout=600, env=env)
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"check"')]
     by_name = {x["check"]: x for x in lines}
-    assert list(by_name) == ["setup", "logits_vs_transformers", "sft_packed_steps", "grpo_steps", "te_fp8",
-                             "vllm_generate_sleep_sync"], done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("setup", "logits_vs_transformers", "sft_packed_steps", "grpo_steps", "vllm_generate_sleep_sync"):
+    assert list(by_name) == ["setup", "logits_vs_transformers", "sft_packed_steps", "checkpoint_async_roundtrip",
+                             "grpo_steps", "te_fp8", "vllm_generate_sleep_sync"], done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("setup", "logits_vs_transformers", "sft_packed_steps", "checkpoint_async_roundtrip", "grpo_steps",
+                 "vllm_generate_sleep_sync"):
         assert by_name[name]["status"] == "passed", by_name[name]
     assert done.returncode == 0
     logits, sft, grpo = by_name["logits_vs_transformers"], by_name["sft_packed_steps"], by_name["grpo_steps"]
