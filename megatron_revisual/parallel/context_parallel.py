@@ -263,20 +263,12 @@ def all_gather_cp(tensor: torch.Tensor, group, *, replicated: bool) -> torch.Ten
     return fn.apply(tensor, group)
 
 
-def cp_order(cu_seqlens: torch.Tensor | Sequence[int], cp_size: int) -> torch.Tensor:
-    """For each token of the rank-order concatenation of every CP rank's part, its index in the
-    full row (its inverse permutation, `argsort`, puts the concatenation back in row order)."""
-    return torch.cat([cp_rank_indices(cu_seqlens, cp_size, r) for r in range(cp_size)])
-
-
 def gather_full_row(local: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int], group) -> torch.Tensor:  # noqa: ANN001
     """The full packed row [..., T] of a per-token tensor [..., T / cp] that every CP rank holds
     for its own tokens (`cp_rank_indices` order), for work every CP rank then repeats on the
     whole row (log-probs into the GRPO / SFT loss); autograd takes each rank's slice back."""
     import torch.distributed as dist
 
-    cp = dist.get_world_size(group)
-    moved = local.movedim(-1, 0)
-    gathered = all_gather_cp(moved, group, replicated=True)
-    inverse = torch.argsort(cp_order(cu_seqlens, cp)).to(gathered.device)
-    return gathered.index_select(0, inverse).movedim(0, -1)
+    gathered = all_gather_cp(local.movedim(-1, 0), group, replicated=True)
+    parts = gathered.chunk(dist.get_world_size(group))
+    return cp_unsplit(parts, cu_seqlens, len(parts), seq_dim=0).movedim(0, -1)

@@ -353,14 +353,15 @@ def row_log_probs_and_entropy(
     if ps.get_context_parallel_world_size() == 1:
         return token_log_probs_and_entropy(logits, packed.labels, vocab_size, temperature)
     from megatron_revisual.models.qwen25_vl.model import split_for_context_parallel
+    from megatron_revisual.models.qwen25_vl.packed_attention import segment_bounds
     from megatron_revisual.parallel.context_parallel import gather_full_row
 
     params = packed.packed_seq_params
     labels = split_for_context_parallel(packed.labels, params)
     lp, entropy = token_log_probs_and_entropy(logits, labels, vocab_size, temperature)
-    bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
-    group = ps.get_context_parallel_group()
-    return gather_full_row(lp, bounds, group), gather_full_row(entropy, bounds, group)
+    # one gather for both
+    both = gather_full_row(torch.stack([lp, entropy]), segment_bounds(params), ps.get_context_parallel_group())
+    return both[0], both[1]
 
 
 def run_packed_schedule(

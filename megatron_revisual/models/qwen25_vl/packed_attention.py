@@ -152,8 +152,8 @@ class PackedCausalAttention(MegatronModule):
 
         from megatron_revisual.parallel.context_parallel import (
             all_gather_cp,
-            cp_order,
             cp_rank_indices,
+            cp_unsplit,
         )
 
         group = ps.get_context_parallel_group()
@@ -161,8 +161,8 @@ class PackedCausalAttention(MegatronModule):
         tokens = query.shape[0]
         if bounds[0] != 0 or bounds[-1] != tokens * cp:
             raise ValueError(f"cu_seqlens {bounds} do not cover {cp} CP ranks x {tokens} tokens")
-        inverse = torch.argsort(cp_order(bounds, cp)).to(query.device)
-        k_row, v_row = (all_gather_cp(t, group, replicated=False).index_select(0, inverse) for t in (key, value))
+        k_row, v_row = (cp_unsplit(all_gather_cp(t, group, replicated=False).chunk(cp), bounds, cp, seq_dim=0)
+                        for t in (key, value))
         mine = cp_rank_indices(bounds, cp, rank).to(query.device)
         outs, done = [], 0
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
