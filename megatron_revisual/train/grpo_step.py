@@ -335,9 +335,8 @@ def token_log_probs_and_entropy(
     if start + local > vocab_size:
         padding = torch.arange(start, start + local, device=logits.device) >= vocab_size
         logits = logits.masked_fill(padding, float("-inf"))
-    if temperature != 1.0:
-        logits = logits / temperature
-    return vocab_parallel_log_probs_and_entropy(logits, labels, vocab_start_index=start)
+    # the temperature divides after the promotion to float32, inside
+    return vocab_parallel_log_probs_and_entropy(logits, labels, vocab_start_index=start, temperature=temperature)
 
 
 def row_log_probs_and_entropy(
