@@ -123,7 +123,7 @@ class Checker:
 
     def packed(self, seqs: list[torch.Tensor], fp8_recipe: str | None = None):
         from megatron_revisual.data.packing import Sample, pack_sequences, row_length_multiple
-        from megatron_revisual.train.grpo_step import mrope_config
+        from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 
         multiple = row_length_multiple(tp=1, sequence_parallel=False, cp=1, fp8_recipe=fp8_recipe)
         return pack_sequences([Sample(input_ids=s) for s in seqs], config=mrope_config(self.cfg.model),
@@ -173,11 +173,13 @@ class Checker:
         return ddp, optimizer, scheduler
 
     def sft(self) -> dict:
-        from megatron_revisual.train.grpo_step import (
-            _real_vocab_size,
+        from megatron.core import parallel_state as ps
+
+        from megatron_revisual.train.grpo_step import token_log_probs_and_entropy
+        from megatron_revisual.train.schedule import (
+            real_vocab_size,
             run_packed_schedule,
             step_if_finite,
-            token_log_probs_and_entropy,
         )
 
         model, optimizer, scheduler = self._policy()
@@ -186,12 +188,14 @@ class Checker:
         seqs = self.sequences(lengths, seed=2)
         rows = [_Row(self.packed(seqs[:4])), _Row(self.packed(seqs[4:]))]
         targets = float(sum(int(r.packed.loss_mask.sum()) for r in rows))
-        vocab = _real_vocab_size(model)
+        # every DP rank trains the same rows: the step's loss is the mean over all of them
+        step_targets = targets * ps.get_data_parallel_world_size()
+        vocab = real_vocab_size(model)
 
         def loss_func(row, logits):
             lp, _ = token_log_probs_and_entropy(logits, row.packed.labels, vocab, 1.0)
             nll = -(lp.float() * row.packed.loss_mask).sum()
-            return nll / targets * len(rows), {"nll": nll.detach()}
+            return nll / step_targets, {"nll": nll.detach()}
 
         losses = []
         self.sync()
@@ -288,11 +292,11 @@ class Checker:
 
     def _engine_vs_megatron(self, samples, model) -> float:
         """Mean |Megatron - engine| log-prob over the samples' response tokens."""
+        from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
         from megatron_revisual.train.grpo_step import (
             PolicySample,
             build_policy_batches,
             compute_log_probs,
-            mrope_config,
             response_values,
         )
 
@@ -306,6 +310,7 @@ class Checker:
 
     def grpo(self) -> dict:
         from megatron_revisual.convert.export import stream_hf_tensors
+        from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
         from megatron_revisual.rl.advantages import grpo_advantages
         from megatron_revisual.rollout.engine import HFEngineConfig, create_engine
         from megatron_revisual.rollout.types import SamplingConfig
@@ -315,7 +320,6 @@ class Checker:
             build_policy_batches,
             compute_log_probs,
             grpo_update,
-            mrope_config,
         )
 
         model, optimizer, scheduler = self.policy or self._policy()

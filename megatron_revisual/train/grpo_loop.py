@@ -33,6 +33,7 @@ from megatron_revisual.data.datasets import (
     load_prompt_dataset,
     rollout_request,
 )
+from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
@@ -50,7 +51,6 @@ from megatron_revisual.train.grpo_step import (
     compute_log_probs,
     global_loss_counts,
     grpo_update,
-    mrope_config,
     response_values,
 )
 from megatron_revisual.train.stages import (
@@ -505,12 +505,12 @@ class GRPOLoop:
         dp, dp_rank = dp_info()
         mine, _ = self._deal(samples, [i for i, s in enumerate(samples) if s.token_ids], dp, dp_rank)
         out = torch.zeros(len(samples), dtype=torch.float64)
-        if mine:
-            batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))
-            old = response_values(batches, compute_log_probs(self.model, batches, temperature=temperature))
-            ref = response_values(batches, compute_log_probs(self.reference, batches, temperature=temperature))
-            for k, i in enumerate(mine):
-                out[i] = float(kl_penalty(old[k], ref[k], rl.kl_kind).sum())
+        # a rank dealt nothing still joins both passes (filler rows: `train.schedule`)
+        batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))
+        old = response_values(batches, compute_log_probs(self.model, batches, temperature=temperature))
+        ref = response_values(batches, compute_log_probs(self.reference, batches, temperature=temperature))
+        for k, i in enumerate(mine):
+            out[i] = float(kl_penalty(old[k], ref[k], rl.kl_kind).sum())
         if dp > 1:
             out = all_reduce(out, group=ps.get_data_parallel_group())
         return out
