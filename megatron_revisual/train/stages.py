@@ -31,13 +31,13 @@ from megatron.core import parallel_state as ps
 from megatron_revisual.config.schema import DataConfig, OptimConfig, RunConfig
 from megatron_revisual.data.datasets import REVISUAL_FORMAT_PROMPT, DatasetSpec
 from megatron_revisual.data.packing import row_length_multiple
+from megatron_revisual.parallel.rng import rng_state
 from megatron_revisual.train.checkpointing import (
     CHECKPOINT_FORMAT,
     AsyncSaves,
     current_layout,
     find_stage_end,
     restore_training_state,
-    rng_state,
     save_checkpoint,
     training_state_dict,
 )
