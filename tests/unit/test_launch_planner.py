@@ -11,7 +11,12 @@ from megatron_revisual.cli import main
 from megatron_revisual.config import load_config
 from megatron_revisual.launch.footprint import GIB
 from megatron_revisual.launch.plan import LaunchError, make_plan, validate_plan
-from megatron_revisual.launch.planner import local_parameters, plan_pipeline_stages, plan_run, plan_stage
+from megatron_revisual.launch.planner import (
+    local_parameters,
+    plan_pipeline_stages,
+    plan_run,
+    plan_stage,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 R3B, R7B, R32B = (str(ROOT / "configs" / f"qwen25_vl_{n}.yaml") for n in ("3b_8xh100", "7b_8xh100", "32b_4x8xh100"))
