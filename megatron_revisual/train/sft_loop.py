@@ -99,6 +99,9 @@ class SFTLoop:
     def close(self) -> None:
         pass
 
+    def hand_over(self) -> None:
+        pass
+
     def validation_due(self, stage_step: int) -> bool:
         return False
 

@@ -100,6 +100,7 @@ class StageRunner:
         self.out = Path(cfg.output_dir)
         self.final_export: Path | None = None
         self.async_saves = AsyncSaves() if cfg.checkpoint.async_save else None
+        self._kept_rollout: tuple[Any, Any] | None = None  # (engine key, rollout) between stages
         self.log = None
         if self.rank == 0:
             from megatron_revisual.config import config_to_dict
@@ -118,8 +119,27 @@ class StageRunner:
         return weights_digest(self.final_export) if self.final_export else None
 
     def close(self) -> None:
+        if self._kept_rollout is not None:
+            self._kept_rollout[1].close()
+            self._kept_rollout = None
         if self.log is not None:
             self.log.close()
+
+    # --- engines kept from one GRPO stage for the next ---------------------------------------
+    def keep_rollout(self, key: Any, rollout: Any) -> None:
+        """A finished stage's engines (`GRPOLoop.hand_over`), for the next stage to take."""
+        self._kept_rollout = (key, rollout)
+
+    def take_rollout(self, key: Any) -> Any | None:
+        """The kept engines if their key is `key`; else they close and None."""
+        if self._kept_rollout is None:
+            return None
+        kept_key, rollout = self._kept_rollout
+        self._kept_rollout = None
+        if kept_key == key:
+            return rollout
+        rollout.close()
+        return None
 
     # --- stage boundaries ------------------------------------------------------------------
     def _previous_stage(self, name: str) -> str | None:
@@ -300,6 +320,7 @@ class StageRunner:
                 self._save(name, total, total, model=model, optimizer=optimizer, scheduler=scheduler,
                            loop=loop, stage_end=True)
             self._complete_saves(blocking=True)  # the next stage starts from this checkpoint
+            loop.hand_over()
         finally:
             loop.close()
         if self._stop_requested():
