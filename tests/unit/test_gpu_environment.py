@@ -131,3 +131,11 @@ def test_the_dockerfile_base_is_cuda_13_0_like_the_torch_wheels():
     text = (ROOT / "launch_scripts" / "Dockerfile").read_text()
     assert re.search(r"^ARG NGC_PYTORCH_TAG=25\.10-py3$", text, re.M)  # NGC 25.10: CUDA 13.0.2
     assert 'cuda != "13.0"' in text  # and the build stops on another toolkit
+
+
+def test_the_gpu_kit_carries_the_pinned_versions():
+    lines = (ROOT / "benchmarks" / "gpu_kit.txt").read_text()
+    kit = _pins(lines)
+    assert "megatron-core" in kit
+    pins = _pins(CONSTRAINTS.read_text())
+    assert {name: pins[name] for name in kit} == kit
