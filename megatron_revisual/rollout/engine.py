@@ -100,7 +100,7 @@ class VLLMEngineConfig(EngineConfig):
     engine per rank of an existing torchrun world (the colocated GPU setup); otherwise
     ``tensor_parallel_size`` > 1 starts vLLM's own worker processes, which generate but cannot
     take an in-process weight stream. ``gpu_memory_utilization`` and ``enable_sleep_mode``
-    apply on GPUs; ``cpu_kv_cache_gib`` on CPU (vLLM's ``VLLM_CPU_KVCACHE_SPACE``).
+    apply on GPUs; ``cpu_kv_cache_gib`` on CPU (vLLM's ``kv_cache_memory_bytes``, fractions of a GiB too).
 
     ``cpu_prepack_weights`` (CPU only): False keeps every linear layer's weight as a plain
     tensor used through ``torch.nn.functional.linear``, so a weight sync is one copy per tensor
