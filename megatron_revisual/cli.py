@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("convert", "megatron_revisual.convert.cli", "HF <-> Megatron distributed checkpoints, and verify"),
         ("train", "megatron_revisual.train.runner", "the staged curriculum: cold-start SFT, multimodal GRPO, text GRPO"),
         ("plan", "megatron_revisual.launch.planner", "per-GPU memory and step time of a recipe's stages; does it fit?"),
+        ("rehearse", "megatron_revisual.launch.rehearse",
+         "a GPU recipe's curriculum on CPU at its real process topology, every collective checked"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=_lazy_command(module, name))

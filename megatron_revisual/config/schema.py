@@ -413,6 +413,23 @@ class PrepareConfig:
 
 
 @dataclass(kw_only=True)
+class RehearsalConfig:
+    """Checks `revisual rehearse` turns on in every rank (`parallel.collective_checks`): after
+    every step, the forward passes of every rank of a pipeline stage (its TP x DP x CP ranks:
+    Transformer Engine's amax group) must be equally many; with `fp8_amax_stand_in`, every
+    forward with gradients also all-reduces over that group as the recipe's FP8 would, with a
+    timeout of `collective_timeout_s` that names the group and the call instead of hanging.
+    `reward_noise`: added to every GRPO reward as reward_noise x U[0, 1) (seeded by the step), so
+    that a rehearsal's random model, which no reward tells apart, still gets advantages and
+    updates."""
+
+    collective_checks: bool = False
+    fp8_amax_stand_in: bool = False
+    collective_timeout_s: float = 120.0
+    reward_noise: float = 0.0
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A complete run: what `revisual` commands and launchers are given."""
 
@@ -432,6 +449,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
 
     @property
     def model_parallel_size(self) -> int:

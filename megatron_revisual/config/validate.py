@@ -66,6 +66,9 @@ def validate_config(cfg: RunConfig) -> None:
     )
     positive("optim.lr", o.lr)
     positive("train.train_iters", t.train_iters)
+    if cfg.rehearsal.fp8_amax_stand_in and not cfg.rehearsal.collective_checks:
+        problems.append("rehearsal.fp8_amax_stand_in=true needs rehearsal.collective_checks=true")
+    positive("rehearsal.collective_timeout_s", cfg.rehearsal.collective_timeout_s)
     if not ok:  # the checks below divide by these
         raise ConfigValidationError(problems)
 

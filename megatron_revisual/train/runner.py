@@ -264,6 +264,12 @@ def train_rank(cfg: Any, resume: str) -> str:
             print(f"revisual train: resuming from {start} (stage {state['stage']}, step "
                   f"{state['stage_step']}, global step {state['global_step']})", file=console())
     runner = StageRunner(cfg, resume_state=state, resume_dir=start)
+    checks = None
+    if cfg.rehearsal.collective_checks:
+        from megatron_revisual.parallel.collective_checks import CollectiveChecks
+
+        checks = CollectiveChecks.install(cfg.rehearsal)
+        runner.step_hooks.append(checks.end_of_step)
     try:
         for name in cfg.stages[first:]:
             mid_stage = state is not None and state["stage"] == name and not state["stage_complete"]
@@ -289,6 +295,24 @@ def train_rank(cfg: Any, resume: str) -> str:
         return "done"
     finally:
         runner.close()
+        if checks is not None:
+            checks.uninstall()
+        if cfg.rehearsal.collective_checks:
+            _write_rank_usage(Path(cfg.output_dir))
+
+
+def _write_rank_usage(out: Path) -> None:
+    """This rank's peak resident memory, for the rehearsal's summary (rehearsal/rank<N>.json)."""
+    import resource
+
+    import torch.distributed as dist
+
+    path = out / "rehearsal" / f"rank{dist.get_rank()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    usage = {"rank": dist.get_rank(), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(usage) + "\n")
+    os.replace(tmp, path)
 
 
 def _report(out: Path) -> None:

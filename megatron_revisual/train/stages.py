@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,8 @@ class StageRunner:
         self.final_export: Path | None = None
         self.async_saves = AsyncSaves() if cfg.checkpoint.async_save else None
         self._kept_rollout: tuple[Any, Any] | None = None  # (engine key, rollout) between stages
+        # collective, called after every step with (stage, step); their metrics join the row
+        self.step_hooks: list[Callable[[str, int], dict[str, float]]] = []
         self.log = None
         if self.rank == 0:
             from megatron_revisual.config import config_to_dict
@@ -299,6 +302,8 @@ class StageRunner:
                     t_val = time.perf_counter()
                     row.update(loop.validate())
                     row["time/validation"] = time.perf_counter() - t_val
+                for hook in self.step_hooks:
+                    row.update(hook(name, stage_step))
                 row = {"global_step": self.global_step, "stage": name, "stage_step": stage_step,
                        **row, "time/step": time.perf_counter() - t0, "time": time.time()}
                 if self.log is not None:
