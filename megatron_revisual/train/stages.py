@@ -45,12 +45,14 @@ from megatron_revisual.train.checkpointing import (
 __all__ = ["StageRunner", "dataset_spec", "weights_digest"]
 
 
-def dataset_spec(data: DataConfig) -> DatasetSpec:
+def dataset_spec(data: DataConfig, option: str = "data") -> DatasetSpec:
+    """The loader's spec of a data section; `option` ("mrl.data") names it in errors."""
     fmt = {"revisual": REVISUAL_FORMAT_PROMPT, "none": None}.get(data.format_prompt, data.format_prompt)
     return DatasetSpec(
         path=data.path, prompt_key=data.prompt_key, answer_key=data.answer_key,
         image_key=data.image_key, response_key=data.response_key, format_prompt=fmt,
         system_prompt=data.system_prompt, image_check=data.image_check,
+        conversation_key=data.conversation_key, max_rows=data.max_rows, option=option,
     )
 
 
