@@ -74,6 +74,7 @@ __all__ = [
     "REVISUAL_FORMAT_PROMPT",
     "SKIP_REASONS",
     "chat_prompt",
+    "dataset_spec",
     "load_prompt_dataset",
     "missing_columns_error",
     "rollout_request",
@@ -528,6 +529,18 @@ def load_prompt_dataset(
     log.info("%s: %d usable rows", spec.path, len(keep))
     index = np.asarray(keep, dtype=np.int64).reshape(-1, 2)
     return PromptDataset(spec, sources, index, skipped, examples)
+
+
+def dataset_spec(data: Any, option: str = "data") -> DatasetSpec:
+    """The spec of a recipe's data section (`config.schema.DataConfig`); `option` ("mrl.data")
+    names it in errors. format_prompt "revisual" is `REVISUAL_FORMAT_PROMPT`, "none" raw text."""
+    fmt = {"revisual": REVISUAL_FORMAT_PROMPT, "none": None}.get(data.format_prompt, data.format_prompt)
+    return DatasetSpec(
+        path=data.path, prompt_key=data.prompt_key, answer_key=data.answer_key,
+        image_key=data.image_key, response_key=data.response_key, format_prompt=fmt,
+        system_prompt=data.system_prompt, image_check=data.image_check,
+        conversation_key=data.conversation_key, max_rows=data.max_rows, option=option,
+    )
 
 
 def chat_prompt(record: PromptRecord, tokenizer: Any) -> str:

@@ -54,9 +54,8 @@ def _mmrl(root: Path) -> Path:
          "answer": "1", "dataset": "iconqa"},
         {"images": [_digit_png(8)], "problem": "<image>Which digit is shown in the image: 1 or 8?",
          "answer": "8", "dataset": "geometry3k"},
-        {"images": [_digit_png(1), _digit_png(8)],
-         "problem": "<image><image>Which of the two images shows an 8: the first or the second?",
-         "answer": "second", "dataset": "geoqa"},
+        {"images": [_digit_png(8)], "problem": "<image>Is the digit in the image an 8? Answer yes or no.",
+         "answer": "yes", "dataset": "geoqa"},
         {"images": [_digit_png(3)], "problem": "<image>Which digit is shown?", "answer": "3",
          "dataset": ""},
     ]

@@ -18,9 +18,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.data.datasets import PromptDataset, PromptLoader, load_prompt_dataset
+from megatron_revisual.data.datasets import PromptLoader
 from megatron_revisual.data.packing import pack_sequences
-from megatron_revisual.data.sft import SFTFormatter, pack_groups
+from megatron_revisual.data.sft import (
+    SFTFormatter,
+    load_sft_set,
+    load_tokenizer_and_processor,
+    pack_groups,
+)
 from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.train.grpo_step import (
     _chunks,
@@ -32,24 +37,12 @@ from megatron_revisual.train.grpo_step import (
     step_if_finite,
 )
 from megatron_revisual.train.stages import (
-    dataset_spec,
     dp_info,
-    load_tokenizer_and_processor,
     row_multiple,
     skipped_report,
 )
 
 __all__ = ["SFTLoop", "load_sft_set", "sft_update"]
-
-
-def load_sft_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset:
-    """The stage's conversations. A prompt of max_length tokens or more leaves no response
-    token to train on: such rows are skipped here and counted (data/skipped/
-    no_room_for_response), instead of coming back empty at every step."""
-    return load_prompt_dataset(
-        dataset_spec(stage_cfg.data), tokenizer=tokenizer,
-        max_prompt_length=stage_cfg.max_length - 1, too_long="no_room_for_response",
-    )
 
 
 @dataclasses.dataclass(frozen=True)
