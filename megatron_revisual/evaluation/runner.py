@@ -1,4 +1,7 @@
-"""`revisual eval`: the ReVisual-R1 benchmarks through an OpenAI-compatible endpoint.
+"""`revisual eval`: the ReVisual-R1 paper's benchmarks through an OpenAI-compatible endpoint.
+
+    revisual eval ... --datasets paper --aime-runs 8           # Table 2's ten, in its layout
+    revisual eval --compare runs/eval/m_summary.json paper     # a run beside the paper's rows
 
 The flags are those of the released evaluation tool (``eval/src/main.py``), with its defaults,
 so its users can switch; the extra ones (--dataset-source, --max-samples, --retry-base-delay,
