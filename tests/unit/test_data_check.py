@@ -79,6 +79,12 @@ def test_a_renamed_column_fails_before_training_naming_the_column(released, tmp_
         "['answer', 'dataset', 'images', 'question']; set mrl.data.prompt_key=<one of them>"
     ]
     assert not (tmp_path / "out" / "checkpoints").exists()
+    # `revisual data` reads it (no tokenizer: the recipe's model is not here) and exits 1, naming it
+    assert cli.main(["data", *args, "--stages", "mrl"]) == 1
+    captured = capsys.readouterr()
+    assert (f"FAILED: {renamed} (train.parquet): no column 'problem' (mrl.data.prompt_key); its columns: "
+            in captured.out)
+    assert "revisual data: 1 of 1 data sections would not train: mrl.data" in captured.err
 
 
 def test_train_refuses_a_missing_source_before_any_rank_starts(tmp_path, monkeypatch, capsys):
@@ -151,3 +157,11 @@ def test_config_and_plan_of_a_prepare_recipe_work_before_its_first_run(tmp_path,
     assert cli.main(["plan", "configs/tiny_cpu_demo.yaml", f"output_dir={out}"]) == 0
     assert "fits" in capsys.readouterr().out
     assert not out.exists()
+    # `revisual data` prepares what training would (the tiny model, the synthetic sets), then reads
+    assert cli.main(["data", "configs/tiny_cpu_demo.yaml", f"output_dir={out}", "--rows", "4", "--stages", "mrl"]) == 0
+    captured = capsys.readouterr()
+    assert f"wrote a tiny random Qwen2.5-VL to {out}/hf_tiny" in captured.err
+    assert [line for line in captured.out.splitlines() if line.startswith("== ")] == [
+        f"== mrl.data.path={out}/data/mrl.parquet", f"== mrl.validation.data.path={out}/data/mrl_val.parquet"]
+    assert captured.out.count("rows read 4, kept 4, skipped 0 (none)") == 2
+    assert "visual tokens per image: p50 4, p90 4, p99 4, max 4" in captured.out

@@ -149,6 +149,22 @@ def test_a_hub_name_with_max_rows_is_streamed_with_images_left_encoded(monkeypat
     assert asked[-1] == ("csfufu/mmrl", "train", False) and len(whole) == 5
 
 
+def test_pil_images_as_a_stream_without_features_gives_them(monkeypatch):
+    """A stream whose features are unknown yields the Image column decoded: PIL images."""
+    class Stream:
+        features = None
+
+        def __iter__(self):
+            yield {"images": [Image.new("RGB", (28, 28), "green")], "problem": "<image>Q", "answer": "g"}
+            yield {"images": Image.new("RGB", (28, 28), "blue"), "problem": "<image>R", "answer": "b"}
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Stream())
+    data = load_prompt_dataset(DatasetSpec(path="csfufu/mmrl@train", format_prompt=None, max_rows=2))
+    assert len(data) == 2 and not data.skipped
+    assert all(isinstance(data[i].images[0], Image.Image) for i in range(2))
+    assert [_colour(data[i].images[0]) for i in range(2)] == [(0, 128, 0), (0, 0, 255)]
+
+
 def test_a_renamed_column_is_named_with_the_option_to_set(tmp_path, released):
     table = pq.read_table(released["mmrl"]).rename_columns(["images", "question", "answer", "dataset"])
     pq.write_table(table, tmp_path / "renamed.parquet")
