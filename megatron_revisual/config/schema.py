@@ -85,7 +85,9 @@ class PrecisionConfig:
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1  # delayed recipe only
     fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"  # delayed recipe only
-    fp8_wgrad: bool = True  # false: weight gradients in bf16
+    # Megatron-Core's field; false is refused: TE >= 2.0 has no way to keep weight gradients in
+    # bf16 (DelayedScaling's override_linear_precision is gone), so it would do nothing.
+    fp8_wgrad: bool = True
     fp8_param: bool = False  # keep GEMM weights in fp8 (TE decides which)
     # Keep the first / last N language layers in bf16 (not with the delayed recipe).
     first_last_layers_bf16: bool = False

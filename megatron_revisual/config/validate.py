@@ -223,6 +223,13 @@ def _precision_problems(cfg: RunConfig) -> list[str]:
             f"(got {pr.fp8_recipe!r})"
             for name in ("fp8_amax_history_len", "fp8_amax_compute_algo") if name in changed
         ]
+    if not pr.fp8_wgrad:
+        problems.append(
+            "precision.fp8_wgrad=false has no effect with Transformer Engine 2.20: Megatron-Core hands it to "
+            "DelayedScaling as override_linear_precision, a field TE removed in 2.0 (its pydantic recipe "
+            "drops it silently), and the other recipes never read it; weight gradients run in FP8 "
+            "whatever it says. Leave it out (true)"
+        )
     if pr.fp8_amax_history_len < 1:
         problems.append(f"precision.fp8_amax_history_len={pr.fp8_amax_history_len} must be >= 1")
     if pr.fp8_margin < 0:

@@ -191,6 +191,22 @@ def _keep_default_process_group():
         dist.destroy_process_group = destroy
 
 
+def _warn_if_sleep_pool_in_use(config: VLLMEngineConfig) -> None:
+    """After an engine with sleep mode closed on CUDA: vLLM's sleep-mode allocator must hold
+    nothing, or the next engine of this process fails at its weight load ("CuMem allocator can
+    only be used for one instance per process", vllm/v1/worker/gpu_worker.py). Say so here,
+    where the leak is, with its size."""
+    if not (config.enable_sleep_mode and torch.cuda.is_available()):
+        return
+    from vllm.device_allocator import get_mem_allocator_instance
+
+    left = get_mem_allocator_instance().get_current_usage()
+    if left:
+        log.warning("vLLM's sleep-mode memory pool still holds %.2f GiB after the engine closed: a second "
+                    "engine in this process will fail to load (something still references the first "
+                    "engine's weights or KV cache)", left / 2**30)
+
+
 class _DropThreadGuardNotice(logging.Filter):
     """vLLM's renderer sets torch's thread count around every multimodal request, and its CPU
     worker, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), replaces torch.set_num_threads
@@ -459,3 +475,4 @@ class VLLMEngine(RolloutEngine):
                 import gc
 
                 gc.collect()
+            _warn_if_sleep_pool_in_use(self.config)

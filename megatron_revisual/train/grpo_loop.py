@@ -30,16 +30,25 @@ from megatron.core import parallel_state as ps
 from megatron_revisual.data.datasets import (
     PromptDataset,
     PromptLoader,
+    dataset_spec,
     load_prompt_dataset,
     rollout_request,
 )
+from megatron_revisual.data.sft import load_tokenizer_and_processor
+from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import pad_step
 from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_reward
 from megatron_revisual.rl.rollout_correction import correction_metrics
-from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, balance, start_engine
+from megatron_revisual.rollout.colocated import (
+    ColocatedRollout,
+    EngineState,
+    Placement,
+    balance,
+    start_engine,
+)
 from megatron_revisual.rollout.engine import load_image
 from megatron_revisual.rollout.types import SamplingConfig
 from megatron_revisual.train.grpo_step import (
@@ -50,21 +59,19 @@ from megatron_revisual.train.grpo_step import (
     compute_log_probs,
     global_loss_counts,
     grpo_update,
-    mrope_config,
     response_values,
 )
 from megatron_revisual.train.stages import (
     _broadcast,
-    dataset_spec,
     dp_info,
-    load_tokenizer_and_processor,
     mean,
     row_multiple,
     skipped_report,
     step_seed,
 )
 
-__all__ = ["GRPOLoop", "load_validation_set", "planned_updates_per_step", "validation_report"]
+__all__ = ["GRPOLoop", "engine_config", "engine_key", "load_validation_set", "planned_updates_per_step",
+           "validation_report"]
 _UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower",
                    "ppo_kl", "grad_norm", "skipped_non_finite")
 
@@ -201,35 +208,25 @@ class GRPOLoop:
         return {"pad_tau": self.pad_tau(stage_step), "entropy_coef": self.entropy_coef(self.updates_done),
                 "updates_done": self.updates_done}
 
-    def _engine_config(self):
-        """The engine settings of this stage (`rollout.colocated.start_engine` places it)."""
-        from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig
-
-        r = self.stage.rollout
-        settings = {
-            "model_path": str(self.engine_dir),
-            "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.cfg.model.params_dtype],
-            "max_model_len": r.max_prompt_length + r.max_response_length,
-            "max_prompt_tokens": r.max_prompt_length,
-            "seed": self.cfg.train.seed,
-            "max_images_per_prompt": 1 if self.cfg.model.vision is not None else 0,
-        }
-        if r.engine == "transformers":
-            return HFEngineConfig(**settings)
-        on_gpu = torch.cuda.is_available()
-        return VLLMEngineConfig(
-            **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
-            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=on_gpu,
-            cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
-            cpu_prepack_weights=r.cpu_prepack_weights,
-        )
-
     def start(self, resumed_at: int) -> None:
+        """The stage's engines: those the previous GRPO stage left when their settings are this
+        stage's (`StageRunner.keep_rollout`: one engine for the run; it takes this stage's start
+        weights, which are the previous stage's end), else new ones from the stage's start weights."""
         frozen = ("visual.",) if getattr(self.stage, "freeze_vision_tower", False) else ()
         log_dir = Path(self.cfg.output_dir) / "logs"
-        self.rollout = ColocatedRollout(
-            self.placement, lambda: start_engine(self.placement, self._engine_config(), rank=self.rank, log_dir=log_dir),
-            rank=self.rank, frozen_prefixes=frozen)
+        kept = self.runner.take_rollout(engine_key(self.cfg, self.stage))
+        if kept is not None:
+            self.rollout = kept
+            kept.restage(frozen_prefixes=frozen)
+            seconds = self._sync_weights()
+            if self.rank == 0:
+                self.runner.log.note(f"[{self.name}] rollout engines kept from the previous stage: "
+                                     f"this stage's start weights synced in {seconds:.1f} s")
+        else:
+            config = engine_config(self.cfg, self.stage, self.engine_dir)
+            self.rollout = ColocatedRollout(
+                self.placement, lambda: start_engine(self.placement, config, rank=self.rank, log_dir=log_dir),
+                rank=self.rank, frozen_prefixes=frozen)
         if self.rank == 0:
             rl = self.stage.rl
             if rl.reward_workers:
@@ -238,8 +235,24 @@ class GRPOLoop:
                 self.reward_pool = RewardPool.for_config(
                     self.reward_cfg, num_workers=rl.reward_workers, timeout_s=rl.reward_timeout_s
                 )
-        if resumed_at > 0:
+        if resumed_at > 0 and kept is None:
             self._sync_weights()
+
+    def hand_over(self) -> None:
+        """At the stage's end: when the next stage is a GRPO stage with the same engine settings
+        (`engine_key`), the engines stay for it, asleep, with the runner; else they close with
+        this stage. Going from MRL to TRL then starts no second engine in the process."""
+        stages = self.cfg.stages
+        later = stages[stages.index(self.name) + 1:]
+        following = getattr(self.cfg, later[0]) if later else None
+        key = engine_key(self.cfg, self.stage)
+        if (self.rollout is None or following is None or not hasattr(following, "rollout")
+                or engine_key(self.cfg, following) != key):
+            return
+        if self.rollout.state is EngineState.AWAKE:
+            self.rollout.sleep()
+        self.runner.keep_rollout(key, self.rollout)
+        self.rollout = None
 
     def close(self) -> None:
         if self.rollout is not None:
@@ -505,12 +518,12 @@ class GRPOLoop:
         dp, dp_rank = dp_info()
         mine, _ = self._deal(samples, [i for i, s in enumerate(samples) if s.token_ids], dp, dp_rank)
         out = torch.zeros(len(samples), dtype=torch.float64)
-        if mine:
-            batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))
-            old = response_values(batches, compute_log_probs(self.model, batches, temperature=temperature))
-            ref = response_values(batches, compute_log_probs(self.reference, batches, temperature=temperature))
-            for k, i in enumerate(mine):
-                out[i] = float(kl_penalty(old[k], ref[k], rl.kl_kind).sum())
+        # a rank dealt nothing still joins both passes (filler rows: `train.schedule`)
+        batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))
+        old = response_values(batches, compute_log_probs(self.model, batches, temperature=temperature))
+        ref = response_values(batches, compute_log_probs(self.reference, batches, temperature=temperature))
+        for k, i in enumerate(mine):
+            out[i] = float(kl_penalty(old[k], ref[k], rl.kl_kind).sum())
         if dp > 1:
             out = all_reduce(out, group=ps.get_data_parallel_group())
         return out
@@ -555,6 +568,38 @@ class GRPOLoop:
         if warning and self.rank == 0:
             self.runner.log.note(f"[{self.name}] warning: {warning}")
         return out
+
+
+def engine_config(cfg: Any, stage_cfg: Any, model_path: str | Path):
+    """The engine settings of a GRPO stage (`rollout.colocated.start_engine` places it), loading
+    `model_path`."""
+    from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig
+
+    r = stage_cfg.rollout
+    settings = {
+        "model_path": str(model_path),
+        "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.params_dtype],
+        "max_model_len": r.max_prompt_length + r.max_response_length,
+        "max_prompt_tokens": r.max_prompt_length,
+        "seed": cfg.train.seed,
+        "max_images_per_prompt": 1 if cfg.model.vision is not None else 0,
+    }
+    if r.engine == "transformers":
+        return HFEngineConfig(**settings)
+    on_gpu = torch.cuda.is_available()
+    return VLLMEngineConfig(
+        **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=on_gpu,
+        cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
+        cpu_prepack_weights=r.cpu_prepack_weights,
+    )
+
+
+def engine_key(cfg: Any, stage_cfg: Any) -> tuple:
+    """What decides whether two GRPO stages can share their engines: the placement and every
+    engine setting but the weights it starts from."""
+    r = stage_cfg.rollout
+    return (r.placement, r.tensor_parallel_size, engine_config(cfg, stage_cfg, model_path=""))
 
 
 def planned_updates_per_step(stage: Any) -> int:

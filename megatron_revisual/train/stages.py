@@ -29,21 +29,19 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_revisual.config.schema import OptimConfig, RunConfig
-from megatron_revisual.data.datasets import dataset_spec
 from megatron_revisual.data.packing import row_length_multiple
-from megatron_revisual.data.sft import load_tokenizer_and_processor
+from megatron_revisual.parallel.rng import rng_state
 from megatron_revisual.train.checkpointing import (
     CHECKPOINT_FORMAT,
     AsyncSaves,
     current_layout,
     find_stage_end,
     restore_training_state,
-    rng_state,
     save_checkpoint,
     training_state_dict,
 )
 
-__all__ = ["StageRunner", "dataset_spec", "load_tokenizer_and_processor", "weights_digest"]
+__all__ = ["StageRunner", "weights_digest"]
 
 
 def weights_digest(hf_dir: str | Path) -> str:
@@ -92,6 +90,7 @@ class StageRunner:
         self.out = Path(cfg.output_dir)
         self.final_export: Path | None = None
         self.async_saves = AsyncSaves() if cfg.checkpoint.async_save else None
+        self._kept_rollout: tuple[Any, Any] | None = None  # (engine key, rollout) between stages
         self.log = None
         if self.rank == 0:
             from megatron_revisual.config import config_to_dict
@@ -110,8 +109,27 @@ class StageRunner:
         return weights_digest(self.final_export) if self.final_export else None
 
     def close(self) -> None:
+        if self._kept_rollout is not None:
+            self._kept_rollout[1].close()
+            self._kept_rollout = None
         if self.log is not None:
             self.log.close()
+
+    # --- engines kept from one GRPO stage for the next ---------------------------------------
+    def keep_rollout(self, key: Any, rollout: Any) -> None:
+        """A finished stage's engines (`GRPOLoop.hand_over`), for the next stage to take."""
+        self._kept_rollout = (key, rollout)
+
+    def take_rollout(self, key: Any) -> Any | None:
+        """The kept engines if their key is `key`; else they close and None."""
+        if self._kept_rollout is None:
+            return None
+        kept_key, rollout = self._kept_rollout
+        self._kept_rollout = None
+        if kept_key == key:
+            return rollout
+        rollout.close()
+        return None
 
     # --- stage boundaries ------------------------------------------------------------------
     def _previous_stage(self, name: str) -> str | None:
@@ -292,6 +310,7 @@ class StageRunner:
                 self._save(name, total, total, model=model, optimizer=optimizer, scheduler=scheduler,
                            loop=loop, stage_end=True)
             self._complete_saves(blocking=True)  # the next stage starts from this checkpoint
+            loop.hand_over()
         finally:
             loop.close()
         if self._stop_requested():

@@ -56,8 +56,9 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
 
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
     from megatron_revisual.parallel.device import set_compute_device
-    from megatron_revisual.train import grpo_step
+    from megatron_revisual.train import grpo_step, schedule
     from megatron_revisual.train.builders import build_optimizer, wrap_ddp
     from megatron_revisual.train.grpo_loop import GRPOLoop
     from megatron_revisual.train.grpo_step import (
@@ -65,12 +66,11 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
         build_policy_batches,
         compute_log_probs,
         grpo_update,
-        mrope_config,
     )
     from megatron_revisual.train.sft_loop import SFTLoop
 
     if put_back == "batch left on the host":
-        grpo_step.to_device = lambda obj, device=None: obj
+        schedule.to_device = lambda obj, device=None: obj
     elif put_back == "host tensor into a collective":
         def gloo_only(tensor, op=torch.distributed.ReduceOp.SUM, group=None):
             torch.distributed.all_reduce(tensor, op=op, group=group)
