@@ -149,6 +149,24 @@ def test_the_launchers_refuse_a_job_whose_data_would_not_train(released, tmp_pat
     assert "rows read 3, kept 3, skipped 0 (none)" in err
 
 
+def test_the_nemo_run_launcher_refuses_a_missing_source_before_nemo_run(monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "launch_scripts" / "launch.py"
+    spec = importlib.util.spec_from_file_location("revisual_launch_script", script)
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    monkeypatch.chdir(Path.cwd())  # main() changes to the repository root
+    monkeypatch.setitem(sys.modules, "megatron_revisual.launch.nemo", None)  # importing it fails
+    rc = launch.main(["--recipe", RECIPE, "--executor", "slurm", "--nodes", "1", "--gpus-per-node", "8",
+                      "stages=[trl]", "trl.data.path=/x/none.parquet"])
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"launch.py: not launched: recipe {RECIPE}: trl.data.path=/x/none.parquet: no such file or directory"]
+
+
 def test_config_and_plan_of_a_prepare_recipe_work_before_its_first_run(tmp_path, capsys):
     """A fresh clone: the demo's tiny model does not exist yet; nothing is written."""
     out = tmp_path / "demo"
