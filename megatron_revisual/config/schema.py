@@ -164,8 +164,12 @@ StageName = Literal["cold_start", "mrl", "trl"]
 class DataConfig:
     """A dataset for a stage (see `data.datasets.DatasetSpec`, which these fields fill).
 
+    path: a local file or directory, or a Hub dataset "name@split" (`revisual train` checks it
+    exists before any rank starts; `revisual data` reads it through the training code).
     format_prompt: jinja text using `{{ content }}` or a .jinja path; `revisual` (the default)
     is the ReVisual-R1 instruction appended to the question, `none` the raw question.
+    conversation_key: a column of chat turns (ShareGPT from/value or role/content; cold start
+    only) in place of prompt_key / response_key. max_rows: use only the first rows.
     """
 
     path: str
@@ -173,9 +177,11 @@ class DataConfig:
     answer_key: str | None = "answer"
     image_key: str | None = "images"
     response_key: str | None = None
+    conversation_key: str | None = None
     format_prompt: str = "revisual"
     system_prompt: str | None = None
     image_check: Literal["decode", "open", "none"] = "decode"
+    max_rows: int | None = None
 
 
 @dataclass(kw_only=True)

@@ -301,8 +301,16 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
     optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
     sft = cfg.cold_start
     if sft is not None:
-        if sft.data.response_key is None:
-            problems.append("cold_start.data.response_key must name the column holding the SFT responses")
+        d = sft.data
+        if d.conversation_key is not None:
+            problems += [
+                f"cold_start.data.{name}={getattr(d, name)!r} has no effect with cold_start.data."
+                f"conversation_key={d.conversation_key!r} (the prompt and response are its turns); drop it"
+                for name in _changed(d, ("prompt_key", "response_key"))
+            ]
+        elif d.response_key is None:
+            problems.append("cold_start.data.response_key must name the column holding the SFT responses "
+                            "(or conversation_key the column of chat turns)")
         if sft.epochs < 1 and sft.train_iters is None:
             problems.append(f"cold_start.epochs={sft.epochs} must be >= 1")
         if sft.train_iters is not None and sft.train_iters < 1:
@@ -318,6 +326,10 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
         g = getattr(cfg, name)
         if g is None:
             continue
+        for where, d in ((f"{name}.data", g.data), (f"{name}.validation.data", g.validation.data)):
+            if d is not None and d.conversation_key is not None:
+                problems.append(f"{where}.conversation_key: GRPO stages read prompt_key and answer_key, "
+                                "not conversations; leave it unset")
         r, rl = g.rollout, g.rl
         if g.steps < 1:
             problems.append(f"{name}.steps={g.steps} must be >= 1")
@@ -379,6 +391,10 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
     for name in ("cold_start", "mrl", "trl"):
         stage = getattr(cfg, name)
         if stage is not None:
+            for where, d in ((f"{name}.data", stage.data), (f"{name}.validation.data",
+                                                            getattr(getattr(stage, "validation", None), "data", None))):
+                if d is not None and d.max_rows is not None and d.max_rows < 1:
+                    problems.append(f"{where}.max_rows={d.max_rows} must be >= 1 (or null: every row)")
             bad = sorted(set(stage.optim) - optim_fields)
             if bad:
                 problems.append(f"{name}.optim: unknown fields {bad}; use {sorted(optim_fields)}")

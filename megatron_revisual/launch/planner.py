@@ -399,9 +399,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; exit 1 when a stage does not fit."""
-    from megatron_revisual.config import load_config
+    from megatron_revisual.prepare import load_config_as_prepared
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config_as_prepared(args.config, args.overrides)
     p = cfg.parallel
     print(f"{args.config}: {cfg.cluster.world_size} GPUs, TP {p.tensor_model_parallel_size} x "
           f"PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size}, {cfg.model.params_dtype}; "

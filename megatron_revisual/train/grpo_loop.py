@@ -30,9 +30,11 @@ from megatron.core import parallel_state as ps
 from megatron_revisual.data.datasets import (
     PromptDataset,
     PromptLoader,
+    dataset_spec,
     load_prompt_dataset,
     rollout_request,
 )
+from megatron_revisual.data.sft import load_tokenizer_and_processor
 from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.rl.advantages import grpo_advantages
@@ -61,9 +63,7 @@ from megatron_revisual.train.grpo_step import (
 )
 from megatron_revisual.train.stages import (
     _broadcast,
-    dataset_spec,
     dp_info,
-    load_tokenizer_and_processor,
     mean,
     row_multiple,
     skipped_report,

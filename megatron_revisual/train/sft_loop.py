@@ -17,9 +17,14 @@ from typing import Any
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.data.datasets import PromptDataset, PromptLoader, load_prompt_dataset
+from megatron_revisual.data.datasets import PromptLoader
 from megatron_revisual.data.packing import pack_sequences
-from megatron_revisual.data.sft import SFTFormatter, pack_groups
+from megatron_revisual.data.sft import (
+    SFTFormatter,
+    load_sft_set,
+    load_tokenizer_and_processor,
+    pack_groups,
+)
 from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.train.grpo_step import row_log_probs_and_entropy
@@ -31,24 +36,12 @@ from megatron_revisual.train.schedule import (
     step_if_finite,
 )
 from megatron_revisual.train.stages import (
-    dataset_spec,
     dp_info,
-    load_tokenizer_and_processor,
     row_multiple,
     skipped_report,
 )
 
-__all__ = ["SFTLoop", "load_sft_set", "sft_update"]
-
-
-def load_sft_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset:
-    """The stage's conversations. A prompt of max_length tokens or more leaves no response
-    token to train on: such rows are skipped here and counted (data/skipped/
-    no_room_for_response), instead of coming back empty at every step."""
-    return load_prompt_dataset(
-        dataset_spec(stage_cfg.data), tokenizer=tokenizer,
-        max_prompt_length=stage_cfg.max_length - 1, too_long="no_room_for_response",
-    )
+__all__ = ["SFTLoop", "sft_update"]
 
 
 @dataclasses.dataclass(frozen=True)

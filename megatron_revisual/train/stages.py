@@ -29,8 +29,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.config.schema import DataConfig, OptimConfig, RunConfig
-from megatron_revisual.data.datasets import REVISUAL_FORMAT_PROMPT, DatasetSpec
+from megatron_revisual.config.schema import OptimConfig, RunConfig
 from megatron_revisual.data.packing import row_length_multiple
 from megatron_revisual.parallel.rng import rng_state
 from megatron_revisual.train.checkpointing import (
@@ -43,16 +42,7 @@ from megatron_revisual.train.checkpointing import (
     training_state_dict,
 )
 
-__all__ = ["StageRunner", "dataset_spec", "weights_digest"]
-
-
-def dataset_spec(data: DataConfig) -> DatasetSpec:
-    fmt = {"revisual": REVISUAL_FORMAT_PROMPT, "none": None}.get(data.format_prompt, data.format_prompt)
-    return DatasetSpec(
-        path=data.path, prompt_key=data.prompt_key, answer_key=data.answer_key,
-        image_key=data.image_key, response_key=data.response_key, format_prompt=fmt,
-        system_prompt=data.system_prompt, image_check=data.image_check,
-    )
+__all__ = ["StageRunner", "weights_digest"]
 
 
 def weights_digest(hf_dir: str | Path) -> str:
@@ -341,14 +331,6 @@ class StageRunner:
 
 
 # --- shared by the loops ---------------------------------------------------------------------
-def load_tokenizer_and_processor(hf_dir: Path, with_vision: bool):
-    from transformers import AutoProcessor, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    processor = AutoProcessor.from_pretrained(hf_dir) if with_vision else None
-    return tokenizer, processor
-
-
 def dp_info() -> tuple[int, int]:
     return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
