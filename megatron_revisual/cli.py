@@ -137,8 +137,9 @@ def _named_error(e: Exception) -> Exception | None:
     harness = sys.modules.get("megatron_revisual.parallel.harness")  # loaded if ranks ran
     if harness is not None and isinstance(e, harness.RankError):
         from megatron_revisual.convert.safetensors_io import ConvertError
+        from megatron_revisual.parallel.collective_checks import CollectiveMismatch
 
-        return e.named_error(OutputWriteError, ConvertError)
+        return e.named_error(OutputWriteError, ConvertError, CollectiveMismatch)
     return None
 
 

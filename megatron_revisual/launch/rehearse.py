@@ -46,11 +46,42 @@ import yaml
 from megatron_revisual.config import config_from_dict, read_raw_config, validate_config
 from megatron_revisual.config.schema import RunConfig
 
-__all__ = ["RESUME_TOLERANCE", "add_rehearse_arguments", "other_layout", "rehearsal_raw_config",
-           "rehearsal_spec", "run_rehearse", "write_rehearsal_data"]
+__all__ = ["RESUME_TOLERANCE", "RehearsalError", "add_rehearse_arguments", "other_layout", "rehearsal_data_parallel",
+           "rehearsal_raw_config", "rehearsal_spec", "run_rehearse", "write_rehearsal_data"]
 
 RESUME_TOLERANCE = 1e-4  # largest |weight difference| after a resume at another layout (fp32)
 GRPO_STAGES = ("mrl", "trl")
+# Peak RSS of one rehearsal rank (measured: 1.56-1.63 GiB in the 7B recipe's, with its part of a
+# TP-2 engine inside), and of an engine of TP 1 in its child process; the machine's budget.
+RANK_GIB = 1.7
+CHILD_ENGINE_GIB = 1.2
+MACHINE_BUDGET_GIB = 20.0
+
+
+class RehearsalError(RuntimeError):
+    """A recipe this machine cannot rehearse; the message says why, with the numbers."""
+
+
+def rehearsal_data_parallel(cfg: RunConfig, budget_gib: float) -> int:
+    """The recipe's DP when its world fits `budget_gib` (RANK_GIB per rank, CHILD_ENGINE_GIB more
+    per rank with an engine of TP 1 in a child process), else the smallest DP > 1 that fits; TP,
+    PP and CP are never changed. Raises RehearsalError when not even that fits."""
+    p = cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    children = any(getattr(cfg, s) is not None and getattr(cfg, s).rollout.tensor_parallel_size == 1
+                   and getattr(cfg, s).rollout.placement == "colocated" for s in GRPO_STAGES)
+    per_rank = RANK_GIB + (CHILD_ENGINE_GIB if children else 0.0)
+    need = lambda dp: model_parallel * dp * per_rank  # noqa: E731
+    recipe_dp = cfg.data_parallel_size
+    for dp in [recipe_dp] + list(range(2, recipe_dp)):
+        if need(dp) <= budget_gib:
+            return dp
+    smallest = min(recipe_dp, 2)
+    raise RehearsalError(
+        f"{cfg.name}: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP "
+        f"{p.context_parallel_size} x DP {smallest} is {model_parallel * smallest} ranks of about {per_rank:g} GiB "
+        f"= {need(smallest):.1f} GiB, more than this machine's {budget_gib:.1f} GiB for a rehearsal; rehearse it "
+        "on a machine with more memory (TP, PP and CP are never changed)")
 
 
 def add_rehearse_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +185,7 @@ def rehearsal_raw_config(recipe: str, overrides: list[str], *, out: Path, hf_dir
             **raw[name],
             "data": data("mrl.parquet" if images else "trl.jsonl", prompt_key="problem", answer_key="answer",
                          image_key="images" if images else None),
-            "steps": steps, "rollout_batch_size": 2 * dp, "global_batch_size": 2 * dp, "micro_batch_tokens": 160,
+            "steps": steps, "rollout_batch_size": 2 * dp, "global_batch_size": 2 * dp, "micro_batch_tokens": 288,
             "rollout": {**(raw[name].get("rollout") or {}), "n": min(stage.rollout.n, 4), "max_prompt_length": 128,
                         "max_response_length": 16, "enforce_eager": True, "cpu_kv_cache_gib": 0.25, "top_p": 1.0},
             "rl": {**(raw[name].get("rl") or {}), "reward_workers": 0},
@@ -219,12 +250,21 @@ class _MemoryWatch:
         return {"machine_used_peak_gib": round(self.peak, 2), "rehearsal_peak_gib": round(self.peak - self.base, 2)}
 
 
-def _used_gib() -> float:
+def _meminfo() -> dict[str, int]:
     info = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
         key, value = line.split(":", 1)
-        info[key] = int(value.split()[0])
+        info[key] = int(value.split()[0])  # KiB
+    return info
+
+
+def _used_gib() -> float:
+    info = _meminfo()
     return (info["MemTotal"] - info["MemAvailable"]) / 2**20
+
+
+def _available_gib() -> float:
+    return _meminfo()["MemAvailable"] / 2**20
 
 
 def _train(config: Path, overrides: list[str]) -> tuple[int, float]:
@@ -274,14 +314,32 @@ def run_rehearse(args: argparse.Namespace) -> int:
     from megatron_revisual.train.checkpointing import iteration_dir
 
     recipe_cfg = config_from_dict(read_raw_config(args.config, args.overrides), source=args.config)
+    budget = min(MACHINE_BUDGET_GIB, _available_gib() - 1.0)
+    try:
+        dp = rehearsal_data_parallel(recipe_cfg, budget)
+    except RehearsalError as e:
+        from megatron_revisual.logfiles import console
+
+        print(f"revisual rehearse: {e}", file=console())
+        return 2
+    overrides = list(args.overrides)
+    shrunk = None
+    if dp != recipe_cfg.data_parallel_size:
+        world = recipe_cfg.model_parallel_size * dp
+        shrunk = (f"DP {recipe_cfg.data_parallel_size} -> {dp} ({world} ranks instead of "
+                  f"{recipe_cfg.cluster.world_size}): the recipe's world needs more than {budget:.1f} GiB here")
+        overrides += ["cluster.nodes=1", f"cluster.devices_per_node={world}"]
+        recipe_cfg = config_from_dict(read_raw_config(args.config, overrides), source=args.config)
     out = Path(args.out or Path("runs") / "rehearse" / recipe_cfg.name).absolute()
     if out.exists():
         shutil.rmtree(out)
     hf_dir, data_dir = out / "hf_tiny", out / "data"
     make_tiny_checkpoint(hf_dir, seed=0, spec=rehearsal_spec(recipe_cfg))
     write_rehearsal_data(data_dir)
-    raw, changed = rehearsal_raw_config(args.config, args.overrides, out=out / "a", hf_dir=hf_dir,
+    raw, changed = rehearsal_raw_config(args.config, overrides, out=out / "a", hf_dir=hf_dir,
                                         data_dir=data_dir, steps=args.steps)
+    if shrunk:
+        changed.insert(0, shrunk)
     config = out / "rehearsal.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"  # inherited by every rank

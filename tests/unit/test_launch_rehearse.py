@@ -61,7 +61,7 @@ def test_the_rehearsal_keeps_the_recipes_layout_and_rl_settings(name, tmp_path, 
         assert got.rl.pad == want.rl.pad and got.rl.kl_coef == want.rl.kl_coef
         assert got.rl.rollout_correction == want.rl.rollout_correction
         assert got.rl.reward_preset == want.rl.reward_preset and got.freeze_vision_tower == want.freeze_vision_tower
-        assert got.steps == 2 and got.micro_batch_tokens == 160
+        assert got.steps == 2 and got.micro_batch_tokens == 288  # two samples a row
     assert cfg.stages == recipe.stages and cfg.rehearsal.collective_checks
     assert cfg.rehearsal.fp8_amax_stand_in == (recipe.precision.fp8 is not None)
     assert cfg.precision.fp8 is None and cfg.model.layer_backend == "local"
@@ -87,3 +87,15 @@ def test_the_32b_first_pipeline_stage_stays_the_lighter_one():
     spec = rehearsal_spec(recipe)
     assert (spec.num_attention_heads, spec.num_key_value_heads, spec.hidden_size) == (40, 8, 1280)
     assert spec.vision_num_heads == 8  # TP 8 splits the vision tower's heads too
+
+
+def test_the_world_shrinks_only_in_dp_and_only_when_it_must():
+    from megatron_revisual.launch.rehearse import RehearsalError, rehearsal_data_parallel
+
+    # 8 ranks of 1.7 GiB (in-process engine parts) fit 20 GiB: the recipe's DP
+    assert rehearsal_data_parallel(_recipe("qwen25_vl_7b_8xh100"), 20.0) == 2
+    # the 3B's engines of TP 1 run beside every rank: 8 x 2.9 GiB does not fit, DP 4 -> 2 does
+    assert rehearsal_data_parallel(_recipe("qwen25_vl_3b_8xh100"), 20.0) == 2
+    assert rehearsal_data_parallel(_recipe("qwen25_vl_3b_8xh100"), 24.0) == 4
+    with pytest.raises(RehearsalError, match=r"TP 8 x PP 2 x CP 1 x DP 2 is 32 ranks of about 1.7 GiB = 54.4 GiB"):
+        rehearsal_data_parallel(_recipe("qwen25_vl_32b_4x8xh100"), 20.0)
