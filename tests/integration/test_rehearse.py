@@ -57,3 +57,22 @@ def test_the_7b_recipes_rehearse_at_their_topology(recipe, engines, resume, tmp_
         assert b["layout"][0] == "parallel.tensor_model_parallel_size=2" and b["resumed_from_global_step"] == 5
         check_phase(b, ["trl"], world=8)
         assert b["final_weights_max_difference_to_phase_a"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_the_3b_recipe_rehearses_at_dp_2(tmp_path):
+    """8 ranks with a child engine each need more than this machine's 20 GiB: DP 4 -> 2."""
+    summary = rehearse("qwen25_vl_3b_8xh100.yaml", tmp_path / "r")
+    assert summary["world_size"] == 4 and summary["layout"] == {"tp": 2, "pp": 1, "cp": 1, "dp": 2}
+    assert summary["changed"][0].startswith("DP 4 -> 2 (4 ranks instead of 8)")
+    check_phase(summary["phase_a"], ["cold_start", "mrl", "trl"], world=4)
+    assert summary["phase_b"]["final_weights_max_difference_to_phase_a"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_the_32b_recipe_is_refused_here_with_the_numbers(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "megatron_revisual.cli", "rehearse",
+                           str(ROOT / "configs" / "qwen25_vl_32b_4x8xh100.yaml"), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert "TP 8 x PP 2 x CP 1 x DP 2 is 32 ranks of about 1.7 GiB" in done.stdout + done.stderr
