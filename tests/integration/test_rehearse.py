@@ -60,6 +60,7 @@ def test_the_7b_recipes_rehearse_at_their_topology(recipe, engines, resume, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.by_hand
 def test_the_3b_recipe_rehearses_at_dp_2(tmp_path):
     """8 ranks with a child engine each need more than this machine's 20 GiB: DP 4 -> 2."""
     summary = rehearse("qwen25_vl_3b_8xh100.yaml", tmp_path / "r")
