@@ -121,6 +121,10 @@ class ClusterConfig:
     nodes: int = 1
     devices_per_node: int = 1
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Under torchrun, a rank whose heartbeat (parallel/liveness.py) stands still this long ends
+    # every other rank with the lost ranks and hosts named (exit 76; train.sbatch requeues),
+    # rather than letting them sit in a collective until the group timeout. 0 turns it off.
+    peer_timeout_s: float = 60.0
 
     @property
     def world_size(self) -> int:

@@ -69,6 +69,9 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.rehearsal.fp8_amax_stand_in and not cfg.rehearsal.collective_checks:
         problems.append("rehearsal.fp8_amax_stand_in=true needs rehearsal.collective_checks=true")
     positive("rehearsal.collective_timeout_s", cfg.rehearsal.collective_timeout_s)
+    if not 0 <= c.peer_timeout_s < 3600:
+        problems.append(f"cluster.peer_timeout_s={c.peer_timeout_s} must be in [0, 3600) seconds (0 turns the "
+                        "heartbeat off; at 3600 the process group's own timeout comes first)")
     if not ok:  # the checks below divide by these
         raise ConfigValidationError(problems)
 

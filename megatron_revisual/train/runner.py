@@ -156,6 +156,7 @@ def _torchrun_main(args: argparse.Namespace) -> int:
 
     from megatron_revisual.config import read_raw_config
     from megatron_revisual.parallel import initialize_parallel
+    from megatron_revisual.parallel.liveness import start_peer_watchdog
 
     raw = read_raw_config(args.config, args.overrides)
     backend = (raw.get("cluster") or {}).get("backend", "auto")
@@ -186,6 +187,7 @@ def _torchrun_main(args: argparse.Namespace) -> int:
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
         cp=p.context_parallel_size, vpp=p.virtual_pipeline_model_parallel_size, seed=cfg.train.seed,
     )
+    watchdog = start_peer_watchdog(cfg.cluster.peer_timeout_s)
     try:
         status = train_rank(cfg, args.resume)
     except BaseException:
@@ -194,6 +196,8 @@ def _torchrun_main(args: argparse.Namespace) -> int:
               f"{traceback.format_exc()}", file=console(), flush=True)
         raise
     dist.barrier()
+    if watchdog is not None:
+        watchdog.leave()
     dist.destroy_process_group()
     return 0 if status == "done" else EXIT_STOPPED
 
