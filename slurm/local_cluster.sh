@@ -47,6 +47,9 @@ socket="$dir/munge/munge.socket"
 d_port="${REVISUAL_SLURM_D_PORT:-6818}"
 start_timeout="${REVISUAL_SLURM_START_TIMEOUT:-60}"
 bridge=rvbr0
+# The one-node name is the one earlier versions wrote into their state directories.
+cluster_name=revisual-local
+[ "$nnodes" -eq 1 ] || cluster_name="revisual-local$nnodes"
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
@@ -82,7 +85,7 @@ write_config() {
   chmod 700 "$dir/munge"
   cat >"$conf" <<EOF
 # Written by slurm/local_cluster.sh: a ${nnodes}-node cluster on this machine (root, no systemd/cgroups).
-ClusterName=revisual-local$nnodes
+ClusterName=$cluster_name
 SlurmctldHost=$ctld_host($ctld_addr)
 SlurmctldPort=$ctld_port
 SlurmdPort=$d_port
