@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["OutputWriteError", "check_output_target", "output_write_error", "staged_output_dir"]
+__all__ = ["OutputWriteError", "check_output_target", "output_write_error", "staged_output_dir", "write_file_atomic"]
 
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # Other errors that only a write gives (a missing input file is not the output's fault)
@@ -122,4 +123,19 @@ def staged_output_dir(
         shutil.rmtree(staging, ignore_errors=True)
         if named is not None and not isinstance(e, OutputWriteError):
             raise named from e
+        raise
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """`path` holds `data` whole or keeps what it held: written and fsynced beside it, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise

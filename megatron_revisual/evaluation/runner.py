@@ -67,6 +67,7 @@ from megatron_revisual.evaluation.grading import grade_response
 from megatron_revisual.evaluation.metrics import markdown_report, summarize
 from megatron_revisual.evaluation.prompts import REVISUAL_SYSTEM_PROMPT
 from megatron_revisual.evaluation.tables import compare_table, paper_layout, run_row
+from megatron_revisual.staged_dir import write_file_atomic
 
 __all__ = ["EvalConfig", "EvalResult", "add_eval_arguments", "evaluate", "run_eval"]
 
@@ -178,12 +179,6 @@ def _record(sample: Sample, completion: dict[str, Any], *, cached: bool) -> dict
         "completion_tokens": completion.get("completion_tokens"),
         "cached": cached,
     }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _log(message: str) -> None:
@@ -318,10 +313,10 @@ def evaluate(config: EvalConfig) -> EvalResult:
     samples_path = config.output_dir / f"{stem}_samples.jsonl"
     summary_path = config.output_dir / f"{stem}_summary.json"
     markdown_path = config.output_dir / f"{stem}_summary.md"
-    _write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
-    _write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_file_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered).encode())
+    write_file_atomic(summary_path, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
     table = "\n## In the layout of the paper's Table 2 (percent)\n\n" + paper_layout([run_row(summary)])
-    _write_atomic(markdown_path, markdown_report(config.model_name, summary) + table)
+    write_file_atomic(markdown_path, (markdown_report(config.model_name, summary) + table).encode())
     dataset_paths = []
     for name in config.datasets:
         path = config.output_dir / f"{stem}___{name}.json"
@@ -330,7 +325,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
             "metrics": summary["datasets"][name],
             "config": summary["config"],
         }
-        _write_atomic(path, json.dumps(seed_style, indent=2, ensure_ascii=False) + "\n")
+        write_file_atomic(path, (json.dumps(seed_style, indent=2, ensure_ascii=False) + "\n").encode())
         dataset_paths.append(path)
     return EvalResult(
         summary=summary,

@@ -33,13 +33,6 @@ LOST_FILE_ENV = "REVISUAL_PEER_LOST_FILE"
 _PREFIX = "revisual/liveness"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class PeerLost(RuntimeError):
     """Ranks whose heartbeat stopped, or the store that carries the heartbeats."""
 
@@ -128,14 +121,15 @@ class PeerWatchdog:
 def exit_on_lost(lost: PeerLost) -> None:
     """Say who was lost on the job's console, leave the lost-peer file, exit EXIT_PEER_LOST."""
     from megatron_revisual.logfiles import console
+    from megatron_revisual.staged_dir import write_file_atomic
 
     message = f"revisual train: {lost}; exiting {EXIT_PEER_LOST} (the job requeues and resumes)"
     print(message, file=console(), flush=True)
     print(message, file=sys.stderr, flush=True)
     path = os.environ.get(LOST_FILE_ENV)
     if path:
-        _write_atomic(Path(path), json.dumps({"message": str(lost), "ranks": lost.ranks, "hosts": lost.hosts,
-                                              "time": time.time()}) + "\n")
+        record = {"message": str(lost), "ranks": lost.ranks, "hosts": lost.hosts, "time": time.time()}
+        write_file_atomic(Path(path), (json.dumps(record) + "\n").encode())
     os._exit(EXIT_PEER_LOST)
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_revisual.parallel.rng import set_rng_state
+from megatron_revisual.staged_dir import write_file_atomic
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -353,20 +354,6 @@ class AsyncSaves:
         self.poll(blocking=True)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -413,7 +400,7 @@ def save_checkpoint(
             state, str(staging), sharded_strategy=_save_strategy(), async_sharded_save=async_saves is not None,
             async_strategy="mcore", content_metadata={"revisual_checkpoint_format": CHECKPOINT_FORMAT},
         )
-        _atomic_write_bytes(_rank_file(staging, dist.get_rank()), _bytes_of(rank_state))
+        write_file_atomic(_rank_file(staging, dist.get_rank()), _bytes_of(rank_state))
     except _save_failures() as e:
         error = e
     _raise_if_any_failed(error, staging, final)
@@ -455,7 +442,7 @@ def _complete_save(root: Path, iteration: int, staging: Path, final: Path, *, mo
     if dist.get_rank() == 0:
         try:
             write_checkpoint_metadata(staging, model_cfg, hf_dir=hf_side_dir)
-            _atomic_write_bytes(
+            write_file_atomic(
                 staging / TRAINER_STATE_FILE,
                 (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode(),
             )
@@ -465,7 +452,7 @@ def _complete_save(root: Path, iteration: int, staging: Path, final: Path, *, mo
             error = e
     _raise_if_any_failed(error, staging, final)
     if dist.get_rank() == 0:
-        _atomic_write_bytes(root / TRACKER_FILE, f"{iteration}\n".encode())
+        write_file_atomic(root / TRACKER_FILE, f"{iteration}\n".encode())
         if keep_last is not None:
             prune_checkpoints(root, keep_last)
     dist.barrier()

@@ -3,7 +3,7 @@ removed at once, the previous checkpoint untouched.
 
 The disk is a 1 MiB tmpfs where this process may mount one (root). Elsewhere the test
 simulates the full disk at the lowest write we own: the per-rank state file
-(`checkpointing._atomic_write_bytes` raises OSError(ENOSPC)), after Megatron's own files were
+(`checkpointing.write_file_atomic` raises OSError(ENOSPC)), after Megatron's own files were
 written.
 """
 
@@ -53,14 +53,14 @@ def test_a_checkpoint_on_a_full_disk_fails_named_and_leaves_nothing_half_written
     with small_tmpfs(tmp_path / "disk", size_bytes=2**20) as mounted:
         root = tmp_path / "disk" / "checkpoints"
         if not mounted:
-            real = checkpointing._atomic_write_bytes
+            real = checkpointing.write_file_atomic
 
             def no_space(path, data):
                 if ".iter_0000002.partial-" in str(path):
                     raise OSError(errno.ENOSPC, "No space left on device", str(path))
                 real(path, data)
 
-            monkeypatch.setattr(checkpointing, "_atomic_write_bytes", no_space)
+            monkeypatch.setattr(checkpointing, "write_file_atomic", no_space)
         (message,) = launch(_save_then_fill_disk, tp=1, pp=1, args=(root,))
         assert message == f"no space left on device while writing {root / 'iter_0000002'}"
         assert sorted(p.name for p in root.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
