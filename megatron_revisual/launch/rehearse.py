@@ -159,8 +159,9 @@ def rehearsal_raw_config(recipe: str, overrides: list[str], *, out: Path, hf_dir
         changed.append(f"FP8 ({cfg.precision.fp8}, {cfg.precision.fp8_recipe} scaling) -> fp32, its amax "
                        "all-reduce over TP x DP x CP stood in for at every forward with gradients")
     raw["precision"] = {}
+    # the checks' defaults; a rehearsal.* override (e.g. collective_timeout_s) still wins
     raw["rehearsal"] = {"collective_checks": True, "fp8_amax_stand_in": cfg.precision.fp8 is not None,
-                        "reward_noise": 0.5}
+                        "reward_noise": 0.5, **(raw.get("rehearsal") or {})}
     changed.append("GRPO rewards + 0.5 x U[0, 1) noise (the random model earns no reward; the noise gives "
                    "it advantages, so every step updates)")
     raw["train"] = {**(raw.get("train") or {}), "seq_length": 512, "global_batch_size": 4 * dp,
@@ -267,16 +268,28 @@ def _available_gib() -> float:
     return _meminfo()["MemAvailable"] / 2**20
 
 
-def _train(config: Path, overrides: list[str]) -> tuple[int, float]:
+def _train(config: Path, overrides: list[str]) -> tuple[int, float, dict[str, str]]:
+    """`revisual train` on the rehearsal's config: (exit code, seconds, {"error": ...} when a rank
+    found a collective mismatch, which is what the rehearsal is for: reported, not raised; any
+    other rank error is a bug and keeps its traceback)."""
+    from megatron_revisual.parallel import RankError
+    from megatron_revisual.parallel.collective_checks import CollectiveMismatch
     from megatron_revisual.train.runner import run_train
 
     t0 = time.monotonic()
-    code = run_train(argparse.Namespace(config=str(config), overrides=overrides, resume="auto", verbose=False))
-    return code, time.monotonic() - t0
+    try:
+        code = run_train(argparse.Namespace(config=str(config), overrides=overrides, resume="auto", verbose=False))
+    except RankError as e:
+        named = e.named_error(CollectiveMismatch)
+        if named is None:
+            raise
+        return 1, time.monotonic() - t0, {"error": f"{type(named).__name__}: {named}"}
+    return code, time.monotonic() - t0, {}
 
 
 def _stage_report(out: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "metrics.jsonl"  # absent when a rank failed before the first stage began
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     steps = [r for r in rows if "event" not in r]
     report: dict[str, Any] = {}
     for stage in dict.fromkeys(r["stage"] for r in steps):
@@ -355,8 +368,9 @@ def run_rehearse(args: argparse.Namespace) -> int:
     if raw["rehearsal"]["fp8_amax_stand_in"]:
         summary["checked"].append("the FP8 amax all-reduce stood in for at every forward with gradients")
     watch = _MemoryWatch()
-    code, seconds = _train(config, [])
-    summary["phase_a"] = {"exit": code, "seconds": round(seconds, 1), **watch.stop(), **_stage_report(out / "a")}
+    code, seconds, error = _train(config, [])
+    summary["phase_a"] = {"exit": code, "seconds": round(seconds, 1), **error, **watch.stop(),
+                          **_stage_report(out / "a")}
     ok = code == 0
     layout = other_layout(recipe_cfg)
     last = raw["stages"][-1]
@@ -371,9 +385,9 @@ def run_rehearse(args: argparse.Namespace) -> int:
             shutil.copytree(out / "a" / "hf" / stage, b / "hf" / stage)
         assert (b / "checkpoints" / iteration_dir("", resume_at).name).is_dir()
         watch = _MemoryWatch()
-        code, seconds = _train(config, [f"output_dir={b}", *layout])
+        code, seconds, error = _train(config, [f"output_dir={b}", *layout])
         summary["phase_b"] = {"layout": layout, "resumed_from_global_step": resume_at, "exit": code,
-                              "seconds": round(seconds, 1), **watch.stop(), **_stage_report(b)}
+                              "seconds": round(seconds, 1), **error, **watch.stop(), **_stage_report(b)}
         diff = _max_weight_difference(out / "a" / "hf" / last, b / "hf" / last) if code == 0 else float("nan")
         summary["phase_b"]["final_weights_max_difference_to_phase_a"] = diff
         ok = code == 0 and diff <= RESUME_TOLERANCE
@@ -398,6 +412,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         s = summary[phase]
         lines.append(f"{phase}: exit {s['exit']}, {s['seconds']} s, machine peak {s['machine_used_peak_gib']} GiB "
                      f"(+{s['rehearsal_peak_gib']}), peak RSS per rank {s['peak_rss_gib_per_rank']}")
+        if "error" in s:
+            lines.append(f"  {s['error']}")
         for stage in ("cold_start", *GRPO_STAGES):
             if stage in s:
                 st = s[stage]

@@ -8,6 +8,8 @@ A's weights. The 3B and 32B rehearsals are slow-marked (the 32B's world is 32 ra
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,49 @@ def test_the_7b_recipes_rehearse_at_their_topology(recipe, engines, resume, tmp_
         assert b["layout"][0] == "parallel.tensor_model_parallel_size=2" and b["resumed_from_global_step"] == 5
         check_phase(b, ["trl"], world=8)
         assert b["final_weights_max_difference_to_phase_a"] <= 1e-4
+
+
+# Put into every process of the rehearsal (sitecustomize runs at interpreter start, before any rank
+# imports the trainer): the DP x CP agreement on the micro-batch count (the fix of issue 27) is
+# turned off, and DP rank 1 runs one micro-batch more than its rows need (a filler row).
+_PLANT = """import megatron_revisual.train.schedule as schedule
+
+
+def one_more_on_dp_rank_1(count):
+    from megatron.core import parallel_state as ps
+
+    return count + (ps.get_data_parallel_rank() == 1)
+
+
+schedule.agreed_micro_batch_count = one_more_on_dp_rank_1
+"""
+
+
+def test_a_planted_extra_micro_batch_fails_the_rehearsal_naming_the_group_and_the_call(tmp_path):
+    """The 7B recipe's layout (TP 4 x DP 2, FP8 delayed: its amax all-reduce over all 8 ranks),
+    its cold start only (no engines): the first step's extra forward on DP rank 1 finds no peer."""
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(_PLANT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plant), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = tmp_path / "r"
+    done = subprocess.run([sys.executable, "-m", "megatron_revisual.cli", "rehearse",
+                           str(ROOT / "configs" / "qwen25_vl_7b_8xh100.yaml"), "stages=[cold_start]",
+                           "rehearsal.collective_timeout_s=10", "--out", str(out), "--steps", "1",
+                           "--no-resume-phase"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    console = done.stdout + done.stderr
+    assert done.returncode == 1, console[-6000:]
+    summary = json.loads((out / "REHEARSAL.json").read_text())
+    assert summary["passed"] is False and summary["phase_a"]["exit"] == 1, summary
+    # a rank of DP rank 1 (ranks 4..7) names the amax group (all 8 ranks: TP 4 x DP 2) and the call:
+    # its 5th forward with gradients (step 1 packs each DP rank's rows into 4 micro-batches)
+    error = summary["phase_a"]["error"]
+    assert re.fullmatch(r"CollectiveMismatch: rank [4-7]: the FP8 amax all-reduce \(stand-in for Transformer "
+                        r"Engine's, over the amax group of ranks \[0, 1, 2, 3, 4, 5, 6, 7\]\) of this rank's "
+                        r"forward 5 with gradients in this step found no peer within 10 s: the group's ranks ran "
+                        r"different numbers of forward passes \(.*\)", error, re.S), error
+    assert error in console and "FAILED" in console
 
 
 @pytest.mark.slow
