@@ -1,4 +1,5 @@
-"""Test-wide environment: nothing reaches a hub, wandb stays offline, threads stay few.
+"""Test-wide environment: nothing reaches a hub, wandb stays offline, threads stay few, torch.compile
+stays off (vLLM's CPU kernels run eagerly: see _TEST_DEFAULTS).
 
 `user_env` gives the environment without what this file adds, for tests that run a command
 exactly as a user does (README's main job). `--seed-sweep` runs the tests marked `seed_sweep`
@@ -18,6 +19,11 @@ _TEST_DEFAULTS = {
     "WANDB_MODE": "offline",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_CPU_KVCACHE_SPACE": "1",
+    # vLLM torch.compiles small ops on CPU (the vocab-parallel embedding's mask, the sampler, the
+    # log-prob ranks) in every engine process: ~8 s per engine start with a warm inductor cache,
+    # and on a fresh machine's cold one the 8 workers of the 7B rehearsal spent 10 minutes of one
+    # step compiling. Eager runs the same ops; the GPU path is not what these tests exercise.
+    "TORCH_COMPILE_DISABLE": "1",
 }
 _ADDED = [k for k in _TEST_DEFAULTS if k not in os.environ]
 # Set before any test imports transformers / vllm / wandb.
