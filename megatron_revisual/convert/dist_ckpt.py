@@ -4,12 +4,15 @@
     convert_mcore_to_hf("ckpt/7b", "hf/7b-out")                     # or a training checkpoint
     load_model_checkpoint(model, "ckpt/7b")                         # a built (sharded) model
 
-hf-to-mcore never materialises the model: each rank builds its pipeline stage on the meta device
-to get Megatron's `sharded_state_dict` (keys, global shapes, offsets, the SwiGLU factory), and
-hands it to torch.distributed.checkpoint with a planner whose `resolve_data` computes a tensor
-only when the writer asks for it: read the HF tensor(s), map them with `convert.mapping` into
-this rank's shard, write, drop. The checkpoint is Megatron's own format (metadata.json,
-.metadata, __rank_i.distcp), so `dist_checkpointing.load` reshards it on load.
+hf-to-mcore never materialises the model. At TP = PP = 1 (`convert.direct`) one process writes
+the files itself: the layout from `convert.tp1_layout`, each chunk's bytes copied from the HF
+files by the kernel where the mapping only moves rows. At larger TP / PP each rank builds its
+pipeline stage on the meta device to get Megatron's `sharded_state_dict` (keys, global shapes,
+offsets, the SwiGLU factory), and hands it to torch.distributed.checkpoint with a planner whose
+`resolve_data` computes a tensor only when the writer asks for it (`convert.lazy_save`): read
+the HF tensor(s), map them with `convert.mapping` into this rank's shard, write, drop. Either
+way the checkpoint is Megatron's own format (metadata.json, .metadata, __rank_i.distcp), so
+`dist_checkpointing.load` reshards it on load.
 
 mcore-to-hf reads one parameter at a time straight from the .distcp files (the chunks the
 .metadata index points at, narrowed to the parameter's region), maps it back with `to_hf` and
@@ -38,13 +41,13 @@ from megatron_revisual.config.schema import (
     RunConfig,
     TrainConfig,
 )
+from megatron_revisual.convert.direct import hf_shape_errors, hf_to_mcore_tp1
 from megatron_revisual.convert.dist_io import (
     DistCheckpointReader,
     ParamLocation,
     agree_on_errors,
     launch,
     read_param,
-    save_sharded_lazily,
     tp1_param_locations,
 )
 from megatron_revisual.convert.export import (
@@ -283,22 +286,8 @@ class _HFShards:
         }
 
     def check(self) -> list[str]:
-        errors = []
-        for local, rule in self.rules.items():
-            want = hf_shapes(rule, tuple(self.params[local].shape), self.ctx, self.model_cfg)
-            for name, shape in zip(rule.hf, want, strict=True):
-                if name not in self.reader.weight_map:
-                    errors.append(
-                        f"{self.reader.source}: tensor {name!r} is missing (needed for {rule.megatron})"
-                    )
-                    continue
-                got = self.reader.info(name).shape
-                if got != shape:
-                    errors.append(
-                        f"{self.reader.file_of(name)}: tensor {name!r} has shape {list(got)}; expected "
-                        f"{list(shape)} from {self.reader.dir / 'config.json'}"
-                    )
-        return errors
+        wanted = [(rule, tuple(self.params[local].shape)) for local, rule in self.rules.items()]
+        return hf_shape_errors(self.reader, wanted, self.ctx, self.model_cfg)
 
     def shard(self, local: str) -> torch.Tensor:
         rule, param = self.rules[local], self.params[local]
@@ -313,6 +302,8 @@ class _HFShards:
 def _hf_to_mcore_rank(jobs: list[tuple[ModelConfig, str, str]], first_stage_layers: int | None = None) -> int:
     """Collective: write each (model config, HF dir, checkpoint dir) job; bytes written here."""
     from megatron.core import parallel_state as ps
+
+    from megatron_revisual.convert.lazy_save import save_sharded_lazily
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     written = 0
@@ -361,18 +352,12 @@ def convert_many_hf_to_mcore(
             stack.enter_context(staged_output_dir(out, overwrite=overwrite))
             for _, _, out in prepared
         ]
-        launch(
-            _hf_to_mcore_rank,
-            tp=tp,
-            pp=pp,
-            args=(
-                [
-                    (cfg, str(hf), str(st))
-                    for (cfg, hf, _), st in zip(prepared, stagings, strict=True)
-                ],
-                first_stage_layers,
-            ),
-        )
+        jobs_here = [(cfg, str(hf), str(st)) for (cfg, hf, _), st in zip(prepared, stagings, strict=True)]
+        if tp * pp == 1:  # one writer: no process group, no megatron.core (convert.direct)
+            for cfg, hf, staging in jobs_here:
+                hf_to_mcore_tp1(cfg, HFCheckpoint(hf), staging)
+        else:
+            launch(_hf_to_mcore_rank, tp=tp, pp=pp, args=(jobs_here, first_stage_layers))
         for (cfg, hf, _), staging in zip(prepared, stagings, strict=True):
             layout = {"tp": tp, "pp": pp}
             if first_stage_layers is not None:
