@@ -3,8 +3,8 @@ model, and the ranks a conversion runs on.
 
 Reading: `DistCheckpointReader.read(key, offset, shape)` loads the stored chunks that overlap a
 region straight from the .distcp files (the .metadata index gives file, offset and length of
-each torch.save'd chunk); `tp1_param_locations` says which regions make up each parameter of a
-TP = PP = 1 model, so a parameter is one read (two for SwiGLU's fc1, merged as Megatron does).
+each torch.save'd chunk); `row_source` says instead where the region's rows lie in those files,
+so that `convert.rows` can copy them without reading them into memory.
 
 Writing: `convert.distcp_write` (one process, TP = PP = 1) and `convert.lazy_save` (the ranks
 of a --tp / --pp > 1 save, through Megatron's planner).
@@ -16,7 +16,6 @@ rank, gloo ranks via `run_distributed` otherwise); ranks compare their input che
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import socket
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_revisual.convert.hf_load import global_param_names
+from megatron_revisual.convert.rows import RowSource
 from megatron_revisual.convert.safetensors_io import ConvertError
 
 # A conversion of a 32B model on slow disks takes a while; a stuck rank still ends eventually.
@@ -106,7 +105,9 @@ class DistCheckpointReader:
                 f"{self.dir}: incomplete torch_dist checkpoint: {'; '.join(problems[:3])}{more}"
             )
 
-    def _load_chunk(self, key: str, chunk) -> torch.Tensor:  # noqa: ANN001
+    def _load_record(self, key: str, chunk, map_location: str) -> tuple[Path, int, torch.Tensor]:  # noqa: ANN001
+        """(file, record offset, tensor) of a stored chunk; on "meta" only the record's header
+        is read, and the storage knows where its bytes start in the record."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
@@ -117,13 +118,57 @@ class DistCheckpointReader:
         path = self.dir / info.relative_path
         with open(path, "rb") as f:
             t = torch.load(
-                _FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True
+                _FileSlice(f, info.offset, info.length), map_location=map_location, weights_only=True
             )
         if tuple(t.shape) != tuple(chunk.sizes):
             raise ConvertError(
                 f"{path}: chunk of {key} at {list(chunk.offsets)} has shape {list(t.shape)}, index says {list(chunk.sizes)}"
             )
-        return t
+        return path, info.offset, t
+
+    def _load_chunk(self, key: str, chunk) -> torch.Tensor:  # noqa: ANN001
+        return self._load_record(key, chunk, "cpu")[2]
+
+    def row_source(
+        self, key: str, offset: tuple[int, ...], shape: tuple[int, ...], row_axis: int
+    ) -> RowSource | None:
+        """Where the rows (along `row_axis`) of the region lie in the .distcp files, when every
+        stored chunk it overlaps holds whole rows of it as one contiguous block (true of every
+        chunk of a TP = 1 save, and of row-split ones at any TP); else None."""
+        md = self.tensors[key]
+        itemsize = md.properties.dtype.itemsize
+        row_bytes = itemsize
+        for d in shape[row_axis + 1 :]:
+            row_bytes *= d
+        lo, hi = offset[row_axis], offset[row_axis] + shape[row_axis]
+        pieces = []
+        for chunk in md.chunks:
+            c_lo, c_n = chunk.offsets[row_axis], chunk.sizes[row_axis]
+            a, b = max(lo, c_lo), min(hi, c_lo + c_n)
+            others = [d for d in range(len(shape)) if d != row_axis]
+            overlaps = a < b and all(
+                chunk.offsets[d] < offset[d] + shape[d] and offset[d] < chunk.offsets[d] + chunk.sizes[d]
+                for d in others
+            )
+            if not overlaps:
+                continue
+            if any(chunk.offsets[d] != offset[d] or chunk.sizes[d] != shape[d] for d in others):
+                return None  # split along another axis (a row-parallel weight at TP > 1)
+            path, record, t = self._load_record(key, chunk, "meta")
+            storage = t.untyped_storage()
+            if t.storage_offset() or not t.is_contiguous() or storage.nbytes() != t.numel() * itemsize:
+                return None
+            start = record + storage._checkpoint_offset + (a - c_lo) * row_bytes
+            pieces.append((a, str(path), start, b - a))
+        pieces.sort()
+        row = lo
+        for a, _, _, n in pieces:
+            if a != row:
+                return None
+            row += n
+        if row != hi:
+            return None
+        return RowSource(tuple((path, start, n) for _, path, start, n in pieces), row_bytes)
 
     def read(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
         md = self.tensors[key]
@@ -153,43 +198,6 @@ class DistCheckpointReader:
                 f"{self.dir}: the stored chunks of {key} cover {covered} of {out.numel()} elements at {list(offset)}"
             )
         return out
-
-
-@dataclasses.dataclass
-class ParamLocation:
-    chunks: list  # ShardedTensors (without data) that together make the parameter
-    merge: Callable | None  # the factory's merge (torch.cat for SwiGLU fc1), or None
-    shape: tuple[int, ...]
-
-
-def tp1_param_locations(model: torch.nn.Module) -> dict[str, ParamLocation]:
-    """Where each parameter (global name) of a TP=PP=1 model lives in a dist checkpoint."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    params = dict(model.named_parameters())
-    names = global_param_names(model)
-    out = {}
-    for name, value in model.sharded_state_dict().items():
-        if name not in params:
-            continue
-        if isinstance(value, ShardedTensor):
-            loc = ParamLocation([value.without_data()], None, tuple(params[name].shape))
-        elif isinstance(value, ShardedTensorFactory):
-            chunks = [sh.without_data() for sh in nested_values(value.build())]
-            loc = ParamLocation(chunks, value.merge_fn, tuple(params[name].shape))
-        else:
-            continue
-        out[names[name]] = loc
-    return out
-
-
-def read_param(reader: DistCheckpointReader, loc: ParamLocation) -> torch.Tensor:
-    parts = []
-    for sh in loc.chunks:
-        region = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-        parts.append(reader.read(sh.key, tuple(sh.global_offset), region).reshape(sh.local_shape))
-    return loc.merge(parts) if loc.merge is not None else parts[0]
 
 
 # ---------------------------------------------------------------- running the conversion ranks
