@@ -33,14 +33,14 @@ from megatron_revisual.convert.safetensors_io import ConvertError
 CONVERT_TIMEOUT_S = 6 * 3600.0
 
 
-class _FileSlice(io.RawIOBase):
-    """[start, start + length) of an open file as a seekable stream (for torch.load)."""
+class PositionedStream(io.RawIOBase):
+    """A seekable stream whose position is kept here, over `size()` bytes (torch.save and
+    torch.load need seek / tell); subclasses read or write at `self.pos`."""
 
-    def __init__(self, f, start: int, length: int) -> None:  # noqa: ANN001
-        self.f, self.start, self.length, self.pos = f, start, length, 0
+    pos = 0
 
-    def readable(self) -> bool:
-        return True
+    def size(self) -> int:
+        raise NotImplementedError
 
     def seekable(self) -> bool:
         return True
@@ -49,9 +49,21 @@ class _FileSlice(io.RawIOBase):
         return self.pos
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.length}[whence]
-        self.pos = max(0, min(self.length, base + offset))
+        self.pos = {0: 0, 1: self.pos, 2: self.size()}[whence] + offset
         return self.pos
+
+
+class _FileSlice(PositionedStream):
+    """[start, start + length) of an open file as a seekable stream (for torch.load)."""
+
+    def __init__(self, f, start: int, length: int) -> None:  # noqa: ANN001
+        self.f, self.start, self.length = f, start, length
+
+    def size(self) -> int:
+        return self.length
+
+    def readable(self) -> bool:
+        return True
 
     def readinto(self, buffer) -> int:  # noqa: ANN001
         n = min(len(buffer), self.length - self.pos)

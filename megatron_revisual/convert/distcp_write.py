@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from megatron_revisual.convert.dist_io import PositionedStream
 from megatron_revisual.convert.rows import FileCopier
 from megatron_revisual.convert.safetensors_io import byte_view
 
@@ -40,24 +43,17 @@ METADATA_FILE = ".metadata"
 MCORE_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 
 
-class _RecordingStream(io.RawIOBase):
+class _RecordingStream(PositionedStream):
     """A seekable sink that keeps what is written and where; skipped stretches stay holes."""
 
     def __init__(self) -> None:
-        self.pos, self.end, self.pieces = 0, 0, []
+        self.end, self.pieces = 0, []
+
+    def size(self) -> int:
+        return self.end
 
     def writable(self) -> bool:
         return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = {0: 0, 1: self.pos, 2: self.end}[whence] + offset
-        return self.pos
 
     def write(self, b) -> int:  # noqa: ANN001
         data = bytes(b)
@@ -76,24 +72,17 @@ class _RecordingStream(io.RawIOBase):
         return bytes(out)
 
 
-class _ReadBack(io.RawIOBase):
+class _ReadBack(PositionedStream):
     """A recorded stream read back (for torch.load), without materialising its holes."""
 
     def __init__(self, rec: _RecordingStream) -> None:
-        self.rec, self.pos = rec, 0
+        self.rec = rec
+
+    def size(self) -> int:
+        return self.rec.end
 
     def readable(self) -> bool:
         return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = {0: 0, 1: self.pos, 2: self.rec.end}[whence] + offset
-        return self.pos
 
     def readinto(self, buffer) -> int:  # noqa: ANN001
         n = max(0, min(len(buffer), self.rec.end - self.pos))
@@ -136,18 +125,27 @@ def record_skeleton(sizes: tuple[int, ...], dtype: torch.dtype) -> tuple[bytes, 
 
 
 class TorchDistWriter:
-    """Appends records to `<ckpt_dir>/__0_0.distcp`; `close` writes the two metadata files."""
+    """Appends records to `<ckpt_dir>/__0_0.distcp`; `close` writes the two metadata files.
+
+    Only `close` needs torch.distributed.checkpoint (its metadata classes, to pickle .metadata),
+    and importing it takes ~1 s (DTensor, sympy): a background thread imports it while the
+    records are copied, which is kernel time that leaves the interpreter free."""
 
     def __init__(self, ckpt_dir: str | Path) -> None:
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
         self.dir = Path(ckpt_dir)
-        self._bytes_md = BytesStorageMetadata
+        self._importer = threading.Thread(
+            target=importlib.import_module,
+            args=("torch.distributed.checkpoint.filesystem",),
+            name="import-dcp",
+            daemon=True,
+        )
+        self._importer.start()
         self._fd = os.open(self.dir / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._copier = FileCopier()
         self.tensors: dict[str, tuple[tuple[int, ...], torch.dtype, list]] = {}
         self.objects: list[str] = []
-        self.storage: dict[Any, Any] = {}
+        # (key, chunk offsets or None for an object) -> (record start, record length)
+        self.records: dict[tuple[str, tuple[int, ...] | None], tuple[int, int]] = {}
         self.bytes_written = 0
 
     def _append(self, data: bytes) -> None:
@@ -168,8 +166,6 @@ class TorchDistWriter:
     ) -> None:
         """One chunk of `key`, its bytes copied from `ranges` (path or None for zeros, offset,
         length) or taken from `tensor`."""
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
         head, nbytes, tail = record_skeleton(tuple(sizes), dtype)
         start = os.lseek(self._fd, 0, os.SEEK_CUR)
         self._append(head)
@@ -196,43 +192,43 @@ class TorchDistWriter:
                 f"{(tuple(global_shape), dtype)}"
             )
         entry[2].append((tuple(offsets), tuple(sizes)))
-        self._index(MetadataIndex(key, offsets), start)
+        self._index((key, tuple(offsets)), start)
         self.bytes_written += nbytes
 
     def add_object(self, key: str, value: Any) -> None:
         """An object as Megatron stores a ShardedObject: `torch.save([value])`."""
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
         buf = io.BytesIO()
         with _no_crc32():  # as the records of tensors (and the multi-rank writer's objects)
             torch.save([value], buf)
         start = os.lseek(self._fd, 0, os.SEEK_CUR)
         self._append(buf.getvalue())
         self.objects.append(key)
-        self._index(MetadataIndex(key), start)
+        self._index((key, None), start)
 
-    def _index(self, index: Any, start: int) -> None:
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-
-        end = os.lseek(self._fd, 0, os.SEEK_CUR)
-        self.storage[index] = _StorageInfo(DATA_FILE, start, end - start)
+    def _index(self, index: tuple[str, tuple[int, ...] | None], start: int) -> None:
+        if index in self.records:
+            raise ValueError(f"{index[0]} at {index[1]}: written twice")
+        self.records[index] = (start, os.lseek(self._fd, 0, os.SEEK_CUR) - start)
 
     def close(self) -> None:
         """fsync the data, then write .metadata and metadata.json (each written, synced, renamed)."""
         import pickle
 
-        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._copier.close()
+        self._importer.join()
+        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
         from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata,
             ChunkStorageMetadata,
             Metadata,
+            MetadataIndex,
             StorageMeta,
             TensorProperties,
             TensorStorageMetadata,
         )
 
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._copier.close()
         entries: dict[str, Any] = {
             key: TensorStorageMetadata(
                 properties=TensorProperties(dtype=dtype),
@@ -241,10 +237,16 @@ class TorchDistWriter:
             )
             for key, (shape, dtype, chunks) in self.tensors.items()
         }
-        entries.update({key: self._bytes_md() for key in self.objects})
+        entries.update({key: BytesStorageMetadata() for key in self.objects})
+        storage = {
+            (MetadataIndex(key) if offsets is None else MetadataIndex(key, offsets)): _StorageInfo(
+                DATA_FILE, start, length
+            )
+            for (key, offsets), (start, length) in self.records.items()
+        }
         metadata = Metadata(
             state_dict_metadata=entries,
-            storage_data=self.storage,
+            storage_data=storage,
             storage_meta=StorageMeta(checkpoint_id=self.dir, save_id=str(uuid.uuid4())),
             version=CURRENT_DCP_VERSION,
         )
