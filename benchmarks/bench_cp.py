@@ -32,8 +32,8 @@ def _rank(cfg, args: dict) -> dict:
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.data.packing import Sample, pack_sequences
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
     from megatron_revisual.train.builders import build_optimizer, wrap_ddp
-    from megatron_revisual.train.grpo_step import mrope_config
     from megatron_revisual.train.sft_loop import _Row, sft_update
 
     torch.set_num_threads(args["threads"])

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from megatron_revisual.evaluation.datasets import RELEASED_BENCHMARKS
 from megatron_revisual.evaluation.fixtures import write_fixture_datasets
 from megatron_revisual.evaluation.runner import EvalConfig, evaluate
 
@@ -50,7 +51,7 @@ def _run(base_url: str, model: str, data: Path, out: Path, threads: int, max_tok
 
 def bench(base_url: str, model: str, work: Path, max_tokens: int) -> None:
     data = work / "data"
-    counts = write_fixture_datasets(data)
+    counts = write_fixture_datasets(data, names=RELEASED_BENCHMARKS)  # what EvalConfig's default asks
     _run(base_url, model, data, work / "warmup", 4, max_tokens)  # first requests are slower
     rates = {t: _run(base_url, model, data, work / f"threads{t}", t, max_tokens) for t in (1, 8)}
     n = sum(counts.values())

@@ -23,7 +23,9 @@ test model in fp32 on gloo instead. Every check prints one JSON line on rank 0:
   vllm_generate_sleep_sync the colocated rollout: an engine per --rollout-tp ranks (on GPUs inside
                            the ranks, external_launcher); generate, sleep, wake (weights), weight
                            sync from every rank, wake (KV), generate; the engines' log-probs
-                           against Megatron's after the sync; the world still works after close
+                           against Megatron's after the sync; the world still works after close;
+                           then a second engine in the same process (vLLM's sleep-mode allocator
+                           must be empty at its load), synced, gives the same samples
 
 A check whose package is missing prints "skipped: <package> missing", never "passed". The exit
 code is 1 when any check failed. Libraries may log between the lines; the JSON lines are those
@@ -123,7 +125,7 @@ class Checker:
 
     def packed(self, seqs: list[torch.Tensor], fp8_recipe: str | None = None):
         from megatron_revisual.data.packing import Sample, pack_sequences, row_length_multiple
-        from megatron_revisual.train.grpo_step import mrope_config
+        from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 
         multiple = row_length_multiple(tp=1, sequence_parallel=False, cp=1, fp8_recipe=fp8_recipe)
         return pack_sequences([Sample(input_ids=s) for s in seqs], config=mrope_config(self.cfg.model),
@@ -173,11 +175,13 @@ class Checker:
         return ddp, optimizer, scheduler
 
     def sft(self) -> dict:
-        from megatron_revisual.train.grpo_step import (
-            _real_vocab_size,
+        from megatron.core import parallel_state as ps
+
+        from megatron_revisual.train.grpo_step import token_log_probs_and_entropy
+        from megatron_revisual.train.schedule import (
+            real_vocab_size,
             run_packed_schedule,
             step_if_finite,
-            token_log_probs_and_entropy,
         )
 
         model, optimizer, scheduler = self._policy()
@@ -186,12 +190,14 @@ class Checker:
         seqs = self.sequences(lengths, seed=2)
         rows = [_Row(self.packed(seqs[:4])), _Row(self.packed(seqs[4:]))]
         targets = float(sum(int(r.packed.loss_mask.sum()) for r in rows))
-        vocab = _real_vocab_size(model)
+        # every DP rank trains the same rows: the step's loss is the mean over all of them
+        step_targets = targets * ps.get_data_parallel_world_size()
+        vocab = real_vocab_size(model)
 
         def loss_func(row, logits):
             lp, _ = token_log_probs_and_entropy(logits, row.packed.labels, vocab, 1.0)
             nll = -(lp.float() * row.packed.loss_mask).sum()
-            return nll / targets * len(rows), {"nll": nll.detach()}
+            return nll / step_targets, {"nll": nll.detach()}
 
         losses = []
         self.sync()
@@ -223,6 +229,7 @@ class Checker:
         forked writer), completed by the poll, then loaded into a fresh model and optimizer: every
         parameter, fp32 main parameter and Adam moment must come back equal."""
         from megatron_revisual.convert.dist_ckpt import load_model_checkpoint
+        from megatron_revisual.parallel.rng import rng_state
         from megatron_revisual.train import checkpointing as ck
 
         model, optimizer, scheduler = self.policy or self._policy()
@@ -232,7 +239,7 @@ class Checker:
         ck.save_checkpoint(
             Path(self.cfg.output_dir) / "checkpoints", 5,
             state=ck.training_state_dict(model.module, optimizer, scheduler), model_cfg=self.cfg.model,
-            hf_side_dir=None, rank_state={"rng": ck.rng_state()},
+            hf_side_dir=None, rank_state={"rng": rng_state()},
             trainer_state={"checkpoint_format": ck.CHECKPOINT_FORMAT, "layout": ck.current_layout()},
             async_saves=saves,
         )
@@ -288,11 +295,11 @@ class Checker:
 
     def _engine_vs_megatron(self, samples, model) -> float:
         """Mean |Megatron - engine| log-prob over the samples' response tokens."""
+        from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
         from megatron_revisual.train.grpo_step import (
             PolicySample,
             build_policy_batches,
             compute_log_probs,
-            mrope_config,
             response_values,
         )
 
@@ -306,6 +313,7 @@ class Checker:
 
     def grpo(self) -> dict:
         from megatron_revisual.convert.export import stream_hf_tensors
+        from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
         from megatron_revisual.rl.advantages import grpo_advantages
         from megatron_revisual.rollout.engine import HFEngineConfig, create_engine
         from megatron_revisual.rollout.types import SamplingConfig
@@ -315,7 +323,6 @@ class Checker:
             build_policy_batches,
             compute_log_probs,
             grpo_update,
-            mrope_config,
         )
 
         model, optimizer, scheduler = self.policy or self._policy()
@@ -381,16 +388,30 @@ class Checker:
         rollout.close()
         alive = torch.ones(1, device=self.device)
         dist.all_reduce(alive)  # the trainer's world outlives the engines
+        # A new engine in the same process after the first closed (a run whose next GRPO stage
+        # needs other engine settings): on GPUs vLLM asserts its sleep-mode allocator holds
+        # nothing before it loads weights, so a tensor the first engine left behind fails here.
+        # Same weights after the sync, same seeds: the same samples.
+        t0 = time.perf_counter()
+        again = ColocatedRollout(placement, lambda: start_engine(placement, config, rank=dist.get_rank()),
+                                 rank=dist.get_rank())
+        restart_s = time.perf_counter() - t0
+        again.sleep()
+        again.sync_model(model, self.cfg.model, bucket_bytes=512 << 20)
+        third = again.generate(prompts, sampling)
+        again.close()
+        same = [s.token_ids for s in third.samples] == [s.token_ids for s in second.samples]
         tol = 1e-3 if self.dtype == torch.float32 else 5e-2
         samples = 2 * 2 * placement.num_engines
         good = (len(first.samples) == len(second.samples) == samples and diff <= tol and (slept or not on_gpu)
                 and history[-3:] == [("awake", "asleep"), ("asleep", "weights"),
                                                                ("weights", "awake")]
-                and int(alive) == dist.get_world_size())
+                and int(alive) == dist.get_world_size() and same)
         return {"status": "passed" if good else "failed", "engines": placement.num_engines,
                 "engine_tp": placement.engine_tp, "sleep_mode": slept, "history": history,
                 "sync_seconds": sync_s, "sync_gib_per_rank": report.bytes_to_engine / 2**30,
-                "logprob_diff_mean_after_sync": diff, "tolerance": tol}
+                "logprob_diff_mean_after_sync": diff, "tolerance": tol,
+                "restart_seconds": restart_s, "restart_same_samples": same}
 
     def te_fp8(self) -> dict:
         if importlib.util.find_spec("transformer_engine") is None:

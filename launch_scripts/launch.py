@@ -11,7 +11,9 @@
 
 Every launch first loads the recipe with the requested shape (`cluster.nodes`, `cluster.devices_per_node`,
 `cluster.backend` overrides) and validates it; a recipe that does not fit is rejected with the
-numbers before NeMo-Run is even imported. Trailing `dotted.key=value` arguments are overrides for
+numbers before NeMo-Run is even imported. Then (not with --dryrun or --no-data-check) the first
+--data-rows rows of every data source are read through the training code (`revisual data`): a
+missing source or column, or a stage with nothing to train on, is refused before submitting. Trailing `dotted.key=value` arguments are overrides for
 the trainer. Relative paths (recipe, output_dir) are relative to the repository root.
 Preemption on Slurm: USR1 reaches the ranks --signal-seconds before the time limit, the trainer
 checkpoints and exits 75, NeMo-Run's batch script requeues the job (at most --max-requeues times)
@@ -31,7 +33,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from megatron_revisual.launch.plan import (  # noqa: E402
     BACKENDS,
+    DEFAULT_DATA_ROWS,
     LaunchError,
+    check_launch_data,
     default_train_cmd,
     describe,
     make_plan,
@@ -67,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto", help="the trainer's --resume (auto|none|PATH)")
     p.add_argument("--detach", action="store_true", help="return once submitted (default: wait for the end)")
     p.add_argument("--dryrun", action="store_true", help="validate and print the job; launch nothing")
+    p.add_argument("--data-rows", type=int, default=DEFAULT_DATA_ROWS,
+                   help="before launching, read the first N rows of every data source through the training "
+                   "code (`revisual data`); refused if a stage would train on nothing")
+    p.add_argument("--no-data-check", action="store_true", help="launch without the data check")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the trainer")
     return p
 
@@ -84,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch.py: not launched: {e}", file=sys.stderr)
         return 2
     print(f"launch.py: {plan.recipe}: {describe(cfg)}", flush=True)
+    if not (args.dryrun or args.no_data_check):
+        try:
+            print(check_launch_data(plan, cfg, rows=args.data_rows), end="", flush=True)
+        except LaunchError as e:
+            print(f"launch.py: not launched: {e}", file=sys.stderr)
+            return 2
 
     from megatron_revisual.launch import nemo
 

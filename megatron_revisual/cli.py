@@ -9,6 +9,8 @@
     revisual convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M]   (also mcore-to-hf, verify)
     revisual train configs/tiny_cpu_demo.yaml [dotted.overrides ...] [--resume auto|none|DIR] [--verbose]
     revisual plot runs/tiny_cpu_demo    (curves.png and the summary table of a run)
+    revisual data configs/qwen25_vl_7b_8xh100.yaml --rows 64   (the data through the training code)
+    revisual plan configs/qwen25_vl_7b_8xh100.yaml             (memory and step time per stage)
 
 Heavy imports (torch, megatron, vllm) happen inside the subcommands so `--help` and config
 checks stay fast.
@@ -33,9 +35,10 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from megatron_revisual.config import dump_config, load_config
+    from megatron_revisual.config import dump_config
+    from megatron_revisual.prepare import load_config_as_prepared
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config_as_prepared(args.config, args.overrides)  # a fresh clone's demo: no tiny model yet
     print(dump_config(cfg), end="")
     p = cfg.parallel
     print(
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("convert", "megatron_revisual.convert.cli", "HF <-> Megatron distributed checkpoints, and verify"),
         ("train", "megatron_revisual.train.runner", "the staged curriculum: cold-start SFT, multimodal GRPO, text GRPO"),
         ("plan", "megatron_revisual.launch.planner", "per-GPU memory and step time of a recipe's stages; does it fit?"),
+        ("rehearse", "megatron_revisual.launch.rehearse",
+         "a GPU recipe's curriculum on CPU at its real process topology, every collective checked"),
+        ("data", "megatron_revisual.train.data_check", "read a recipe's data through the training code: rows kept and skipped, lengths, images"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=_lazy_command(module, name))
@@ -131,8 +137,9 @@ def _named_error(e: Exception) -> Exception | None:
     harness = sys.modules.get("megatron_revisual.parallel.harness")  # loaded if ranks ran
     if harness is not None and isinstance(e, harness.RankError):
         from megatron_revisual.convert.safetensors_io import ConvertError
+        from megatron_revisual.parallel.collective_checks import CollectiveMismatch
 
-        return e.named_error(OutputWriteError, ConvertError)
+        return e.named_error(OutputWriteError, ConvertError, CollectiveMismatch)
     return None
 
 

@@ -85,7 +85,9 @@ class PrecisionConfig:
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1  # delayed recipe only
     fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"  # delayed recipe only
-    fp8_wgrad: bool = True  # false: weight gradients in bf16
+    # Megatron-Core's field; false is refused: TE >= 2.0 has no way to keep weight gradients in
+    # bf16 (DelayedScaling's override_linear_precision is gone), so it would do nothing.
+    fp8_wgrad: bool = True
     fp8_param: bool = False  # keep GEMM weights in fp8 (TE decides which)
     # Keep the first / last N language layers in bf16 (not with the delayed recipe).
     first_last_layers_bf16: bool = False
@@ -119,6 +121,10 @@ class ClusterConfig:
     nodes: int = 1
     devices_per_node: int = 1
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Under torchrun, a rank whose heartbeat (parallel/liveness.py) stands still this long ends
+    # every other rank with the lost ranks and hosts named (exit 76; train.sbatch requeues),
+    # rather than letting them sit in a collective until the group timeout. 0 turns it off.
+    peer_timeout_s: float = 60.0
 
     @property
     def world_size(self) -> int:
@@ -162,8 +168,12 @@ StageName = Literal["cold_start", "mrl", "trl"]
 class DataConfig:
     """A dataset for a stage (see `data.datasets.DatasetSpec`, which these fields fill).
 
+    path: a local file or directory, or a Hub dataset "name@split" (`revisual train` checks it
+    exists before any rank starts; `revisual data` reads it through the training code).
     format_prompt: jinja text using `{{ content }}` or a .jinja path; `revisual` (the default)
     is the ReVisual-R1 instruction appended to the question, `none` the raw question.
+    conversation_key: a column of chat turns (ShareGPT from/value or role/content; cold start
+    only) in place of prompt_key / response_key. max_rows: use only the first rows.
     """
 
     path: str
@@ -171,9 +181,11 @@ class DataConfig:
     answer_key: str | None = "answer"
     image_key: str | None = "images"
     response_key: str | None = None
+    conversation_key: str | None = None
     format_prompt: str = "revisual"
     system_prompt: str | None = None
     image_check: Literal["decode", "open", "none"] = "decode"
+    max_rows: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -411,6 +423,23 @@ class PrepareConfig:
 
 
 @dataclass(kw_only=True)
+class RehearsalConfig:
+    """Checks `revisual rehearse` turns on in every rank (`parallel.collective_checks`): after
+    every step, the forward passes of every rank of a pipeline stage (its TP x DP x CP ranks:
+    Transformer Engine's amax group) must be equally many; with `fp8_amax_stand_in`, every
+    forward with gradients also all-reduces over that group as the recipe's FP8 would, with a
+    timeout of `collective_timeout_s` that names the group and the call instead of hanging.
+    `reward_noise`: added to every GRPO reward as reward_noise x U[0, 1) (seeded by the step), so
+    that a rehearsal's random model, which no reward tells apart, still gets advantages and
+    updates."""
+
+    collective_checks: bool = False
+    fp8_amax_stand_in: bool = False
+    collective_timeout_s: float = 120.0
+    reward_noise: float = 0.0
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A complete run: what `revisual` commands and launchers are given."""
 
@@ -430,6 +459,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)
 
     @property
     def model_parallel_size(self) -> int:

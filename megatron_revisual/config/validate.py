@@ -66,6 +66,12 @@ def validate_config(cfg: RunConfig) -> None:
     )
     positive("optim.lr", o.lr)
     positive("train.train_iters", t.train_iters)
+    if cfg.rehearsal.fp8_amax_stand_in and not cfg.rehearsal.collective_checks:
+        problems.append("rehearsal.fp8_amax_stand_in=true needs rehearsal.collective_checks=true")
+    positive("rehearsal.collective_timeout_s", cfg.rehearsal.collective_timeout_s)
+    if not 0 <= c.peer_timeout_s < 3600:
+        problems.append(f"cluster.peer_timeout_s={c.peer_timeout_s} must be in [0, 3600) seconds (0 turns the "
+                        "heartbeat off; at 3600 the process group's own timeout comes first)")
     if not ok:  # the checks below divide by these
         raise ConfigValidationError(problems)
 
@@ -223,6 +229,13 @@ def _precision_problems(cfg: RunConfig) -> list[str]:
             f"(got {pr.fp8_recipe!r})"
             for name in ("fp8_amax_history_len", "fp8_amax_compute_algo") if name in changed
         ]
+    if not pr.fp8_wgrad:
+        problems.append(
+            "precision.fp8_wgrad=false has no effect with Transformer Engine 2.20: Megatron-Core hands it to "
+            "DelayedScaling as override_linear_precision, a field TE removed in 2.0 (its pydantic recipe "
+            "drops it silently), and the other recipes never read it; weight gradients run in FP8 "
+            "whatever it says. Leave it out (true)"
+        )
     if pr.fp8_amax_history_len < 1:
         problems.append(f"precision.fp8_amax_history_len={pr.fp8_amax_history_len} must be >= 1")
     if pr.fp8_margin < 0:
@@ -291,8 +304,16 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
     optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
     sft = cfg.cold_start
     if sft is not None:
-        if sft.data.response_key is None:
-            problems.append("cold_start.data.response_key must name the column holding the SFT responses")
+        d = sft.data
+        if d.conversation_key is not None:
+            problems += [
+                f"cold_start.data.{name}={getattr(d, name)!r} has no effect with cold_start.data."
+                f"conversation_key={d.conversation_key!r} (the prompt and response are its turns); drop it"
+                for name in _changed(d, ("prompt_key", "response_key"))
+            ]
+        elif d.response_key is None:
+            problems.append("cold_start.data.response_key must name the column holding the SFT responses "
+                            "(or conversation_key the column of chat turns)")
         if sft.epochs < 1 and sft.train_iters is None:
             problems.append(f"cold_start.epochs={sft.epochs} must be >= 1")
         if sft.train_iters is not None and sft.train_iters < 1:
@@ -308,6 +329,10 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
         g = getattr(cfg, name)
         if g is None:
             continue
+        for where, d in ((f"{name}.data", g.data), (f"{name}.validation.data", g.validation.data)):
+            if d is not None and d.conversation_key is not None:
+                problems.append(f"{where}.conversation_key: GRPO stages read prompt_key and answer_key, "
+                                "not conversations; leave it unset")
         r, rl = g.rollout, g.rl
         if g.steps < 1:
             problems.append(f"{name}.steps={g.steps} must be >= 1")
@@ -369,6 +394,10 @@ def _stage_problems(cfg: RunConfig) -> list[str]:
     for name in ("cold_start", "mrl", "trl"):
         stage = getattr(cfg, name)
         if stage is not None:
+            for where, d in ((f"{name}.data", stage.data), (f"{name}.validation.data",
+                                                            getattr(getattr(stage, "validation", None), "data", None))):
+                if d is not None and d.max_rows is not None and d.max_rows < 1:
+                    problems.append(f"{where}.max_rows={d.max_rows} must be >= 1 (or null: every row)")
             bad = sorted(set(stage.optim) - optim_fields)
             if bad:
                 problems.append(f"{name}.optim: unknown fields {bad}; use {sorted(optim_fields)}")

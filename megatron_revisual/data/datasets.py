@@ -12,12 +12,20 @@ the order of a resumable sampler (`data.sampler.ResumableBatchSampler`).
 Sources: a .parquet / .jsonl / .json file, a directory (its .parquet and .jsonl files, sorted,
 recursively; row ids name the file relative to the directory), or a Hub dataset name ("name" or
 "name@split", the released config's convention) when no such local path exists. Each file is
-loaded on its own so that relative image paths resolve against that file's directory.
+loaded on its own so that relative image paths resolve against that file's directory (then the
+directory given as the source: the dataset root). `max_rows` reads only the first rows (of the
+files in order; a Hub dataset is then streamed, not downloaded whole).
 
-Images, in `image_key` (one image or a list): a file path (relative to the dataset file, or
-absolute), `{"bytes": ..., "path": ...}` (how parquet image columns store them; bytes win),
-raw bytes, or a PIL image. Image columns are never decoded by `datasets`: records carry the
-path or the bytes and the rollout engine / processor decodes them.
+Images, in `image_key` (one image or a list): a file path (relative to the dataset file or the
+dataset root, or absolute), `{"bytes": ..., "path": ...}` (how a `datasets` Image column is
+stored in parquet; bytes win), raw bytes, or a PIL image. Image columns are never decoded by
+`datasets`: records carry the path or the bytes and the rollout engine / processor decodes them.
+
+Conversations (`conversation_key`, the cold-start data as LLaMA-Factory takes it): a column
+holding the turns, ShareGPT's {"from": "human" | "gpt" | "system", "value": ...} or
+{"role": "user" | "assistant" | "system", "content": ...}; a row is [system,] user, assistant:
+the user turn is the prompt, the assistant turn the response, a system turn the row's system
+prompt (unless `system_prompt` is set). Other shapes are skipped as bad_conversation.
 
 Prompts: the user text goes through the jinja `format_prompt` (variable `content`), then is split
 at "<image>" markers into chat content parts; a row with images but no markers gets its images
@@ -28,12 +36,13 @@ text as `format_prompt` to train with it instead.
 
 Bad rows never stop a run: each is skipped with one reason (the first that applies, in this
 order): invalid_json (jsonl lines that do not parse), missing_prompt, empty_prompt,
-missing_answer, empty_answer, missing_response, empty_response, missing_image (no file, no bytes,
-or <image> markers without images), unreadable_image (PIL cannot decode it),
+missing_answer, empty_answer, missing_response, empty_response, bad_conversation, missing_image
+(no file, no bytes, or <image> markers without images), unreadable_image (PIL cannot decode it),
 image_count_mismatch (<image> markers != images), prompt_too_long (only with a tokenizer and
 `max_prompt_length`; SFT data counts it as no_room_for_response: a prompt that fills the
-sequence leaves no token to train on). A file without the prompt / answer / response column is
-a config error and raises (the image column may be absent: text-only data).
+sequence leaves no token to train on). A file without the prompt / answer / response /
+conversation column is a config error and raises, naming the columns it has and the option to
+set (`<option>.prompt_key=...`; the image column may be absent: text-only data).
 """
 
 from __future__ import annotations
@@ -41,10 +50,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,7 +74,9 @@ __all__ = [
     "REVISUAL_FORMAT_PROMPT",
     "SKIP_REASONS",
     "chat_prompt",
+    "dataset_spec",
     "load_prompt_dataset",
+    "missing_columns_error",
     "rollout_request",
 ]
 
@@ -81,6 +93,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "empty_answer",
     "missing_response",
     "empty_response",
+    "bad_conversation",
     "missing_image",
     "unreadable_image",
     "image_count_mismatch",
@@ -101,6 +114,8 @@ class DatasetSpec:
     system_prompt: None keeps the chat template's default system message.
     image_check: "decode" fully decodes every image once at load (catches truncated files),
     "open" reads headers only (PIL verify; faster on large sets), "none" trusts the files.
+    conversation_key: a column of chat turns (module docstring) instead of prompt / response.
+    max_rows: read only the first rows. option: how errors name these fields ("mrl.data").
     """
 
     path: str
@@ -112,12 +127,26 @@ class DatasetSpec:
     system_prompt: str | None = None
     split: str = "train"
     image_check: Literal["decode", "open", "none"] = "decode"
+    conversation_key: str | None = None
+    max_rows: int | None = None
+    option: str = "data"
 
     def __post_init__(self) -> None:
         if self.image_check not in ("decode", "open", "none"):
             raise ValueError(f"image_check={self.image_check!r}; use 'decode', 'open' or 'none'")
         if not self.prompt_key:
             raise ValueError("prompt_key must name a column")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"{self.option}.max_rows={self.max_rows} must be >= 1")
+
+    def required_columns(self) -> dict[str, str]:
+        """{option field: column} of the columns every file must have."""
+        if self.conversation_key:
+            keys = {"conversation_key": self.conversation_key, "answer_key": self.answer_key}
+        else:
+            keys = {"prompt_key": self.prompt_key, "answer_key": self.answer_key,
+                    "response_key": self.response_key}
+        return {k: v for k, v in keys.items() if v}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -140,7 +169,7 @@ class _BadRow(Exception):
 
 
 # --- images ------------------------------------------------------------------------------------
-def _resolve_image(value: Any, base_dir: Path) -> ImageLike:
+def _resolve_image(value: Any, base_dir: Path, root_dir: Path) -> ImageLike:
     if isinstance(value, dict):
         if value.get("bytes"):
             return bytes(value["bytes"])
@@ -153,9 +182,13 @@ def _resolve_image(value: Any, base_dir: Path) -> ImageLike:
         return value
     if not isinstance(value, str) or not value:
         raise _BadRow("missing_image", f"no image (got {type(value).__name__})")
-    path = Path(value) if Path(value).is_absolute() else base_dir / value
+    if Path(value).is_absolute():
+        path = Path(value)
+    else:  # beside the file, then under the dataset root (a Hub snapshot: data/ + images/)
+        path = next((d / value for d in (base_dir, root_dir) if (d / value).is_file()), base_dir / value)
     if not path.is_file():
-        raise _BadRow("missing_image", f"image file {path} does not exist")
+        where = base_dir if root_dir == base_dir else f"{base_dir} or {root_dir}"
+        raise _BadRow("missing_image", f"image file {value} does not exist (looked in {where})")
     return str(path)
 
 
@@ -223,26 +256,60 @@ class _RowParser:
             except jinja2.UndefinedError as e:
                 raise ValueError(f"format_prompt may only use {{{{ content }}}}: {e}") from None
 
-    def __call__(self, row: dict, base_dir: Path, uid: str, check_images: bool) -> PromptRecord:
+    def __call__(self, row: dict, base_dir: Path, uid: str, check_images: bool,
+                 root_dir: Path | None = None) -> PromptRecord:
         s = self.spec
-        prompt = _text_field(row, s.prompt_key, "prompt")
+        system = s.system_prompt
+        if s.conversation_key:
+            row_system, prompt, response = _conversation(row, s.conversation_key)
+            system = system if system is not None else row_system
+        else:
+            prompt = _text_field(row, s.prompt_key, "prompt")
+            response = _text_field(row, s.response_key, "response") if s.response_key else None
         answer = _text_field(row, s.answer_key, "answer") if s.answer_key else ""
-        response = _text_field(row, s.response_key, "response") if s.response_key else None
         value = row.get(s.image_key) if s.image_key else None
         values = [] if value is None else value if isinstance(value, list | tuple) else [value]
-        images = tuple(_resolve_image(v, base_dir) for v in values)
+        images = tuple(_resolve_image(v, base_dir, root_dir or base_dir) for v in values)
         if check_images and s.image_check != "none":
             for image in images:
                 _check_image(image, s.image_check)
         text = self.template.render(content=prompt) if self.template is not None else prompt
         messages: list[dict[str, Any]] = []
-        if s.system_prompt is not None:
-            messages.append({"role": "system", "content": s.system_prompt})
+        if system is not None:
+            messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": _user_content(text, len(images))})
         return PromptRecord(
             uid=uid, prompt=text, answer=answer, response=response, images=images,
             messages=tuple(messages),
         )
+
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _conversation(row: dict, key: str) -> tuple[str | None, str, str]:
+    """(system or None, user text, assistant text) of a one-exchange conversation column."""
+    turns = row.get(key)
+    if not isinstance(turns, list | tuple):
+        raise _BadRow("bad_conversation", f"{key!r} is {type(turns).__name__}, not a list of turns")
+    parsed = []
+    for turn in turns:
+        role = _ROLES.get(str(turn.get("from", turn.get("role"))).lower()) if isinstance(turn, dict) else None
+        text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(text, str):
+            raise _BadRow("bad_conversation", f"{key!r} has a turn {str(turn)[:80]!r}: expected "
+                          "{'from': human|gpt|system, 'value': ...} or {'role': ..., 'content': ...}")
+        parsed.append((role, text))
+    system = parsed.pop(0)[1] if parsed and parsed[0][0] == "system" else None
+    if [r for r, _ in parsed] != ["user", "assistant"]:
+        raise _BadRow("bad_conversation", f"{key!r} has turns {[r for r, _ in parsed]}; expected "
+                      "[system,] user, assistant")
+    (_, user), (_, assistant) = parsed
+    if not user.strip():
+        raise _BadRow("empty_prompt", f"{key!r}: the user turn is empty")
+    if not assistant.strip():
+        raise _BadRow("empty_response", f"{key!r}: the assistant turn is empty")
+    return system, user, assistant
 
 
 # --- sources -----------------------------------------------------------------------------------
@@ -254,25 +321,31 @@ class _Source:
     columns: frozenset[str]
     read: Callable[[int], dict]
     rows: Callable[[], Iterator[dict | None]]  # None: a line that did not parse
+    root_dir: Path | None = None  # the directory given as the source, for relative image paths
 
 
-def _arrow_source(ds: Any, name: str, base_dir: Path) -> _Source:
-    """Rows decoded by `datasets` (Json columns etc.), image columns left as stored."""
+def _raw_image_features(features: Any) -> Any:
+    """`features` with every Image left undecoded ({"bytes", "path"})."""
     import datasets
 
-    def raw_images(feature: Any) -> Any:
+    def raw(feature: Any) -> Any:
         if isinstance(feature, datasets.Image):
             return datasets.Image(decode=False)
         if isinstance(feature, datasets.List | datasets.LargeList):
-            return dataclasses.replace(feature, feature=raw_images(feature.feature))
+            return dataclasses.replace(feature, feature=raw(feature.feature))
         if isinstance(feature, dict):
-            return {k: raw_images(v) for k, v in feature.items()}
+            return {k: raw(v) for k, v in feature.items()}
         if isinstance(feature, list):
-            return [raw_images(feature[0])]
+            return [raw(feature[0])]
         return feature
 
-    features = datasets.Features({k: raw_images(v) for k, v in ds.features.items()})
-    table = ds.data.table
+    return datasets.Features({k: raw(v) for k, v in features.items()})
+
+
+def _arrow_source(ds: Any, name: str, base_dir: Path, limit: int | None = None) -> _Source:
+    """Rows decoded by `datasets` (Json columns etc.), image columns left as stored."""
+    features = _raw_image_features(ds.features)
+    table = ds.data.table if limit is None else ds.data.table.slice(0, limit)
 
     def rows() -> Iterator[dict]:
         for batch in table.to_batches(max_chunksize=256):
@@ -285,12 +358,16 @@ def _arrow_source(ds: Any, name: str, base_dir: Path) -> _Source:
     )
 
 
-def _jsonl_source(path: Path, name: str) -> _Source:
+def _rows_source(rows: list[dict | None], name: str, base_dir: Path) -> _Source:
+    columns = frozenset(k for row in rows if row for k in row)
+    return _Source(name, base_dir, len(rows), columns, rows.__getitem__, lambda: iter(rows))
+
+
+def _jsonl_source(path: Path, name: str, limit: int | None = None) -> _Source:
     """Line by line, for jsonl files `datasets` refuses (a malformed line; since such a file
     has no schema, a line's fields may have any type)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
     parsed: list[dict | None] = []
-    for line in lines:
+    for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         try:
@@ -298,11 +375,10 @@ def _jsonl_source(path: Path, name: str) -> _Source:
         except json.JSONDecodeError:
             row = None
         parsed.append(row if isinstance(row, dict) else None)
-    columns = frozenset(k for row in parsed if row for k in row)
-    return _Source(name, path.parent, len(parsed), columns, parsed.__getitem__, lambda: iter(parsed))
+    return _rows_source(parsed[:limit], name, path.parent)
 
 
-def _file_source(path: Path, name: str) -> _Source:
+def _file_source(path: Path, name: str, limit: int | None = None) -> _Source:
     import datasets
 
     builder = _SUFFIXES[path.suffix]
@@ -312,8 +388,21 @@ def _file_source(path: Path, name: str) -> _Source:
         if path.suffix != ".jsonl":
             raise
         log.warning("%s: `datasets` cannot read it (%s); reading it line by line", path, e)
-        return _jsonl_source(path, name)
-    return _arrow_source(ds, name, path.parent)
+        return _jsonl_source(path, name, limit)
+    return _arrow_source(ds, name, path.parent, limit)
+
+
+def _hub_source(spec: DatasetSpec) -> _Source:
+    """A Hub dataset ("name" or "name@split"); with max_rows only its first rows, streamed."""
+    import datasets
+
+    name, _, split = spec.path.partition("@")
+    if spec.max_rows is None:
+        return _arrow_source(datasets.load_dataset(name, split=split or spec.split), spec.path, Path.cwd())
+    stream = datasets.load_dataset(name, split=split or spec.split, streaming=True)
+    if stream.features is not None:
+        stream = stream.cast(_raw_image_features(stream.features))
+    return _rows_source(list(itertools.islice(stream, spec.max_rows)), spec.path, Path.cwd())
 
 
 def _sources(spec: DatasetSpec) -> list[_Source]:
@@ -321,7 +410,7 @@ def _sources(spec: DatasetSpec) -> list[_Source]:
     if path.is_file():
         if path.suffix not in _SUFFIXES:
             raise ValueError(f"{path}: expected a {', '.join(_SUFFIXES)} file")
-        return [_file_source(path.resolve(), path.name)]
+        return [_file_source(path.resolve(), path.name, spec.max_rows)]
     if path.is_dir():
         # .json is left out here: directories often hold metadata .json files beside the data
         names = sorted(
@@ -331,14 +420,28 @@ def _sources(spec: DatasetSpec) -> list[_Source]:
         )
         if not names:
             raise FileNotFoundError(f"{path} holds no .parquet or .jsonl files")
-        return [_file_source((path / n).resolve(), n) for n in names]
+        sources, left = [], spec.max_rows
+        for n in names:
+            if left is not None and left <= 0:
+                break
+            src = _file_source((path / n).resolve(), n, left)
+            sources.append(dataclasses.replace(src, root_dir=path.resolve()))
+            left = None if left is None else left - src.num_rows
+        return sources
     if path.suffix in _SUFFIXES or spec.path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"dataset file {path} does not exist")
-    import datasets
+    return [_hub_source(spec)]
 
-    name, _, split = spec.path.partition("@")
-    ds = datasets.load_dataset(name, split=split or spec.split)
-    return [_arrow_source(ds, spec.path, Path.cwd())]
+
+def missing_columns_error(spec: DatasetSpec, where: str, columns: Iterable[str]) -> str | None:
+    """The message naming the first column `spec` needs that is not in `columns` (and the
+    option to set), or None when all are there."""
+    columns = sorted(columns)
+    for field, key in spec.required_columns().items():
+        if key not in columns:
+            return (f"{where}: no column {key!r} ({spec.option}.{field}); its columns: {columns}; "
+                    f"set {spec.option}.{field}=<one of them>")
+    return None
 
 
 # --- the dataset -------------------------------------------------------------------------------
@@ -360,7 +463,8 @@ class PromptDataset(Sequence[PromptRecord]):
     def __getitem__(self, i: int) -> PromptRecord:  # type: ignore[override]
         s, r = (int(x) for x in self._index[i])
         src = self._sources[s]
-        return self._parse(src.read(r), src.base_dir, f"{src.name}:{r}", check_images=False)
+        return self._parse(src.read(r), src.base_dir, f"{src.name}:{r}", check_images=False,
+                           root_dir=src.root_dir)
 
     @property
     def fingerprint(self) -> str:
@@ -389,11 +493,9 @@ def load_prompt_dataset(
         raise ValueError(f"too_long={too_long!r} is not one of {SKIP_REASONS}")
     sources = _sources(spec)
     for src in sources:
-        for key in (spec.prompt_key, spec.answer_key, spec.response_key):
-            if key and key not in src.columns:
-                raise ValueError(
-                    f"{spec.path} ({src.name}): no column {key!r}; columns: {sorted(src.columns)}"
-                )
+        problem = missing_columns_error(spec, f"{spec.path} ({src.name})", src.columns)
+        if problem:
+            raise ValueError(problem)
     parse = _RowParser(spec)
     keep: list[tuple[int, int]] = []
     skipped: Counter = Counter()
@@ -404,7 +506,7 @@ def load_prompt_dataset(
             try:
                 if row is None:
                     raise _BadRow("invalid_json", "not a JSON object")
-                record = parse(row, src.base_dir, uid, check_images=True)
+                record = parse(row, src.base_dir, uid, check_images=True, root_dir=src.root_dir)
                 if tokenizer is not None:
                     n = len(tokenizer(chat_prompt(record, tokenizer), add_special_tokens=False)["input_ids"])
                     if n > max_prompt_length:
@@ -427,6 +529,18 @@ def load_prompt_dataset(
     log.info("%s: %d usable rows", spec.path, len(keep))
     index = np.asarray(keep, dtype=np.int64).reshape(-1, 2)
     return PromptDataset(spec, sources, index, skipped, examples)
+
+
+def dataset_spec(data: Any, option: str = "data") -> DatasetSpec:
+    """The spec of a recipe's data section (`config.schema.DataConfig`); `option` ("mrl.data")
+    names it in errors. format_prompt "revisual" is `REVISUAL_FORMAT_PROMPT`, "none" raw text."""
+    fmt = {"revisual": REVISUAL_FORMAT_PROMPT, "none": None}.get(data.format_prompt, data.format_prompt)
+    return DatasetSpec(
+        path=data.path, prompt_key=data.prompt_key, answer_key=data.answer_key,
+        image_key=data.image_key, response_key=data.response_key, format_prompt=fmt,
+        system_prompt=data.system_prompt, image_check=data.image_check,
+        conversation_key=data.conversation_key, max_rows=data.max_rows, option=option,
+    )
 
 
 def chat_prompt(record: PromptRecord, tokenizer: Any) -> str:

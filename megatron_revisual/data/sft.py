@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megatron_revisual.data.datasets import PromptRecord
+from megatron_revisual.data.datasets import (
+    PromptDataset,
+    PromptRecord,
+    dataset_spec,
+    load_prompt_dataset,
+)
 from megatron_revisual.rollout.engine import load_image
 
 if TYPE_CHECKING:  # packing imports megatron.core (seconds); only to_sample needs it
@@ -37,6 +42,8 @@ __all__ = [
     "SFTExample",
     "SFTFormatter",
     "assistant_spans",
+    "load_sft_set",
+    "load_tokenizer_and_processor",
     "pack_groups",
     "sft_conversation",
 ]
@@ -73,6 +80,25 @@ class SFTExample:
             pixel_values=self.pixel_values,
             image_grid_thw=self.image_grid_thw,
         )
+
+
+def load_tokenizer_and_processor(hf_dir: Any, with_vision: bool) -> tuple[Any, Any]:
+    """The tokenizer (and for a vision model the processor) of an HF model directory."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    processor = AutoProcessor.from_pretrained(hf_dir) if with_vision else None
+    return tokenizer, processor
+
+
+def load_sft_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset:
+    """A cold-start stage's conversations (`stage_cfg`: its data and max_length). A prompt of
+    max_length tokens or more leaves no response token to train on: such rows are skipped here
+    and counted (data/skipped/no_room_for_response), instead of coming back empty at every step."""
+    return load_prompt_dataset(
+        dataset_spec(stage_cfg.data, "cold_start.data"), tokenizer=tokenizer,
+        max_prompt_length=stage_cfg.max_length - 1, too_long="no_room_for_response",
+    )
 
 
 def sft_conversation(record: PromptRecord) -> list[dict[str, Any]]:

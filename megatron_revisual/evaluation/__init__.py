@@ -1,8 +1,12 @@
-"""Evaluation on the ReVisual-R1 benchmarks (Geometry3K, WeMath, MathVista, MathVerse,
-MathVision) through an OpenAI-compatible endpoint: `revisual eval` (see `runner`).
+"""Evaluation on the benchmarks of the ReVisual-R1 paper's Table 2 (MathVerse, MathVision,
+MathVista, DynaMath, WeMath, LogicVista, AIME 2024 / 2025, GPQA, MATH-500) and Geometry3K through
+an OpenAI-compatible endpoint: `revisual eval` (see `runner`).
 
-Modules: `datasets` (loaders and prompt formats), `grading` (answer extraction and math-verify
-grading), `metrics` (accuracy, breakdowns, WeMath's four-dimensional metrics), `client`
-(requests, retries, cache), `runner` (the command), `fixtures` (tiny datasets in each schema).
-Heavy imports (openai, PIL, pyarrow, datasets) happen inside functions.
+Modules: `datasets` (finding the files; the sets `all` / `paper`), `benchmarks_vision` and
+`benchmarks_text` (a loader and prompt format per benchmark), `samples` (what they share),
+`grading` (answer extraction, math-verify and the benchmarks' own rules), `metrics` (accuracy,
+breakdowns, WeMath's four dimensions, DynaMath's worst case, pass@k), `tables` (the paper's
+table layout, `--compare`, the paper's numbers in `paper_table2.json`), `client` (requests,
+retries, cache), `runner` (the command), `fixtures` / `fixtures_paper` (tiny datasets in each
+release's schema). Heavy imports (openai, PIL, pyarrow, datasets) happen inside functions.
 """

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_revisual.evaluation.datasets import Sample
+from megatron_revisual.evaluation.samples import Sample
 
 __all__ = [
     "ChatClient",
@@ -99,10 +99,13 @@ def build_messages(
     sample: Sample, *, system_prompt: str, min_pixels: int, max_pixels: int
 ) -> list[dict]:
     """System prompt (left out if empty), then the user turn: the image first, then the text,
-    the order Qwen2.5-VL was trained with."""
+    the order Qwen2.5-VL was trained with; a text benchmark's sample (image None) is text only."""
     messages: list[dict] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
+    if sample.image is None:
+        messages.append({"role": "user", "content": sample.prompt})
+        return messages
     url = encode_image(sample.image, min_pixels, max_pixels)
     messages.append(
         {

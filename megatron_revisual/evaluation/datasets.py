@@ -1,11 +1,16 @@
-"""The five benchmarks ReVisual-R1 reports, read from a local directory or the Hub.
+"""The benchmarks of `revisual eval`, read from a local directory or the Hub.
 
 Every loader turns a benchmark row into one `Sample`: the user text in that benchmark's prompt
-format, the ground truth (an option letter for multiple-choice rows), the image, and the fields
-metrics need (breakdown categories, WeMath's problem/step ids, MathVista's precision).
+format, the ground truth (an option letter for multiple-choice rows), the image (None for the
+text benchmarks), and the fields metrics need. The loaders and their prompt formats live in
+`benchmarks_vision` and `benchmarks_text`; this module finds the files and applies them.
 
-Local layout under ``--dataset-dir`` (the released tool's layout, plus the Hub's parquet files
-as they are downloaded), first match wins:
+Sets (``--datasets``): ``all`` is the released evaluation tool's five (geo3k, wemath, mathvista,
+mathverse, mathvision), ``paper`` the ten of the paper's Table 2 in its column order
+(`PAPER_BENCHMARKS`), or any comma-separated list of `BENCHMARKS`.
+
+Local layout under ``--dataset-dir`` (the released tool's layout, the benchmarks' own
+releases, and the Hub's files as they are downloaded), first match wins:
 
     geo3k       geometry3k/test/<n>/data.json + img_diagram.png      (InterGPS release)
                 geometry3k/**/test*.parquet                            (hiyouga/geometry3k)
@@ -17,365 +22,154 @@ as they are downloaded), first match wins:
                 mathverse/**/testmini*.parquet                         (AI4Math/MathVerse)
     mathvision  mathvision/test.jsonl + images under mathvision/       (MathVision GitHub)
                 mathvision/**/test*.parquet                            (MathLLMs/MathVision)
+    dynamath    dynamath/**/sample*.parquet, one file per variant      (DynaMath/DynaMath_Sample)
+    logicvista  logicvista/dataset.json + logicvista/images/           (LogicVista GitHub data/)
+    aime24      aime24/**/train*.parquet                               (HuggingFaceH4/aime_2024)
+    aime25      aime25/aime2025-I.jsonl, aime25/aime2025-II.jsonl      (opencompass/AIME2025)
+    gpqa        gpqa/gpqa_diamond.csv                                  (Idavidrein/gpqa, gated)
+    math500     math500/test.jsonl                                     (HuggingFaceH4/MATH-500)
 
 and, last, a `datasets` cache folder of the Hub dataset (``AI4Math___math_vista/...``, what
 ``load_dataset(..., cache_dir=DIR)`` leaves: the released tool passes --dataset-dir as cache_dir).
-MathVerse has no choices field: a multi-choice row's options are read from its "Choices:" lines.
-
-Prompt formats (as in the ReVisual-R1 evaluation tool; the system prompt comes separately):
-MathVerse ``query_cot``; MathVista ``query`` (its hint asks for the option letter); WeMath
-"{question}\\n\\nOptions: {option}"; MathVision "Please first conduct reasoning, and then answer
-the question and provide the correct option letter, e.g., A, B, C, D, at the end." + the
-question + lettered choices (free-form MathVision rows, which have no choices, get the question
-alone: ASSUMPTION, the released prompt lists choices for every row); Geometry3K the annotated
-problem text, graded against the value of the correct choice (the released loader's choice).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from megatron_revisual.evaluation.grading import (
-    OPTION_LETTERS,
-    option_letter,
-    parse_choice_lines,
-    parse_inline_options,
+from megatron_revisual.evaluation.benchmarks_text import TEXT_SPECS
+from megatron_revisual.evaluation.benchmarks_vision import VISION_SPECS, mathvision_prompt
+from megatron_revisual.evaluation.samples import (
+    BenchmarkSpec,
+    DatasetFilesNotFound,
+    DatasetFormatError,
+    RawRow,
+    Sample,
 )
 
 __all__ = [
     "BENCHMARKS",
+    "PAPER_BENCHMARKS",
+    "RELEASED_BENCHMARKS",
     "DatasetFilesNotFound",
     "DatasetFormatError",
     "Sample",
+    "benchmark_spec",
     "expected_files",
     "hub_source",
     "load_benchmark",
+    "mathvision_prompt",
     "parse_dataset_names",
 ]
 
-BENCHMARKS: tuple[str, ...] = ("geo3k", "wemath", "mathvista", "mathverse", "mathvision")
+log = logging.getLogger(__name__)
+
+_SPECS: dict[str, BenchmarkSpec] = {s.name: s for s in (*VISION_SPECS, *TEXT_SPECS)}
+BENCHMARKS: tuple[str, ...] = tuple(_SPECS)
+RELEASED_BENCHMARKS: tuple[str, ...] = ("geo3k", "wemath", "mathvista", "mathverse", "mathvision")
+# Table 2 of arXiv 2506.04207, in its column order
+PAPER_BENCHMARKS: tuple[str, ...] = (
+    "mathverse", "mathvision", "mathvista", "dynamath", "wemath", "logicvista",
+    "aime24", "aime25", "gpqa", "math500",
+)
+_LIMIT_PER_PART = {"dynamath"}  # --max-samples counts seed questions: each keeps its variants
 
 
-@dataclass(frozen=True, kw_only=True)
-class Sample:
-    """One benchmark question. ``image`` is a file path, encoded image bytes or a PIL image."""
-
-    dataset: str
-    id: str
-    prompt: str
-    answer: str
-    multiple_choice: bool
-    image: Any
-    choices: tuple[str, ...] = ()
-    subsets: tuple[str, ...] = ()
-    precision: int | None = None
-    group: str | None = None  # WeMath: the problem ID shared by its one-step and multi-step rows
-    step: str | None = None  # WeMath: the row's key, "2steps_1" ... "3steps_multi"
-
-
-class DatasetFilesNotFound(FileNotFoundError):
-    """A benchmark is in neither the dataset directory nor reachable on the Hub."""
-
-
-class DatasetFormatError(ValueError):
-    """A benchmark row lacks a field or names a missing image."""
-
-
-@dataclass(frozen=True)
-class _Spec:
-    subdir: str
-    local_json: str  # json/jsonl file under subdir
-    image_dirs: tuple[str, ...]  # where relative image paths are looked up, under subdir
-    parquet_split: str
-    hub: tuple[str, str | None, str]  # (path, config, split)
-    to_sample: Callable[[dict, int, list[Path], str], Sample]
-
-
-# --- row helpers -------------------------------------------------------------------------------
-def _field(row: dict, name: str, where: str) -> Any:
-    if name not in row or row[name] is None:
-        raise DatasetFormatError(f"{where}: missing field {name!r} (fields: {sorted(row)})")
-    return row[name]
-
-
-def _image(value: Any, bases: list[Path], where: str) -> Any:
-    """Resolve an image field: HF image dicts, bytes, PIL images, or paths relative to bases."""
-    if isinstance(value, list):
-        if not value:
-            raise DatasetFormatError(f"{where}: empty image list")
-        value = value[0]
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"]
-        value = value.get("path")
-    if isinstance(value, bytes) or hasattr(value, "convert"):  # bytes or PIL image
-        return value
-    if not isinstance(value, str) or not value:
-        raise DatasetFormatError(f"{where}: no image (got {type(value).__name__})")
-    candidates = [base / value for base in bases] or [Path(value)]
-    for path in candidates:
-        if path.is_file():
-            return str(path)
-    raise DatasetFormatError(
-        f"{where}: image {value!r} not found (looked for {', '.join(map(str, candidates))})"
-    )
-
-
-def _where(source: str, index: int, row_id: Any = None) -> str:
-    return f"{source} row {index}" + (f" (id {row_id})" if row_id is not None else "")
-
-
-# --- one function per benchmark: row -> Sample -------------------------------------------------
-def _geo3k_sample(row: dict, index: int, bases: list[Path], source: str) -> Sample:
-    if "problem" in row:  # hiyouga/geometry3k: images, problem, answer
-        where = _where(source, index)
-        return Sample(
-            dataset="geo3k",
-            id=str(row.get("id", index)),
-            prompt=str(_field(row, "problem", where)).replace("<image>", "").strip(),
-            answer=str(_field(row, "answer", where)),
-            multiple_choice=False,
-            image=_image(_field(row, "images", where), bases, where),
-        )
-    where = _where(source, index, row.get("id"))
-    choices = _field(row, "choices", where)
-    letter = str(_field(row, "answer", where)).strip()
-    if letter not in OPTION_LETTERS[: len(choices)]:
-        raise DatasetFormatError(
-            f"{where}: answer {letter!r} is not one of the {len(choices)} choices"
-        )
-    question = row.get("annotat_text") or _field(row, "problem_text", where)
-    return Sample(
-        dataset="geo3k",
-        id=str(_field(row, "id", where)),
-        prompt=str(question),
-        answer=str(choices[OPTION_LETTERS.index(letter)]),
-        multiple_choice=False,
-        image=_image(row.get("image", "img_diagram.png"), bases, where),
-        subsets=tuple(row.get("problem_type_goal") or ()),
-    )
-
-
-def _wemath_step_kind(key: str) -> str:
-    if key.endswith("_multi"):
-        return "two-step" if key.startswith("2steps") else "three-step"
-    return "one-step"
-
-
-def _wemath_sample(row: dict, index: int, bases: list[Path], source: str) -> Sample:
-    where = _where(source, index, row.get("ID"))
-    key = str(_field(row, "key", where))
-    option = str(_field(row, "option", where))
-    return Sample(
-        dataset="wemath",
-        id=f"{_field(row, 'ID', where)}@{key}",
-        prompt=f"{_field(row, 'question', where)}\n\nOptions: {option}",
-        answer=str(_field(row, "answer", where)).strip(),
-        multiple_choice=True,
-        image=_image(_field(row, "image_path", where), bases, where),
-        choices=parse_inline_options(option),
-        subsets=(_wemath_step_kind(key),),
-        group=str(row["ID"]),
-        step=key,
-    )
-
-
-def _mathvista_sample(row: dict, index: int, bases: list[Path], source: str) -> Sample:
-    where = _where(source, index, row.get("pid"))
-    answer = str(_field(row, "answer", where))
-    choices = tuple(str(c) for c in (row.get("choices") or ()))
-    multiple_choice = row.get("question_type") == "multi_choice"
-    if multiple_choice:
-        if answer not in choices:
-            raise DatasetFormatError(f"{where}: answer {answer!r} is not among choices {choices}")
-        answer = OPTION_LETTERS[choices.index(answer)]
-    precision = row.get("precision")
-    image = row.get("decoded_image") or _field(row, "image", where)
-    task = (row.get("metadata") or {}).get("task")
-    return Sample(
-        dataset="mathvista",
-        id=str(_field(row, "pid", where)),
-        prompt=str(row.get("query") or _field(row, "question", where)),
-        answer=answer,
-        multiple_choice=multiple_choice,
-        image=_image(image, bases, where),
-        choices=choices,
-        subsets=(task,) if task else (),
-        precision=int(precision) if row.get("answer_type") == "float" and precision else None,
-    )
-
-
-def _mathverse_sample(row: dict, index: int, bases: list[Path], source: str) -> Sample:
-    where = _where(source, index, row.get("sample_index"))
-    version = row.get("problem_version")
-    prompt = str(_field(row, "query_cot", where))
-    multiple_choice = row.get("question_type") == "multi-choice"
-    answer = str(_field(row, "answer", where)).strip()
-    # No choices field: the options are lines of the question text ("Choices:\nA:40°\n...");
-    # Vision-only rows have them in the image, and are graded by the letter alone.
-    choices = parse_choice_lines(str(row.get("question") or prompt)) if multiple_choice else ()
-    if multiple_choice:  # the gold as a letter ("(B)", or an option's text, would never match)
-        answer = option_letter(answer, choices) or answer
-    return Sample(
-        dataset="mathverse",
-        id=str(_field(row, "sample_index", where)),
-        prompt=prompt,
-        answer=answer,
-        multiple_choice=multiple_choice,
-        image=_image(_field(row, "image", where), bases, where),
-        choices=choices,
-        subsets=(version,) if version else (),
-    )
-
-
-def mathvision_prompt(question: str, options: Iterable[str]) -> str:
-    """MathVision's prompt: the option-letter instruction and lettered choices if it has any."""
-    options = list(options)
-    if not options:
-        return f"Question: {question}"
-    lines = [
-        "Please first conduct reasoning, and then answer the question and provide the correct "
-        "option letter, e.g., A, B, C, D, at the end.",
-        f"Question: {question}",
-        "Choices:",
-    ]
-    lines += [f"{OPTION_LETTERS[i]}: {option}" for i, option in enumerate(options)]
-    return "\n".join(lines) + "\n"
-
-
-def _mathvision_sample(row: dict, index: int, bases: list[Path], source: str) -> Sample:
-    where = _where(source, index, row.get("id"))
-    options = [str(o) for o in (row.get("options") or ())]
-    image = row.get("decoded_image") or _field(row, "image", where)
-    subject = row.get("subject")
-    return Sample(
-        dataset="mathvision",
-        id=str(_field(row, "id", where)),
-        prompt=mathvision_prompt(str(_field(row, "question", where)), options),
-        answer=str(_field(row, "answer", where)).strip(),
-        multiple_choice=bool(options),
-        image=_image(image, bases, where),
-        choices=tuple(options),
-        subsets=(subject,) if subject else (),
-    )
-
-
-_SPECS: dict[str, _Spec] = {
-    "geo3k": _Spec(
-        "geometry3k", "", (), "test", ("hiyouga/geometry3k", None, "test"), _geo3k_sample
-    ),
-    "wemath": _Spec(
-        "wemath",
-        "testmini.json",
-        ("images", ""),
-        "testmini",
-        ("We-Math/We-Math", None, "testmini"),
-        _wemath_sample,
-    ),
-    "mathvista": _Spec(
-        "mathvista",
-        "testmini.json",
-        ("",),
-        "testmini",
-        ("AI4Math/MathVista", None, "testmini"),
-        _mathvista_sample,
-    ),
-    "mathverse": _Spec(
-        "mathverse",
-        "testmini.json",
-        ("images", ""),
-        "testmini",
-        ("AI4Math/MathVerse", "testmini", "testmini"),
-        _mathverse_sample,
-    ),
-    "mathvision": _Spec(
-        "mathvision",
-        "test.jsonl",
-        ("",),
-        "test",
-        ("MathLLMs/MathVision", None, "test"),
-        _mathvision_sample,
-    ),
-}
+def benchmark_spec(name: str) -> BenchmarkSpec:
+    if name not in _SPECS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return _SPECS[name]
 
 
 def hub_source(name: str) -> tuple[str, str | None, str]:
-    """(Hub dataset, config, split) of a benchmark."""
-    return _SPECS[name].hub
+    """(Hub dataset, config, split) of a benchmark's first part."""
+    spec = benchmark_spec(name)
+    if spec.hub is None:
+        raise ValueError(f"{name} has no Hub copy this loader knows of")
+    repo, parts = spec.hub
+    return repo, *parts[0]
 
 
-def _cache_folder_name(name: str) -> str:
+def _cache_folder_name(spec: BenchmarkSpec) -> str:
     """How `datasets` names a Hub dataset's folder in a cache_dir: "AI4Math___math_vista"."""
-    org, _, hub_name = _SPECS[name].hub[0].partition("/")
+    org, _, hub_name = spec.hub[0].partition("/")
     return f"{org}___{re.sub(r'(?<=[a-z0-9])(?=[A-Z])', '_', hub_name).lower()}"
 
 
-def _hub_cache_folder(name: str, dataset_dir: Path) -> Path | None:
+def _hub_cache_folder(spec: BenchmarkSpec, dataset_dir: Path) -> Path | None:
     """`dataset_dir`'s folder of the benchmark's Hub dataset, if `load_dataset(...,
     cache_dir=dataset_dir)` (the released tool's --dataset-dir) has put one there."""
-    wanted = _cache_folder_name(name).casefold()
-    if not dataset_dir.is_dir():
+    if spec.hub is None or not dataset_dir.is_dir():
         return None
+    wanted = _cache_folder_name(spec).casefold()
     found = [p for p in dataset_dir.iterdir() if p.is_dir() and p.name.casefold() == wanted]
     return found[0] if found else None
 
 
 def expected_files(name: str, dataset_dir: str | Path) -> list[str]:
     """The local files a benchmark is read from (alternatives), for error messages."""
-    spec = _SPECS[name]
+    spec = benchmark_spec(name)
     root = Path(dataset_dir) / spec.subdir
+    out = []
     if name == "geo3k":
-        first = f"{root}/test/<n>/data.json (+ img_diagram.png)"
-    else:
-        first = f"{root / spec.local_json} (+ images)"
-    cache = f"{Path(dataset_dir) / _cache_folder_name(name)} (a datasets cache_dir)"
-    return [first, f"{root}/**/{spec.parquet_split}*.parquet", cache]
+        out.append(f"{root}/test/<n>/data.json (+ img_diagram.png)")
+    elif spec.local_files:
+        images = "" if spec.text_only else " (+ images)"
+        out.append(" + ".join(str(root / f) for f in spec.local_files) + images)
+    if spec.parquet_glob:
+        out.append(f"{root}/{spec.parquet_glob}")
+    if spec.hub is not None:
+        out.append(f"{Path(dataset_dir) / _cache_folder_name(spec)} (a datasets cache_dir)")
+    return out
 
 
 # --- readers -----------------------------------------------------------------------------------
-def _read_json_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, key_field: str | None) -> list[dict]:
     text = path.read_text(encoding="utf-8")
+    if path.suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data = json.loads(text)
-    if isinstance(data, dict):  # MathVista's testmini.json is keyed by pid
-        return [{"pid": key, **value} for key, value in data.items()]
+    if isinstance(data, dict):  # keyed by id: MathVista's pid, LogicVista's "v1_0"
+        return [{key_field or "id": key, **value} for key, value in data.items()]
     return list(data)
 
 
-def _read_local(name: str, root: Path) -> tuple[list[tuple[dict, list[Path], str]], bool]:
-    """(row, image bases, source) triples and whether any file was found."""
-    spec = _SPECS[name]
+def _read_local(spec: BenchmarkSpec, root: Path) -> tuple[list[RawRow], bool]:
+    """The rows found under root/<subdir>, and whether any file was found."""
     base = root / spec.subdir
-    if name == "geo3k":
+    if spec.name == "geo3k":
         folders = sorted(
             (p for p in (base / "test").glob("*") if (p / "data.json").is_file()),
             key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
         )
         if folders:
-            rows = []
-            for folder in folders:
-                row = json.loads((folder / "data.json").read_text(encoding="utf-8"))
-                rows.append((row, [folder], str(folder / "data.json")))
-            return rows, True
-    elif (base / spec.local_json).is_file():
-        path = base / spec.local_json
+            return [
+                RawRow(json.loads((f / "data.json").read_text(encoding="utf-8")), [f], str(f / "data.json"), 0)
+                for f in folders
+            ], True
+    files = [base / f for f in spec.local_files if (base / f).is_file()]
+    if files:
         bases = [base / d if d else base for d in spec.image_dirs]
-        return [(row, bases, str(path)) for row in _read_json_rows(path)], True
-    parquet = sorted(base.glob(f"**/{spec.parquet_split}*.parquet"))
+        return [
+            RawRow(row, bases, str(path), i, path.stem)
+            for path in files for i, row in enumerate(_read_rows(path, spec.key_field))
+        ], True
+    parquet = sorted(base.glob(spec.parquet_glob)) if spec.parquet_glob else []
     if parquet:
         import pyarrow.parquet as pq
 
-        rows = []
-        for path in parquet:
-            rows += [(row, [path.parent], str(path)) for row in pq.read_table(path).to_pylist()]
-        return rows, True
+        return [
+            RawRow(row, [path.parent], str(path), i, path.stem)
+            for path in parquet for i, row in enumerate(pq.read_table(path).to_pylist())
+        ], True
     return [], False
 
 
@@ -386,13 +180,56 @@ def _hub_offline() -> str | None:
     return None
 
 
-def _read_hub(name: str, cache_dir: Path | None) -> list[tuple[dict, list[Path], str]]:
+def _read_hub(spec: BenchmarkSpec, cache_dir: Path | None) -> list[RawRow]:
     from datasets import load_dataset
 
-    path, config, split = _SPECS[name].hub
-    ds = load_dataset(path, config, split=split, cache_dir=str(cache_dir) if cache_dir else None)
+    repo, parts = spec.hub
     where = f" in {cache_dir}" if cache_dir else ""
-    return [(row, [], f"{path}[{split}]{where}") for row in ds]
+    rows = []
+    for config, split in parts:
+        ds = load_dataset(repo, config, split=split, cache_dir=str(cache_dir) if cache_dir else None)
+        part = config if len(parts) > 1 and config else split
+        label = f"{repo}[{config + '/' if config else ''}{split}]{where}"
+        rows += [RawRow(row, [], label, i, part) for i, row in enumerate(ds)]
+    return rows
+
+
+def _find_rows(spec: BenchmarkSpec, dataset_dir: str | Path | None, source: str) -> list[RawRow]:
+    cache_dir = Path(dataset_dir) if dataset_dir is not None else None
+    if source in ("auto", "local") and cache_dir is not None:
+        rows, found = _read_local(spec, cache_dir)
+        if found:
+            return rows
+    expected = "; ".join(expected_files(spec.name, dataset_dir or "<--dataset-dir>"))
+    cached = cache_dir is not None and _hub_cache_folder(spec, cache_dir) is not None
+    if spec.hub is None:
+        raise DatasetFilesNotFound(f"{spec.name}: no dataset files found; expected {expected} (it has no Hub copy)")
+    if source == "local" and not cached:
+        raise DatasetFilesNotFound(f"{spec.name}: no dataset files found; expected {expected}")
+    offline = _hub_offline()
+    if offline and not cached:
+        raise DatasetFilesNotFound(
+            f"{spec.name}: no dataset files found; expected {expected} (Hub not tried: {offline} is set)"
+        )
+    try:
+        return _read_hub(spec, cache_dir)
+    except Exception as e:  # any hub/network failure: report it with the local layout
+        raise DatasetFilesNotFound(
+            f"{spec.name}: no dataset files found (expected {expected}) and the Hub dataset "
+            f"{spec.hub[0]} could not be loaded: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _first(rows: list[RawRow], limit: int, per_part: bool) -> list[RawRow]:
+    if not per_part:
+        return rows[:limit]
+    taken: dict[str, int] = {}
+    out = []
+    for row in rows:
+        if taken.get(row.part, 0) < limit:
+            taken[row.part] = taken.get(row.part, 0) + 1
+            out.append(row)
+    return out
 
 
 def load_benchmark(
@@ -401,45 +238,35 @@ def load_benchmark(
     *,
     source: str = "auto",
     limit: int | None = None,
+    runs: int = 1,
 ) -> list[Sample]:
-    """All samples of benchmark ``name`` (the first ``limit`` if given).
+    """All samples of benchmark ``name`` (the first ``limit`` if given; DynaMath: the first
+    ``limit`` seed questions of each variant).
 
     source: "local" (``dataset_dir`` only), "hub" (``datasets.load_dataset`` only), or "auto"
     (local if the files are there, else the Hub unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE).
     As in the released tool, ``dataset_dir`` is also the Hub datasets' cache_dir: a cache
     folder there (``AI4Math___math_vista``, ...) counts as local, and a download goes there.
+    ``runs``: a repeated benchmark (AIME) asks each problem that many times (ids "<id>#<r>").
     """
-    if name not in _SPECS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    spec = benchmark_spec(name)
     if source not in ("auto", "local", "hub"):
         raise ValueError(f"source must be auto, local or hub, got {source!r}")
-    rows: list[tuple[dict, list[Path], str]] = []
-    found = False
-    cache_dir = Path(dataset_dir) if dataset_dir is not None else None
-    if source in ("auto", "local") and cache_dir is not None:
-        rows, found = _read_local(name, cache_dir)
-    if not found:
-        expected = "; ".join(expected_files(name, dataset_dir or "<--dataset-dir>"))
-        cached = cache_dir is not None and _hub_cache_folder(name, cache_dir) is not None
-        if source == "local" and not cached:
-            raise DatasetFilesNotFound(f"{name}: no dataset files found; expected {expected}")
-        offline = _hub_offline()
-        if offline and not cached:
-            raise DatasetFilesNotFound(
-                f"{name}: no dataset files found; expected {expected} "
-                f"(Hub not tried: {offline} is set)"
-            )
-        try:
-            rows = _read_hub(name, cache_dir)
-        except Exception as e:  # any hub/network failure: report it with the local layout
-            raise DatasetFilesNotFound(
-                f"{name}: no dataset files found (expected {expected}) and the Hub dataset "
-                f"{_SPECS[name].hub[0]} could not be loaded: {type(e).__name__}: {e}"
-            ) from e
+    if runs < 1:
+        raise ValueError(f"runs={runs} must be >= 1")
+    rows = _find_rows(spec, dataset_dir, source)
     if limit is not None:
-        rows = rows[:limit]
-    to_sample = _SPECS[name].to_sample
-    samples = [to_sample(row, i, bases, src) for i, (row, bases, src) in enumerate(rows)]
+        rows = _first(rows, limit, name in _LIMIT_PER_PART)
+    samples, left_out = [], []
+    for raw in rows:
+        sample = spec.to_sample(raw)
+        if sample is None:
+            left_out.append(f"{raw.source} row {raw.index}")
+        else:
+            samples.append(sample)
+    if left_out:
+        log.warning("%s: left out %d row(s) without a question or answer: %s", name, len(left_out),
+                    ", ".join(left_out[:3]))
     seen: dict[str, int] = {}
     for i, sample in enumerate(samples):
         if sample.id in seen:
@@ -448,18 +275,22 @@ def load_benchmark(
                 "ids key the prediction cache and must be unique"
             )
         seen[sample.id] = i
+    if spec.repeated:
+        samples = [replace(s, id=f"{s.id}#{r}", group=s.id, run=r) for s in samples for r in range(runs)]
     return samples
 
 
 def parse_dataset_names(spec: str) -> tuple[str, ...]:
-    """``"all"`` or a comma-separated list, validated, in the given order, without repeats."""
-    if spec.strip() == "all":
-        return BENCHMARKS
+    """``"all"`` (the released tool's five), ``"paper"`` (Table 2's ten) or a comma-separated
+    list, validated, in the given order, without repeats."""
+    sets = {"all": RELEASED_BENCHMARKS, "paper": PAPER_BENCHMARKS}
+    if spec.strip() in sets:
+        return sets[spec.strip()]
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:
         raise ValueError(
-            f"--datasets {spec!r}: unknown {unknown or 'empty list'}; "
-            f"use 'all' or a comma-separated subset of {','.join(BENCHMARKS)}"
+            f"--datasets {spec!r}: unknown {unknown or 'empty list'}; use 'all' (the released "
+            f"tool's five), 'paper' (Table 2's ten) or a comma-separated subset of {','.join(BENCHMARKS)}"
         )
     return tuple(dict.fromkeys(names))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ def fixture_rows() -> dict[str, list[tuple[dict, str, Any]]]:
 
 
 def _write_files(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> None:
-    for i, (row, rel, image) in enumerate(rows["geo3k"]):
+    for i, (row, rel, image) in enumerate(rows.get("geo3k", [])):
         folder = root / "geometry3k" / "test" / str(i)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "data.json").write_text(json.dumps(row, indent=1), encoding="utf-8")
@@ -180,6 +181,8 @@ def _write_files(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> No
         "mathvision": ("mathvision", "test.jsonl", "", "jsonl"),
     }
     for name, (subdir, filename, image_dir, kind) in places.items():
+        if name not in rows:
+            continue
         base = root / subdir
         for _row, rel, image in rows[name]:
             path = base / image_dir / rel
@@ -211,31 +214,33 @@ def _write_parquet(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> 
                     "problem": "<image>" + row["annotat_text"],
                     "answer": row["choices"]["ABCD".index(row["answer"])],
                 }
-                for row, rel, image in rows["geo3k"]
+                for row, rel, image in rows.get("geo3k", [])
             ],
         ),
         "wemath": (
             "wemath/testmini-00000-of-00001.parquet",
-            [{**row, "image_path": struct(rel, image)} for row, rel, image in rows["wemath"]],
+            [{**row, "image_path": struct(rel, image)} for row, rel, image in rows.get("wemath", [])],
         ),
         "mathvista": (
             "mathvista/data/testmini-00000-of-00001.parquet",
-            [{**row, "decoded_image": struct(rel, image)} for row, rel, image in rows["mathvista"]],
+            [{**row, "decoded_image": struct(rel, image)} for row, rel, image in rows.get("mathvista", [])],
         ),
         "mathverse": (
             "mathverse/testmini.parquet",
-            [{**row, "image": struct(rel, image)} for row, rel, image in rows["mathverse"]],
+            [{**row, "image": struct(rel, image)} for row, rel, image in rows.get("mathverse", [])],
         ),
         "mathvision": (
             "mathvision/data/test-00000-of-00001.parquet",
             [
                 {**row, "decoded_image": struct(rel, image)}
-                for row, rel, image in rows["mathvision"]
+                for row, rel, image in rows.get("mathvision", [])
             ],
         ),
     }
     written = {}
     for name, (rel_path, data) in tables.items():
+        if name not in rows:
+            continue
         path = root / rel_path
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(data), path)
@@ -274,14 +279,35 @@ def _write_hub_cache(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -
             (target / "dataset_info.json").write_text(json.dumps(info))
 
 
-def write_fixture_datasets(root: str | Path, *, layout: str = "files") -> dict[str, int]:
-    """Write the five tiny benchmarks under ``root`` (a ``--dataset-dir``) as the released
-    files ("files"), the Hub's parquet files ("parquet") or a datasets cache folder ("hub-cache");
-    returns the number of samples per benchmark."""
+def write_fixture_datasets(
+    root: str | Path, *, layout: str = "files", names: Iterable[str] | None = None
+) -> dict[str, int]:
+    """Write tiny benchmarks under ``root`` (a ``--dataset-dir``): the released tool's five as
+    the released files ("files"), the Hub's parquet files ("parquet") or a datasets cache folder
+    ("hub-cache"), and the paper's others (`fixtures_paper`) in their one layout, except under
+    "hub-cache". ``names``: which (default: every benchmark). Returns the samples per benchmark
+    written (AIME: problems, before --aime-runs repeats them)."""
+    from megatron_revisual.evaluation.datasets import BENCHMARKS, RELEASED_BENCHMARKS
+    from megatron_revisual.evaluation.fixtures_paper import (
+        PAPER_FIXTURE_COUNTS,
+        PAPER_FIXTURE_WRITERS,
+    )
+
     writers = {"files": _write_files, "parquet": _write_parquet, "hub-cache": _write_hub_cache}
     if layout not in writers:
         raise ValueError(f"layout must be one of {sorted(writers)}, got {layout!r}")
+    wanted = list(BENCHMARKS if names is None else names)
+    unknown = [n for n in wanted if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"no fixture for {unknown}; known: {list(BENCHMARKS)}")
     root = Path(root)
-    rows = fixture_rows()
-    writers[layout](root, rows)
-    return {name: len(r) for name, r in rows.items()}
+    rows = {name: r for name, r in fixture_rows().items() if name in wanted}
+    if rows:
+        writers[layout](root, rows)
+    counts = {name: len(r) for name, r in rows.items()}
+    if layout != "hub-cache":
+        for name in wanted:
+            if name not in RELEASED_BENCHMARKS:
+                PAPER_FIXTURE_WRITERS[name](root)
+                counts[name] = PAPER_FIXTURE_COUNTS[name]
+    return counts

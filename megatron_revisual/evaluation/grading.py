@@ -11,7 +11,12 @@ only what evaluation needs on top:
   prompts ask for "the correct option letter ... at the end") is read too;
 * unicode math in gold answers ("2√{3}", "3π", "60°", as MathVerse writes them) turned into
   LaTeX before math-verify, and a plain-text fallback for answers it does not parse ("Yes");
-* MathVista's ``precision`` for float answers (its answers are rounded to that many decimals).
+* MathVista's ``precision`` for float answers (its answers are rounded to that many decimals);
+* the rules of benchmarks whose official scripts grade otherwise (``rule``): ``dynamath_float``
+  (within 0.001 of the truth, "2π" read as 2 x pi) and ``dynamath_text`` (the truth contained
+  in the answer), DynaMath's evaluation/opensource_json_eval.py; ``letter_set`` (the chosen
+  letters, or numbers, as a set equal to the truth's "B, D"), LogicVista's
+  eval/extract_accuracy.py with a rule-based extraction instead of its GPT-4 extractor.
 
 A response without a readable answer scores 0 and is marked ``parsed=False``: it is counted,
 never an error.
@@ -19,12 +24,14 @@ never an error.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from megatron_revisual.rl.rewards import answers_match, extract_answer, graded_expression
 
 __all__ = [
+    "GRADING_RULES",
     "OPTION_LETTERS",
     "Grade",
     "grade_response",
@@ -34,6 +41,7 @@ __all__ = [
 ]
 
 OPTION_LETTERS = "ABCDEFGH"
+GRADING_RULES = ("default", "dynamath_float", "dynamath_text", "letter_set")
 
 # "\text{B}", "\mathrm{B}", "\textbf{(B)}": unwrap before reading the letter.
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
@@ -180,6 +188,44 @@ def _free_form_correct(extracted: str, ground_truth: str, *, precision: int | No
     return bool(wanted) and wanted == _normalize_text(extracted)
 
 
+def _final_text(response: str) -> str | None:
+    extracted = extract_answer(response)
+    return _trailing_letter(response) if extracted is None else extracted
+
+
+def _number(text: str) -> float | None:
+    """A number as DynaMath's answers are written: "3.5", "-2", "2π" / "2\\pi" (x pi)."""
+    text = _unwrap_latex(text).replace(",", "").replace(" ", "")
+    pi = re.fullmatch(r"([-+]?\d*\.?\d*)(?:π|\\pi)", text)
+    try:
+        if pi:
+            coefficient = pi.group(1)
+            return math.pi * (float(coefficient) if coefficient not in ("", "+", "-") else float(coefficient + "1"))
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _grade_by_rule(response: str, ground_truth: str, rule: str) -> Grade:
+    extracted = _final_text(response)
+    if extracted is None:
+        return Grade(extracted=None, prediction=None, parsed=False, correct=False)
+    if rule == "dynamath_text":
+        return Grade(extracted=extracted, prediction=extracted, parsed=True, correct=ground_truth in extracted)
+    if rule == "dynamath_float":
+        value, truth = _number(extracted), _number(ground_truth)
+        if value is None or truth is None:
+            return Grade(extracted=extracted, prediction=None, parsed=False, correct=False)
+        return Grade(extracted=extracted, prediction=repr(value), parsed=True, correct=abs(value - truth) <= 1e-3)
+    # letter_set: the truth's kind of token (letters, else numbers), chosen ones as a set
+    wanted = sorted(t.strip().upper() for t in ground_truth.split(",") if t.strip())
+    token = r"(?<![A-Za-z])[A-H](?![A-Za-z])" if all(t.isalpha() for t in wanted) else r"\d+"
+    chosen = sorted(set(re.findall(token, _unwrap_latex(extracted))))
+    if not chosen:
+        return Grade(extracted=extracted, prediction=None, parsed=False, correct=False)
+    return Grade(extracted=extracted, prediction=", ".join(chosen), parsed=True, correct=chosen == wanted)
+
+
 def grade_response(
     response: str,
     ground_truth: str,
@@ -187,8 +233,14 @@ def grade_response(
     multiple_choice: bool,
     choices: tuple[str, ...] = (),
     precision: int | None = None,
+    rule: str = "default",
 ) -> Grade:
-    """Grade one response; ``ground_truth`` is the option letter when ``multiple_choice``."""
+    """Grade one response; ``ground_truth`` is the option letter when ``multiple_choice``.
+    ``rule`` other than "default" grades by that benchmark's own rule (module docstring)."""
+    if rule not in GRADING_RULES:
+        raise ValueError(f"rule={rule!r}; use one of {GRADING_RULES}")
+    if rule != "default":
+        return _grade_by_rule(response, ground_truth, rule)
     extracted = extract_answer(response)
     if multiple_choice:
         letter = option_letter(extracted, choices) if extracted is not None else None

@@ -22,16 +22,37 @@ is 525 on the full testmini. Problems missing a sub-problem or the multi-step ro
 with --max-samples) are left out and counted in ``incomplete_problems``. S1 / S2 / S3 are the
 accuracies on the one-step sub-problems, the two-step and the three-step problems (of the
 complete problems), as in WeMath's ``accuracy.py``.
+
+DynaMath (Zou et al., 2024, arXiv 2411.00836): each seed question comes in variants (10 in
+DynaMath_Sample); the average-case accuracy is the accuracy over all variants, the worst-case
+accuracy the share of seed questions answered correctly in every variant. The paper's Table 2
+column is taken to be the worst case (ASSUMPTION: the paper does not say; its numbers, e.g.
+Qwen-2.5-VL-7B 12.6, are far below that model's usual average-case DynaMath accuracy).
+
+Repeated runs (AIME, --aime-runs n): per problem c of n samples correct; avg@n is the mean
+accuracy over all samples (what Table 2's caption describes: the average over eight runs) and
+pass@k the unbiased estimator 1 - C(n - c, k) / C(n, k) averaged over problems (Chen et al.,
+2021), for k = 1, 2, 4, ... up to n (pass@1 equals avg@n).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["markdown_report", "summarize", "summarize_dataset", "wemath_metrics"]
+__all__ = [
+    "dynamath_metrics",
+    "headline_accuracy",
+    "markdown_report",
+    "pass_at_k",
+    "repeated_metrics",
+    "summarize",
+    "summarize_dataset",
+    "wemath_metrics",
+]
 
 _WEMATH_KEY = re.compile(r"([23])steps_(\d+|multi)")
 
@@ -116,6 +137,56 @@ def wemath_metrics(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _by_group(records: Iterable[Mapping[str, Any]]) -> dict[str, list[bool]]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        if r.get("group") is not None:
+            groups[str(r["group"])].append(bool(r["correct"]))
+    return groups
+
+
+def dynamath_metrics(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Worst-case (every variant right) and average-case accuracy over DynaMath's seed questions."""
+    groups = _by_group(records)
+    total = sum(len(v) for v in groups.values())
+    return {
+        "seed_questions": len(groups),
+        "variants": total,
+        "worst_case": _ratio(sum(all(v) for v in groups.values()), len(groups)),
+        "average_case": _ratio(sum(sum(v) for v in groups.values()), total),
+    }
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with c of n samples correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    return 1.0 - (math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0)
+
+
+def repeated_metrics(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """avg@n and pass@k over problems asked n times each (module docstring)."""
+    groups = _by_group(records)
+    if not groups:
+        return {"problems": 0, "runs": 0, "avg": None, "pass@k": {}}
+    n = min(len(v) for v in groups.values())
+    ks = sorted({k for k in (2**i for i in range(n.bit_length())) if k <= n} | {n})
+    return {
+        "problems": len(groups),
+        "runs": n,
+        "avg": _ratio(sum(sum(v) for v in groups.values()), sum(len(v) for v in groups.values())),
+        "pass@k": {str(k): sum(pass_at_k(len(v), sum(v), k) for v in groups.values()) / len(groups) for k in ks},
+    }
+
+
+def headline_accuracy(name: str, dataset_summary: Mapping[str, Any]) -> float | None:
+    """The number of a benchmark's column in the paper's table: DynaMath's worst case, else the
+    accuracy over all samples (for repeated runs: avg@n)."""
+    if name == "dynamath" and "dynamath" in dataset_summary:
+        return dataset_summary["dynamath"]["worst_case"]
+    return dataset_summary["accuracy"]
+
+
 def summarize_dataset(name: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Accuracy of one benchmark, its per-category breakdown and (WeMath) its own metrics."""
     out = _counts(records)
@@ -128,17 +199,23 @@ def summarize_dataset(name: str, records: Sequence[Mapping[str, Any]]) -> dict[s
     out["sub_metrics"] = {k: _counts(v) for k, v in sorted(by_subset.items())}
     if name == "wemath":
         out["wemath"] = wemath_metrics(records)
+    if name == "dynamath":
+        out["dynamath"] = dynamath_metrics(records)
+    if any(r.get("run") is not None for r in records):
+        out["repeated"] = repeated_metrics(records)
+    out["headline"] = headline_accuracy(name, out)
     return out
 
 
 def summarize(records: Sequence[Mapping[str, Any]], datasets: Sequence[str]) -> dict[str, Any]:
-    """Per-dataset summaries plus the overall numbers: ``average`` is the mean of the dataset
-    accuracies (the paper's "Avg."), ``accuracy`` the pooled one over all samples."""
+    """Per-dataset summaries plus the overall numbers: ``average`` is the mean of the datasets'
+    headline numbers (the paper's "Avg.": its column per benchmark), ``accuracy`` the pooled
+    accuracy over all samples."""
     per = {
         name: summarize_dataset(name, [r for r in records if r["dataset"] == name])
         for name in datasets
     }
-    accuracies = [d["accuracy"] for d in per.values() if d["accuracy"] is not None]
+    accuracies = [d["headline"] for d in per.values() if d["headline"] is not None]
     overall = _counts(records)
     overall["average"] = _ratio(sum(accuracies), len(accuracies))
     return {"datasets": per, "overall": overall}
@@ -193,4 +270,13 @@ def markdown_report(model: str, summary: Mapping[str, Any]) -> str:
                 )
             lines.append("")
             lines.append(f"S1 {_pct(w['S1'])} %, S2 {_pct(w['S2'])} %, S3 {_pct(w['S3'])} %")
+        if "dynamath" in d:
+            m = d["dynamath"]
+            lines += ["", f"## dynamath ({m['seed_questions']} seed questions, {m['variants']} variants)", "",
+                      f"worst case {_pct(m['worst_case'])} %, average case {_pct(m['average_case'])} %"]
+        if "repeated" in d:
+            m = d["repeated"]
+            ks = ", ".join(f"pass@{k} {_pct(v)} %" for k, v in m["pass@k"].items())
+            lines += ["", f"## {name}: {m['problems']} problems x {m['runs']} runs", "",
+                      f"avg@{m['runs']} {_pct(m['avg'])} %; {ks}"]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,7 @@
-"""`revisual eval`: the ReVisual-R1 benchmarks through an OpenAI-compatible endpoint.
+"""`revisual eval`: the ReVisual-R1 paper's benchmarks through an OpenAI-compatible endpoint.
+
+    revisual eval ... --datasets paper --aime-runs 8           # Table 2's ten, in its layout
+    revisual eval --compare runs/eval/m_summary.json paper     # a run beside the paper's rows
 
 The flags are those of the released evaluation tool (``eval/src/main.py``), with its defaults,
 so its users can switch; the extra ones (--dataset-source, --max-samples, --retry-base-delay,
@@ -53,6 +56,7 @@ from megatron_revisual.evaluation.client import (
 )
 from megatron_revisual.evaluation.datasets import (
     BENCHMARKS,
+    RELEASED_BENCHMARKS,
     DatasetFilesNotFound,
     DatasetFormatError,
     Sample,
@@ -62,6 +66,7 @@ from megatron_revisual.evaluation.datasets import (
 from megatron_revisual.evaluation.grading import grade_response
 from megatron_revisual.evaluation.metrics import markdown_report, summarize
 from megatron_revisual.evaluation.prompts import REVISUAL_SYSTEM_PROMPT
+from megatron_revisual.evaluation.tables import compare_table, paper_layout, run_row
 
 __all__ = ["EvalConfig", "EvalResult", "add_eval_arguments", "evaluate", "run_eval"]
 
@@ -81,8 +86,9 @@ class EvalConfig:
     temperature: float = 0.3
     top_p: float = 0.95
     system_prompt: str = REVISUAL_SYSTEM_PROMPT
-    datasets: tuple[str, ...] = BENCHMARKS
+    datasets: tuple[str, ...] = RELEASED_BENCHMARKS
     dataset_dir: Path | None = None
+    aime_runs: int = 8  # samples per AIME problem (the paper's caption: eight runs)
     dataset_source: str = "auto"
     eval_threads: int = 8
     max_retries: int = 3
@@ -108,6 +114,8 @@ class EvalConfig:
             )
         if self.max_samples is not None and self.max_samples < 1:
             problems.append(f"--max-samples {self.max_samples} must be >= 1")
+        if self.aime_runs < 1:
+            problems.append(f"--aime-runs {self.aime_runs} must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -147,6 +155,7 @@ def _record(sample: Sample, completion: dict[str, Any], *, cached: bool) -> dict
         multiple_choice=sample.multiple_choice,
         choices=sample.choices,
         precision=sample.precision,
+        rule=sample.grading,
     )
     return {
         "dataset": sample.dataset,
@@ -157,6 +166,8 @@ def _record(sample: Sample, completion: dict[str, Any], *, cached: bool) -> dict
         "subsets": list(sample.subsets),
         "group": sample.group,
         "step": sample.step,
+        "run": sample.run,
+        "grading": sample.grading,
         "response": response,
         "extracted": grade.extracted,
         "prediction": grade.prediction,
@@ -184,7 +195,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     # Every dataset is loaded before the first request, so a missing file fails fast.
     samples = {
         name: load_benchmark(
-            name, config.dataset_dir, source=config.dataset_source, limit=config.max_samples
+            name, config.dataset_dir, source=config.dataset_source, limit=config.max_samples,
+            runs=config.aime_runs,
         )
         for name in config.datasets
     }
@@ -308,7 +320,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     markdown_path = config.output_dir / f"{stem}_summary.md"
     _write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     _write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(markdown_path, markdown_report(config.model_name, summary))
+    table = "\n## In the layout of the paper's Table 2 (percent)\n\n" + paper_layout([run_row(summary)])
+    _write_atomic(markdown_path, markdown_report(config.model_name, summary) + table)
     dataset_paths = []
     for name in config.datasets:
         path = config.output_dir / f"{stem}___{name}.json"
@@ -349,7 +362,7 @@ def _released_result(record: dict[str, Any]) -> dict[str, Any]:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `revisual eval` (the released tool's names and defaults, plus a few)."""
     p = parser
-    p.add_argument("--model-name", required=True, help="model name as the endpoint serves it")
+    p.add_argument("--model-name", help="model name as the endpoint serves it (required unless only comparing)")
     p.add_argument(
         "--openai-api-key",
         default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
@@ -373,7 +386,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--datasets",
         default="all",
-        help=f"comma-separated subset of {','.join(BENCHMARKS)}, or 'all'",
+        help=f"comma-separated subset of {','.join(BENCHMARKS)}; 'all': the released tool's "
+        f"{','.join(RELEASED_BENCHMARKS)}; 'paper': the ten of the paper's Table 2",
+    )
+    p.add_argument(
+        "--aime-runs", type=int, default=8,
+        help="samples per AIME 2024 / 2025 problem; scored as their mean (avg@n) with pass@k "
+        "beside it (default 8: the paper's Table 2 caption, 'averaged over eight runs')",
+    )
+    p.add_argument(
+        "--compare", nargs="+", metavar="FILE", default=None,
+        help="print runs side by side in the paper's table layout: <model>_summary.json files "
+        "(or folders holding one) and/or 'paper' (the paper's Table 2 rows and each run's gap "
+        "to its ReVisual-R1); with --model-name, this run comes first",
     )
     p.add_argument(
         "--dataset-dir", type=Path, default=None, help="local benchmark files (see docs)"
@@ -410,6 +435,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """`revisual eval`; 0 on success, 1 if the endpoint failed or more samples errored than
     --allow-errors, 2 for bad input (module docstring)."""
+    if args.model_name is None:
+        if not args.compare:
+            print("revisual eval: error: --model-name is required (or --compare FILE... alone)", file=sys.stderr)
+            return 2
+        try:
+            print(compare_table(args.compare), end="")
+        except (OSError, ValueError) as e:
+            print(f"revisual eval: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         config = EvalConfig(
             model_name=args.model_name,
@@ -432,9 +467,12 @@ def run_eval(args: argparse.Namespace) -> int:
             request_timeout=args.request_timeout,
             max_samples=args.max_samples,
             allow_errors=args.allow_errors,
+            aime_runs=args.aime_runs,
         )
+        if args.compare:  # a bad --compare file fails before any request
+            compare_table(args.compare)
         result = evaluate(config)
-    except (DatasetFilesNotFound, DatasetFormatError, EndpointMismatch, ValueError) as e:
+    except (DatasetFilesNotFound, DatasetFormatError, EndpointMismatch, ValueError, FileNotFoundError) as e:
         print(f"revisual eval: error: {e}", file=sys.stderr)
         return 2
     except ServerUnavailable as e:
@@ -444,6 +482,8 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         return 1
     print(result.markdown_path.read_text(encoding="utf-8"), end="")
+    if args.compare:
+        print("\n" + compare_table(args.compare, current=run_row(result.summary)), end="")
     print(f"results: {result.samples_path}, {result.summary_path}, {result.markdown_path}")
     if result.errors > config.allow_errors:
         first = next(r for r in result.records if r["error"])

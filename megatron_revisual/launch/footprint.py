@@ -19,10 +19,13 @@ import sys
 
 from megatron_revisual.config.schema import ModelConfig, RunConfig
 
-__all__ = ["RolloutFootprint", "kv_cache_bytes_per_token", "parameter_count", "rollout_footprint"]
+__all__ = ["H100_GIB", "RolloutFootprint", "kv_cache_bytes_per_token", "parameter_count", "rollout_footprint"]
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# The memory CUDA reports for one H100 80GB (torch.cuda.mem_get_info's total): the base of vLLM's
+# rollout.gpu_memory_utilization, and what `revisual plan` plans against unless told otherwise.
+H100_GIB = 79.2
 
 
 def parameter_count(m: ModelConfig) -> dict[str, int]:
@@ -76,7 +79,7 @@ class RolloutFootprint:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def rollout_footprint(cfg: RunConfig, stage: str, *, gpu_gib: float = 80.0) -> RolloutFootprint:
+def rollout_footprint(cfg: RunConfig, stage: str, *, gpu_gib: float = H100_GIB) -> RolloutFootprint:
     """The colocated engines of GRPO stage `stage` on `gpu_gib` GPUs."""
     s = getattr(cfg, stage)
     r, m, p = s.rollout, cfg.model, cfg.parallel
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_revisual.launch.footprint", description=__doc__.split("\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--gpu-gib", type=float, default=80.0)
+    parser.add_argument("--gpu-gib", type=float, default=H100_GIB)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     counts = parameter_count(cfg.model)

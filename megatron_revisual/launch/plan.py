@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from megatron_revisual.config import (
     ConfigError,
     ConfigValidationError,
     RunConfig,
-    load_config,
     read_raw_config,
 )
 from megatron_revisual.config.validate import validate_for_training
+from megatron_revisual.prepare import load_config_as_prepared
 
 # The trainer's "stopped, resumable" exit code (EX_TEMPFAIL): it checkpointed on a stop request.
 EXIT_STOPPED = 75
@@ -145,16 +144,12 @@ def validate_plan(plan: LaunchPlan) -> RunConfig:
         raise LaunchError(f"{where}: nodes and ranks per node must be >= 1")
     overrides = [*plan.overrides, *plan.shape_overrides()]
     try:
-        with tempfile.TemporaryDirectory(prefix="revisual-launch-check-") as tmp:
-            stand_in = _tiny_model_stand_in(plan.recipe, overrides, Path(tmp))
-            cfg = load_config(plan.recipe, overrides + stand_in)
-            validate_for_training(cfg)  # the job is `revisual train`
+        cfg = load_config_as_prepared(plan.recipe, overrides)
+        validate_for_training(cfg)  # the job is `revisual train`
     except ConfigValidationError as e:
         raise LaunchError(f"{where} does not fit:\n  - " + "\n  - ".join(e.problems)) from None
     except ConfigError as e:
         raise LaunchError(f"{where}: {e}") from None
-    if stand_in:  # report the real path, not the temporary one
-        cfg.model.hf_path = read_raw_config(plan.recipe, overrides)["model"]["hf_path"]
     if cfg.cluster.backend == "nccl":  # GPUs: the memory plan must fit too (`revisual plan`)
         from megatron_revisual.launch.planner import plan_run
 
@@ -165,17 +160,33 @@ def validate_plan(plan: LaunchPlan) -> RunConfig:
     return cfg
 
 
-def _tiny_model_stand_in(recipe: str, overrides: list[str], tmp: Path) -> list[str]:
-    """[`model.hf_path=<tmp>`] holding the tiny model's config.json when the recipe's `prepare`
-    step will write model.hf_path and it does not exist yet; [] otherwise."""
-    raw = read_raw_config(recipe, overrides)
-    hf_path = (raw.get("model") or {}).get("hf_path")
-    if not (raw.get("prepare") or {}).get("tiny_model") or not hf_path or (Path(hf_path) / "config.json").exists():
-        return []
-    from megatron_revisual.testing.tiny_checkpoint import build_hf_config
+DEFAULT_DATA_ROWS = 64
 
-    build_hf_config().to_json_file(str(tmp / "config.json"))
-    return [f"model.hf_path={tmp}"]
+
+def check_launch_data(plan: LaunchPlan, cfg: RunConfig, *, rows: int = DEFAULT_DATA_ROWS) -> str:
+    """`revisual data` on the first `rows` rows of every source before a job is submitted
+    (`train.data_check`); what `prepare` writes at the run's start is left out. Returns the
+    report; raises LaunchError naming the failed sections."""
+    from megatron_revisual.prepare import prepared_data_dir
+    from megatron_revisual.train.data_check import (
+        DataSourceError,
+        check_data_sources,
+        dry_run,
+        format_report,
+    )
+
+    prepared = prepared_data_dir(read_raw_config(plan.recipe, list(plan.overrides)))
+    try:
+        notes = check_data_sources(cfg, skip_under=prepared)
+    except DataSourceError as e:
+        raise LaunchError(f"recipe {plan.recipe}: {e}") from None
+    reports = dry_run(cfg, rows=rows, skip_under=prepared)
+    text = "".join(f"note: {n}\n" for n in notes) + format_report(reports)
+    failed = [r.option for r in reports if not r.ok]
+    if failed:
+        raise LaunchError(f"recipe {plan.recipe}: the data of {', '.join(failed)} would not train "
+                          f"(first {rows} rows; `revisual data {plan.recipe}` for all of them):\n{text}")
+    return text
 
 
 def describe(cfg: RunConfig) -> str:

@@ -2,7 +2,7 @@
 job is queued.
 
     revisual plan configs/qwen25_vl_7b_8xh100.yaml [parallel.tensor_model_parallel_size=2 ...]
-        [--gpu-gib 80] [--mfu 0.35] [--peak-tflops 989]
+        [--gpu-gib 79.2] [--reserve-gib 3] [--margin-gib 4] [--mfu 0.35] [--peak-tflops 989]
 
 Per GPU of the fullest pipeline stage, for every stage of the curriculum:
 - parameters (the model's dtype), gradients (fp32 main-grad buffers: the DDP reduces in fp32)
@@ -28,10 +28,16 @@ Per GPU of the fullest pipeline stage, for every stage of the curriculum:
 - a step-time estimate from FLOPs at a stated MFU: 6 x parameters per token plus causal
   attention (+ a forward with full recomputation; GRPO adds the old- and reference-log-prob
   forwards). Generation is memory-bound and not estimated.
-When a stage does not fit, the plan names the first change (of recomputation, a larger CP, a larger TP, a
-larger PP, a smaller engine share, smaller micro-batches) that makes it fit.
-Vision activations and framework overheads (CUDA context, NCCL buffers, fragmentation) are not
-counted: keep some GiB of headroom.
+The GPU: the memory CUDA reports (79.2 GiB for an H100 80GB, `--gpu-gib`), less a stated
+reserve for what no tensor of ours holds (`RESERVE_GIB`: the CUDA context and kernel images,
+NCCL's communicator buffers, cuBLAS / cuDNN / Transformer Engine workspaces; `--reserve-gib`). A
+stage fits when its peak leaves at least `MIN_MARGIN_GIB` (4 GiB, `--margin-gib`) of what is left:
+the margin absorbs the caching allocator's fragmentation, vLLM's CUDA graphs and vision
+activations (not counted), and the planner's own error (within 6% of measured memory on CPU).
+For a GRPO stage the plan also gives the largest `rollout.gpu_memory_utilization` its resident
+state leaves room for with that margin. When a stage does not fit, the plan names the first
+change (of recomputation, a larger CP, a larger TP, a larger PP, that engine share, smaller
+micro-batches) that makes it fit.
 """
 
 from __future__ import annotations
@@ -44,11 +50,26 @@ import sys
 from collections.abc import Callable
 
 from megatron_revisual.config.schema import ModelConfig, RunConfig
-from megatron_revisual.launch.footprint import DTYPE_BYTES, GIB, parameter_count, rollout_footprint
+from megatron_revisual.launch.footprint import (
+    DTYPE_BYTES,
+    GIB,
+    H100_GIB,
+    parameter_count,
+    rollout_footprint,
+)
 
-__all__ = ["LayerCounts", "StagePlan", "local_parameters", "plan_pipeline_stages", "plan_run", "plan_stage"]
+__all__ = ["MIN_MARGIN_GIB", "RESERVE_GIB", "LayerCounts", "StagePlan", "local_parameters", "plan_pipeline_stages",
+           "plan_run", "plan_stage"]
 
 VOCAB_DIVISOR = 128  # Megatron's make_vocab_size_divisible_by
+# Per GPU, outside every tensor the plan counts (typical sizes on H100s with CUDA 13; stated, not
+# measured here: no GPU has run this).
+RESERVE_GIB = {
+    "CUDA context and kernel images": 0.75,  # larger with Transformer Engine's and vLLM's kernels
+    "NCCL communicators": 1.5,  # TP, DP, CP, PP, amax and embedding groups, and vLLM's own
+    "cuBLAS / cuDNN / TE workspaces": 0.75,
+}
+MIN_MARGIN_GIB = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +145,8 @@ class StagePlan:
     kv_cache_gib: float
     step_seconds: float
     tokens_per_step: int
+    reserve_gib: float = sum(RESERVE_GIB.values())
+    min_margin_gib: float = MIN_MARGIN_GIB
     suggestion: str | None = None
 
     @property
@@ -143,8 +166,22 @@ class StagePlan:
         return max(self.train_peak_gib, self.rollout_peak_gib)
 
     @property
+    def margin_gib(self) -> float:
+        """What the peak leaves of the GPU after the reserve."""
+        return self.gpu_gib - self.reserve_gib - self.peak_gib
+
+    @property
     def fits(self) -> bool:
-        return self.peak_gib <= self.gpu_gib
+        return self.margin_gib >= self.min_margin_gib
+
+    @property
+    def largest_engine_share(self) -> float | None:
+        """The largest rollout.gpu_memory_utilization (two decimals, rounded down) that leaves the
+        margin beside this stage's resident training state; None for SFT."""
+        if self.kind != "grpo":
+            return None
+        room = self.gpu_gib - self.reserve_gib - self.min_margin_gib - self.resident_gib
+        return max(0.0, math.floor(room / self.gpu_gib * 100 + 1e-9) / 100)
 
     def table(self) -> str:
         rows = [
@@ -158,8 +195,13 @@ class StagePlan:
                      ("  of which weights", self.engine_weights_gib), ("  of which KV cache (bound)", self.kv_cache_gib),
                      ("rollout peak", self.rollout_peak_gib)]
         lines = [f"  {name:<36} {gib:8.2f} GiB" for name, gib in rows]
-        verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"  {'peak':<36} {self.peak_gib:8.2f} GiB of {self.gpu_gib:g}: {verdict}")
+        lines.append(f"  {'peak':<36} {self.peak_gib:8.2f} GiB")
+        lines.append(f"  {'reserve (CUDA, NCCL, workspaces)':<36} {self.reserve_gib:8.2f} GiB")
+        verdict = "fits" if self.fits else f"DOES NOT FIT (needs a margin of {self.min_margin_gib:g} GiB)"
+        lines.append(f"  {'margin':<36} {self.margin_gib:8.2f} GiB of {self.gpu_gib:g}: {verdict}")
+        if self.largest_engine_share is not None:
+            lines.append(f"  {'largest engine share with the margin':<36} {self.largest_engine_share:8.2f}"
+                         f" (rollout.gpu_memory_utilization)")
         lines.append(f"  {'step (training FLOPs at the MFU)':<36} {self.step_seconds:8.1f} s "
                      f"({self.tokens_per_step:,} tokens)")
         if self.suggestion:
@@ -201,18 +243,23 @@ def _logits_bytes(tokens: int, local_vocab: int, dtype_bytes: int) -> int:
     return tokens * local_vocab * 3 * dtype_bytes + chunk * local_vocab * 4 * 4
 
 
-def plan_stage(cfg: RunConfig, stage: str, *, gpu_gib: float = 80.0, mfu: float = 0.35,
-               peak_tflops: float = 989.0) -> StagePlan:
+def plan_stage(cfg: RunConfig, stage: str, *, gpu_gib: float = H100_GIB, mfu: float = 0.35,
+               peak_tflops: float = 989.0, reserve_gib: float | None = None,
+               margin_gib: float = MIN_MARGIN_GIB) -> StagePlan:
     """The memory and step time of `stage` (a name in cfg.stages) on one GPU of its fullest
-    pipeline stage."""
-    plans = plan_pipeline_stages(cfg, stage, gpu_gib=gpu_gib, mfu=mfu, peak_tflops=peak_tflops)
+    pipeline stage. `reserve_gib` None: the sum of `RESERVE_GIB`."""
+    plans = plan_pipeline_stages(cfg, stage, gpu_gib=gpu_gib, mfu=mfu, peak_tflops=peak_tflops,
+                                 reserve_gib=reserve_gib, margin_gib=margin_gib)
     return max(plans, key=lambda plan: plan.peak_gib)
 
 
-def plan_pipeline_stages(cfg: RunConfig, stage: str, *, gpu_gib: float = 80.0, mfu: float = 0.35,
-                         peak_tflops: float = 989.0) -> list[StagePlan]:
+def plan_pipeline_stages(cfg: RunConfig, stage: str, *, gpu_gib: float = H100_GIB, mfu: float = 0.35,
+                         peak_tflops: float = 989.0, reserve_gib: float | None = None,
+                         margin_gib: float = MIN_MARGIN_GIB) -> list[StagePlan]:
     """`plan_stage` for every pipeline stage, in order."""
-    return [_plan_pipeline_stage(cfg, stage, k, gpu_gib=gpu_gib, mfu=mfu, peak_tflops=peak_tflops)
+    reserve = sum(RESERVE_GIB.values()) if reserve_gib is None else reserve_gib
+    return [dataclasses.replace(_plan_pipeline_stage(cfg, stage, k, gpu_gib=gpu_gib, mfu=mfu, peak_tflops=peak_tflops),
+                                reserve_gib=reserve, min_margin_gib=margin_gib)
             for k in range(cfg.parallel.pipeline_model_parallel_size)]
 
 
@@ -278,7 +325,7 @@ def _plan_pipeline_stage(cfg: RunConfig, stage: str, k: int, *, gpu_gib: float, 
     )
 
 
-def _candidates(cfg: RunConfig, stage: str) -> list[tuple[str, Callable[[RunConfig], None]]]:
+def _candidates(cfg: RunConfig, stage: str, plan: StagePlan) -> list[tuple[str, Callable[[RunConfig], None]]]:
     """Changes to try, in order, each as (override text, in-place edit of a copy)."""
     p, m = cfg.parallel, cfg.model
     s = getattr(cfg, stage)
@@ -299,11 +346,14 @@ def _candidates(cfg: RunConfig, stage: str) -> list[tuple[str, Callable[[RunConf
     if m.num_layers % pp2 == 0 and cfg.cluster.world_size % (pp2 * p.tensor_model_parallel_size) == 0:
         out.append((f"parallel.pipeline_model_parallel_size={pp2}",
                     lambda c: setattr(c.parallel, "pipeline_model_parallel_size", pp2)))
-    if hasattr(s, "rollout"):
-        for share in (0.5, 0.4, 0.3):
-            if share < s.rollout.gpu_memory_utilization:
-                out.append((f"{stage}.rollout.gpu_memory_utilization={share}",
-                            lambda c, share=share: setattr(getattr(c, stage).rollout, "gpu_memory_utilization", share)))
+    if hasattr(s, "rollout") and plan.largest_engine_share is not None:
+        share = plan.largest_engine_share
+        # an engine holds its weights and some KV cache: a share below that is no answer
+        if share < s.rollout.gpu_memory_utilization and share * plan.gpu_gib > plan.engine_weights_gib + 2:
+            change = (f"{stage}.rollout.gpu_memory_utilization={share}",
+                      lambda c: setattr(getattr(c, stage).rollout, "gpu_memory_utilization", share))
+            # the engine's share is the first answer when generation is what does not fit
+            out.insert(0, change) if plan.rollout_peak_gib >= plan.train_peak_gib else out.append(change)
         half = s.micro_batch_tokens // 2
         out.append((f"{stage}.micro_batch_tokens={half}", lambda c: setattr(getattr(c, stage), "micro_batch_tokens", half)))
     return out
@@ -314,7 +364,7 @@ def _with_suggestion(cfg: RunConfig, stage: str, plan: StagePlan, **kw) -> Stage
         return plan
     from megatron_revisual.config.validate import ConfigValidationError, validate_config
 
-    for text, edit in _candidates(cfg, stage):
+    for text, edit in _candidates(cfg, stage, plan):
         changed = copy.deepcopy(cfg)
         edit(changed)
         try:
@@ -336,21 +386,29 @@ def plan_run(cfg: RunConfig, **kw) -> list[StagePlan]:
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML recipe under configs/")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_model_parallel_size=2")
-    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (default 80: H100)")
+    parser.add_argument("--gpu-gib", type=float, default=H100_GIB,
+                        help=f"memory CUDA reports for one GPU (default {H100_GIB}: H100 80GB)")
+    parser.add_argument("--reserve-gib", type=float, default=sum(RESERVE_GIB.values()),
+                        help="per GPU, for the CUDA context, NCCL buffers and library workspaces (default "
+                             + ", ".join(f"{k} {v:g}" for k, v in RESERVE_GIB.items()) + ")")
+    parser.add_argument("--margin-gib", type=float, default=MIN_MARGIN_GIB,
+                        help=f"the least a stage's peak must leave after the reserve (default {MIN_MARGIN_GIB:g})")
     parser.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilization for the step time")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOPs of one GPU (H100 SXM)")
 
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; exit 1 when a stage does not fit."""
-    from megatron_revisual.config import load_config
+    from megatron_revisual.prepare import load_config_as_prepared
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config_as_prepared(args.config, args.overrides)
     p = cfg.parallel
     print(f"{args.config}: {cfg.cluster.world_size} GPUs, TP {p.tensor_model_parallel_size} x "
           f"PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size}, {cfg.model.params_dtype}; "
-          f"per GPU of the fullest pipeline stage, {args.gpu_gib:g} GiB, MFU {args.mfu:g}")
-    plans = plan_run(cfg, gpu_gib=args.gpu_gib, mfu=args.mfu, peak_tflops=args.peak_tflops)
+          f"per GPU of the fullest pipeline stage, {args.gpu_gib:g} GiB, reserve {args.reserve_gib:g} GiB, "
+          f"margin {args.margin_gib:g} GiB, MFU {args.mfu:g}")
+    plans = plan_run(cfg, gpu_gib=args.gpu_gib, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                     reserve_gib=args.reserve_gib, margin_gib=args.margin_gib)
     for plan in plans:
         where = f", pipeline stage {plan.pipeline_stage}" if p.pipeline_model_parallel_size > 1 else ""
         print(f"\n[{plan.stage}] ({plan.kind}{where})")

@@ -5,8 +5,10 @@
         --container nvcr.io/nvidia/pytorch:25.01-py3 configs/qwen25_vl_7b_8xh100.yaml --dryrun
     bash slurm/submit.sh --backend gloo --gpus-per-node 2 configs/tiny_cpu_demo.yaml output_dir=runs/x
 
-`#SBATCH --output` cannot create directories, so this wrapper makes the log directory before
-submitting and points --output there. It prints the job id (with --dryrun: the layout, the
+Before submitting (not with --dryrun or --no-data-check) the first --data-rows rows of every
+data source are read through the training code (`revisual data`): a missing source or column,
+or a stage with nothing to train on, is refused with exit 2. `#SBATCH --output` cannot create
+directories, so this wrapper makes the log directory before submitting and points --output there. It prints the job id (with --dryrun: the layout, the
 environment and the exact sbatch command, and submits nothing). Options default to environment
 variables so a site can set them once: REVISUAL_PARTITION, REVISUAL_ACCOUNT, REVISUAL_TIME,
 REVISUAL_CONTAINER_IMAGE, REVISUAL_CONTAINER_MOUNTS, REVISUAL_LOG_DIR.
@@ -24,8 +26,10 @@ from pathlib import Path
 
 from megatron_revisual.launch.plan import (
     BACKENDS,
+    DEFAULT_DATA_ROWS,
     LaunchError,
     LaunchPlan,
+    check_launch_data,
     describe,
     make_plan,
     validate_plan,
@@ -107,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto", help="the trainer's --resume (auto|none|PATH)")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch flag (repeatable)")
     p.add_argument("--dryrun", action="store_true", help="validate and print the sbatch command; submit nothing")
+    p.add_argument("--data-rows", type=int, default=DEFAULT_DATA_ROWS,
+                   help="before submitting, read the first N rows of every data source through the training "
+                   "code (`revisual data`); refused if a stage would train on nothing")
+    p.add_argument("--no-data-check", action="store_true", help="submit without the data check")
     return p
 
 
@@ -127,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     cmd, env = sbatch_command(plan, opts)
     print(f"submit: {plan.recipe}: {describe(cfg)}", file=sys.stderr)
+    if not (args.dryrun or args.no_data_check):
+        try:
+            print(check_launch_data(plan, cfg, rows=args.data_rows), end="", file=sys.stderr)
+        except LaunchError as e:
+            print(f"submit: not submitted: {e}", file=sys.stderr)
+            return 2
     if args.dryrun:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " \\")
         print("  " + shlex.join(cmd))

@@ -1,7 +1,7 @@
 """The device a rank computes on, and the device each collective needs.
 
 Batches are built on the host (tokenizing, packing, image preprocessing) and cross to the compute
-device once, at the model's door (`to_device`, in `train.grpo_step.run_packed_schedule`). Values
+device once, at the model's door (`to_device`, in `train.schedule.run_packed_schedule`). Values
 the step reads back on the host (counts, metrics, log-probs kept for bookkeeping) come back once.
 Collectives take their tensor on the device the group's backend needs (`comm_device`): NCCL
 refuses host tensors, gloo takes host tensors; `all_reduce` here moves a tensor there and back.

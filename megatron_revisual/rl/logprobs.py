@@ -21,8 +21,9 @@ Backward needs no communication: with ``g_y``, ``g_H`` the (TP-replicated) outpu
 which is exactly the slice of the full-vocabulary gradient. This is the same decomposition as
 Megatron's ``vocab_parallel_cross_entropy``, extended with the entropy term the RL loss needs.
 Statistics are computed in at least float32 whatever the logits' dtype; the gradient is returned in the
-logits' dtype. Divide the logits by the sampling temperature before calling, as the released
-code does (``logits.div_(temperature)``), so training log-probs match the rollout's. Columns of
+logits' dtype. ``temperature`` divides the logits after that promotion (the released code divides
+them in place, ``logits.div_(temperature)``, so training log-probs match the rollout's): dividing
+bf16 logits first would round z / T to bf16 again, an error of up to 2^-9 of each logit. Columns of
 the TP-padded vocabulary that are not real tokens should be set to -inf by the caller (they then
 get probability 0 and gradient 0); left as they are, they take probability mass.
 """
@@ -96,6 +97,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         vocab_start: int,
         group: _Group | None,
+        temperature: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         local_vocab = logits.shape[-1]
         rows = chunk_rows(local_vocab)
@@ -106,11 +108,12 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         outputs = []
         for a in range(0, flat_logits.shape[0], rows):
             outputs.append(_chunk_statistics(flat_logits[a:a + rows], flat_index[a:a + rows],
-                                             flat_owned[a:a + rows], group))
+                                             flat_owned[a:a + rows], group, temperature))
         m, log_sum_exp, mean_shifted, log_probs, entropy = (
             torch.cat(parts).reshape(targets.shape) for parts in zip(*outputs, strict=True)
         )
         ctx.save_for_backward(logits, m, log_sum_exp, mean_shifted, safe_index, owned)
+        ctx.temperature = temperature
         # Unused outputs (e.g. entropy when only log-probs enter the loss) then arrive as None.
         ctx.set_materialize_grads(False)
         return log_probs, entropy
@@ -118,8 +121,9 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
         logits, m, log_sum_exp, mean_shifted, safe_index, owned = ctx.saved_tensors
+        temperature = ctx.temperature
         local_vocab = logits.shape[-1]
         rows = chunk_rows(local_vocab)
         grad_out = torch.empty_like(logits)
@@ -129,7 +133,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         index, own, g_lp, g_h = flat(safe_index), flat(owned), flat(grad_log_probs), flat(grad_entropy)
         for a in range(0, z_all.shape[0], rows):
             b = a + rows
-            z = z_all[a:b].to(torch.promote_types(logits.dtype, torch.float32))
+            z = _promoted(z_all[a:b], temperature)
             shifted = z - m[a:b].unsqueeze(-1)
             probs = (shifted - lse[a:b].unsqueeze(-1)).exp()
             grad = torch.zeros_like(shifted)
@@ -141,16 +145,25 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
                 grad -= g.unsqueeze(-1) * probs
                 # +g at the target column, on the rank that owns it only.
                 grad.scatter_add_(-1, index[a:b].unsqueeze(-1), (g * own[a:b].to(g.dtype)).unsqueeze(-1))
+            if temperature != 1.0:
+                grad /= temperature  # d(z / T) / dz
             flat_grad[a:b] = grad.to(logits.dtype)
-        return grad_out, None, None, None
+        return grad_out, None, None, None, None
+
+
+def _promoted(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z = logits / temperature in at least float32: bf16 softmax statistics lose the log-prob
+    differences PPO clips on, and the division happens after the promotion."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return z / temperature if temperature != 1.0 else z
 
 
 def _chunk_statistics(
-    logits: torch.Tensor, safe_index: torch.Tensor, owned: torch.Tensor, group: _Group | None
+    logits: torch.Tensor, safe_index: torch.Tensor, owned: torch.Tensor, group: _Group | None,
+    temperature: float,
 ) -> tuple[torch.Tensor, ...]:
-    """(m, log S, E_p[z - m], log p(y), H) of a chunk of tokens [rows, V / TP]."""
-    # At least float32: bf16 softmax statistics lose the log-prob differences PPO clips on.
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    """(m, log S, E_p[z - m], log p(y), H) of a chunk of tokens [rows, V / TP], z = logits / T."""
+    z = _promoted(logits, temperature)
     # The max only shifts for stability, so no gradient flows through it.
     m = z.max(dim=-1).values
     _all_reduce(m, dist.ReduceOp.MAX, group)
@@ -173,9 +186,10 @@ def vocab_parallel_log_probs_and_entropy(
     *,
     group: _Group | None = None,
     vocab_start_index: int | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p(targets), entropy)``, both float32 (float64 for float64 logits) of shape ``targets.shape``, differentiable
-    w.r.t. ``logits``.
+    """``(log p(targets), entropy)`` of ``softmax(logits / temperature)``, both float32 (float64
+    for float64 logits) of shape ``targets.shape``, differentiable w.r.t. ``logits``.
 
     ``logits``: this rank's shard ``[..., V_local]``; ``targets``: global token ids ``[...]`` in
     ``[0, V_total)``. ``group`` defaults to Megatron's tensor-parallel group (no collectives when
@@ -188,11 +202,14 @@ def vocab_parallel_log_probs_and_entropy(
         )
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
     group = _resolve_group(group)
     if vocab_start_index is None:
         rank = dist.get_rank(group) if group is not None else 0
         vocab_start_index = rank * logits.shape[-1]
-    return _VocabParallelLogProbEntropy.apply(logits, targets.long(), int(vocab_start_index), group)
+    return _VocabParallelLogProbEntropy.apply(logits, targets.long(), int(vocab_start_index), group,
+                                              float(temperature))
 
 
 def vocab_parallel_log_probs(

@@ -393,6 +393,12 @@ class ColocatedRollout:
     def state(self) -> EngineState | None:
         return None if self.cycle is None else self.cycle.state
 
+    def restage(self, *, frozen_prefixes: tuple[str, ...]) -> None:
+        """These engines serve another stage now: its frozen prefixes, and its first sync sends
+        every tensor (what the previous stage froze may train in this one)."""
+        self.frozen_prefixes = frozen_prefixes
+        self.syncs = 0
+
     def shards(self, requests: Sequence[RolloutRequest], costs: Sequence[float] | None) -> list[list[int]]:
         """Request indices per engine."""
         costs = costs if costs is not None else [request_cost(len(r.prompt), len(r.images)) for r in requests]

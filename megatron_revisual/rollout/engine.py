@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from megatron_revisual.parallel.rng import rng_preserved
 from megatron_revisual.rollout.types import (
     EngineCapabilities,
     RolloutBatch,
@@ -99,7 +100,7 @@ class VLLMEngineConfig(EngineConfig):
     engine per rank of an existing torchrun world (the colocated GPU setup); otherwise
     ``tensor_parallel_size`` > 1 starts vLLM's own worker processes, which generate but cannot
     take an in-process weight stream. ``gpu_memory_utilization`` and ``enable_sleep_mode``
-    apply on GPUs; ``cpu_kv_cache_gib`` on CPU (vLLM's ``VLLM_CPU_KVCACHE_SPACE``).
+    apply on GPUs; ``cpu_kv_cache_gib`` on CPU (vLLM's ``kv_cache_memory_bytes``, fractions of a GiB too).
 
     ``cpu_prepack_weights`` (CPU only): False keeps every linear layer's weight as a plain
     tensor used through ``torch.nn.functional.linear``, so a weight sync is one copy per tensor
@@ -150,14 +151,18 @@ def default_engine_config(model_path: str | Path, **settings: Any) -> EngineConf
 
 
 def create_engine(config: EngineConfig) -> RolloutEngine:
-    if isinstance(config, VLLMEngineConfig):
-        from megatron_revisual.rollout.vllm_engine import VLLMEngine
+    """The engine of `config`, started in this process. The process's random generators are as
+    they were before (`parallel.rng.rng_preserved`): vLLM's worker reseeds them all at start,
+    which would otherwise undo a resumed trainer's restored RNG."""
+    with rng_preserved():
+        if isinstance(config, VLLMEngineConfig):
+            from megatron_revisual.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(config)
-    if isinstance(config, HFEngineConfig):
-        from megatron_revisual.rollout.hf_engine import HFEngine
+            return VLLMEngine(config)
+        if isinstance(config, HFEngineConfig):
+            from megatron_revisual.rollout.hf_engine import HFEngine
 
-        return HFEngine(config)
+            return HFEngine(config)
     raise TypeError(f"no engine for config type {type(config).__name__}")
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -191,6 +190,22 @@ def _keep_default_process_group():
         dist.destroy_process_group = destroy
 
 
+def _warn_if_sleep_pool_in_use(config: VLLMEngineConfig) -> None:
+    """After an engine with sleep mode closed on CUDA: vLLM's sleep-mode allocator must hold
+    nothing, or the next engine of this process fails at its weight load ("CuMem allocator can
+    only be used for one instance per process", vllm/v1/worker/gpu_worker.py). Say so here,
+    where the leak is, with its size."""
+    if not (config.enable_sleep_mode and torch.cuda.is_available()):
+        return
+    from vllm.device_allocator import get_mem_allocator_instance
+
+    left = get_mem_allocator_instance().get_current_usage()
+    if left:
+        log.warning("vLLM's sleep-mode memory pool still holds %.2f GiB after the engine closed: a second "
+                    "engine in this process will fail to load (something still references the first "
+                    "engine's weights or KV cache)", left / 2**30)
+
+
 class _DropThreadGuardNotice(logging.Filter):
     """vLLM's renderer sets torch's thread count around every multimodal request, and its CPU
     worker, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), replaces torch.set_num_threads
@@ -209,11 +224,15 @@ class VLLMEngine(RolloutEngine):
         # in this process, so the weight iterator reaches the model without serialisation.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         on_gpu = torch.cuda.is_available()
+        kv_space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
         if config.cpu_kv_cache_gib is not None:
             if on_gpu:
                 log.warning("cpu_kv_cache_gib=%s has no effect on a GPU", config.cpu_kv_cache_gib)
-            # vLLM parses this variable as an integer number of GiB
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(config.cpu_kv_cache_gib)))
+            else:
+                # vLLM parses VLLM_CPU_KVCACHE_SPACE as whole GiB and lets it override the engine
+                # argument: unset while the engine is built, so that kv_cache_memory_bytes
+                # (below) can be a fraction of one
+                os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -244,6 +263,8 @@ class VLLMEngine(RolloutEngine):
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         else:
+            if config.cpu_kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_gib * 2**30)
             # vLLM 0.32 on CPU: a seeded request whose prompt is prefilled in chunks crashes
             # ("CPU Generator does not use offset" when the runner rewinds the discarded
             # sample's generator). Whole-prompt prefills never discard a sample.
@@ -266,6 +287,11 @@ class VLLMEngine(RolloutEngine):
             raise RolloutEngineError(
                 f"vLLM failed to start on {config.model_path}: {type(e).__name__}: {e}"
             ) from e
+        finally:
+            if kv_space is None:
+                os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            else:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv_space
         if self._plain_weights:
             _check_plain_weights(self.llm)
         backend = self.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
@@ -459,3 +485,4 @@ class VLLMEngine(RolloutEngine):
                 import gc
 
                 gc.collect()
+            _warn_if_sleep_pool_in_use(self.config)

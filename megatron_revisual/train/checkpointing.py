@@ -35,7 +35,6 @@ import contextlib
 import errno
 import json
 import os
-import random
 import re
 import shutil
 import socket
@@ -44,9 +43,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_revisual.parallel.rng import set_rng_state
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -63,9 +63,7 @@ __all__ = [
     "remove_stale_writes",
     "restore_optimizer_state",
     "restore_training_state",
-    "rng_state",
     "save_checkpoint",
-    "set_rng_state",
     "training_state_dict",
 ]
 
@@ -190,27 +188,6 @@ def restore_optimizer_state(optimizer: Any, state: list[dict[str, Any]], where: 
         with torch.no_grad():
             for p, v in zip(params, saved["main_params"], strict=True):
                 p.copy_(v)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        state["cuda"] = torch.cuda.get_rng_state()
-        state["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        torch.cuda.set_rng_state(state["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["cuda_tracker"])
 
 
 def _rank_file(ckpt: Path, rank: int) -> Path:

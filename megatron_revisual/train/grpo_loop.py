@@ -30,16 +30,25 @@ from megatron.core import parallel_state as ps
 from megatron_revisual.data.datasets import (
     PromptDataset,
     PromptLoader,
+    dataset_spec,
     load_prompt_dataset,
     rollout_request,
 )
+from megatron_revisual.data.sft import load_tokenizer_and_processor
+from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import pad_step
 from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_reward
 from megatron_revisual.rl.rollout_correction import correction_metrics
-from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, balance, start_engine
+from megatron_revisual.rollout.colocated import (
+    ColocatedRollout,
+    EngineState,
+    Placement,
+    balance,
+    start_engine,
+)
 from megatron_revisual.rollout.engine import load_image
 from megatron_revisual.rollout.types import SamplingConfig
 from megatron_revisual.train.grpo_step import (
@@ -50,21 +59,19 @@ from megatron_revisual.train.grpo_step import (
     compute_log_probs,
     global_loss_counts,
     grpo_update,
-    mrope_config,
     response_values,
 )
 from megatron_revisual.train.stages import (
     _broadcast,
-    dataset_spec,
     dp_info,
-    load_tokenizer_and_processor,
     mean,
     row_multiple,
     skipped_report,
     step_seed,
 )
 
-__all__ = ["GRPOLoop", "load_validation_set", "planned_updates_per_step", "validation_report"]
+__all__ = ["GRPOLoop", "engine_config", "engine_key", "load_validation_set", "logprob_gaps",
+           "planned_updates_per_step", "validation_report"]
 _UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower",
                    "ppo_kl", "grad_norm", "skipped_non_finite")
 
@@ -74,6 +81,7 @@ class _Rollout:
     records: list[Any]  # the step's prompt records
     samples: list[Any]  # RolloutSample, ordered by (request, sample)
     metrics: dict[str, float]
+    engine_of_request: tuple[int, ...] = ()  # the engine that served each request
 
 
 @dataclass(frozen=True)
@@ -201,35 +209,25 @@ class GRPOLoop:
         return {"pad_tau": self.pad_tau(stage_step), "entropy_coef": self.entropy_coef(self.updates_done),
                 "updates_done": self.updates_done}
 
-    def _engine_config(self):
-        """The engine settings of this stage (`rollout.colocated.start_engine` places it)."""
-        from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig
-
-        r = self.stage.rollout
-        settings = {
-            "model_path": str(self.engine_dir),
-            "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.cfg.model.params_dtype],
-            "max_model_len": r.max_prompt_length + r.max_response_length,
-            "max_prompt_tokens": r.max_prompt_length,
-            "seed": self.cfg.train.seed,
-            "max_images_per_prompt": 1 if self.cfg.model.vision is not None else 0,
-        }
-        if r.engine == "transformers":
-            return HFEngineConfig(**settings)
-        on_gpu = torch.cuda.is_available()
-        return VLLMEngineConfig(
-            **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
-            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=on_gpu,
-            cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
-            cpu_prepack_weights=r.cpu_prepack_weights,
-        )
-
     def start(self, resumed_at: int) -> None:
+        """The stage's engines: those the previous GRPO stage left when their settings are this
+        stage's (`StageRunner.keep_rollout`: one engine for the run; it takes this stage's start
+        weights, which are the previous stage's end), else new ones from the stage's start weights."""
         frozen = ("visual.",) if getattr(self.stage, "freeze_vision_tower", False) else ()
         log_dir = Path(self.cfg.output_dir) / "logs"
-        self.rollout = ColocatedRollout(
-            self.placement, lambda: start_engine(self.placement, self._engine_config(), rank=self.rank, log_dir=log_dir),
-            rank=self.rank, frozen_prefixes=frozen)
+        kept = self.runner.take_rollout(engine_key(self.cfg, self.stage))
+        if kept is not None:
+            self.rollout = kept
+            kept.restage(frozen_prefixes=frozen)
+            seconds = self._sync_weights()
+            if self.rank == 0:
+                self.runner.log.note(f"[{self.name}] rollout engines kept from the previous stage: "
+                                     f"this stage's start weights synced in {seconds:.1f} s")
+        else:
+            config = engine_config(self.cfg, self.stage, self.engine_dir)
+            self.rollout = ColocatedRollout(
+                self.placement, lambda: start_engine(self.placement, config, rank=self.rank, log_dir=log_dir),
+                rank=self.rank, frozen_prefixes=frozen)
         if self.rank == 0:
             rl = self.stage.rl
             if rl.reward_workers:
@@ -238,8 +236,24 @@ class GRPOLoop:
                 self.reward_pool = RewardPool.for_config(
                     self.reward_cfg, num_workers=rl.reward_workers, timeout_s=rl.reward_timeout_s
                 )
-        if resumed_at > 0:
+        if resumed_at > 0 and kept is None:
             self._sync_weights()
+
+    def hand_over(self) -> None:
+        """At the stage's end: when the next stage is a GRPO stage with the same engine settings
+        (`engine_key`), the engines stay for it, asleep, with the runner; else they close with
+        this stage. Going from MRL to TRL then starts no second engine in the process."""
+        stages = self.cfg.stages
+        later = stages[stages.index(self.name) + 1:]
+        following = getattr(self.cfg, later[0]) if later else None
+        key = engine_key(self.cfg, self.stage)
+        if (self.rollout is None or following is None or not hasattr(following, "rollout")
+                or engine_key(self.cfg, following) != key):
+            return
+        if self.rollout.state is EngineState.AWAKE:
+            self.rollout.sleep()
+        self.runner.keep_rollout(key, self.rollout)
+        self.rollout = None
 
     def close(self) -> None:
         if self.rollout is not None:
@@ -261,14 +275,19 @@ class GRPOLoop:
         return report.seconds
 
     def _generate(self, records, sampling: SamplingConfig):
-        """Every engine samples its share; every rank gets the batch, ordered by (request, sample)."""
+        """Every engine samples its share; every rank gets the batch, ordered by (request, sample),
+        and the engine of each request."""
         from megatron_revisual.rollout.colocated import request_cost
 
         requests = [rollout_request(r, self.tokenizer) for r in records]
         costs = [request_cost(len(self.tokenizer(q.prompt, add_special_tokens=False)["input_ids"]), len(q.images))
                  for q in requests]
         batch = self.rollout.generate(requests, sampling, costs=costs)
-        return batch.samples, batch
+        engine_of = [0] * len(requests)
+        for e, shard in enumerate(self.rollout.shards(requests, costs)):
+            for i in shard:
+                engine_of[i] = e
+        return batch.samples, batch, tuple(engine_of)
 
     def _score(self, records, samples) -> list[dict[str, float]]:
         scores = None
@@ -335,7 +354,7 @@ class GRPOLoop:
             scores = self._score(rollout.records, rollout.samples)
         if not rollout.samples:
             return self._skipped({**row, **_reward_metrics(scores)}, times)
-        rewards = self._rewards(rollout, scores, times)
+        rewards = self._rewards(rollout, scores, times, global_step)
         row.update(rewards.metrics)
         selection = self._select(rollout, rewards, stage_step, global_step)
         row.update(selection.metrics)
@@ -361,7 +380,7 @@ class GRPOLoop:
         records = self.loader.next_batch()
         sampling = SamplingConfig(n=r.n, max_tokens=r.max_response_length, temperature=r.temperature,
                                   top_p=r.top_p, top_k=r.top_k, seed=step_seed(self.cfg.train.seed, global_step))
-        samples, batch = self._generate(records, sampling)
+        samples, batch, engine_of = self._generate(records, sampling)
         self.rollout.sleep()  # the engines' memory is the trainer's until the weight sync
         self.rollout_skips.update(batch.skipped_counts())
         # GRPO needs whole groups: requests the engine skipped have none; any other shape is a bug
@@ -375,14 +394,19 @@ class GRPOLoop:
             "rollout/samples": float(len(samples)), "rollout/skipped_requests": float(len(batch.skipped)),
             **{f"rollout/skipped/{k}": float(v) for k, v in sorted(self.rollout_skips.items())},
         }
-        return _Rollout(records=records, samples=samples, metrics=metrics)
+        return _Rollout(records=records, samples=samples, metrics=metrics, engine_of_request=engine_of)
 
-    def _rewards(self, rollout: _Rollout, scores: list[dict[str, float]], times: dict[str, float]) -> _Rewards:
+    def _rewards(self, rollout: _Rollout, scores: list[dict[str, float]], times: dict[str, float],
+                 global_step: int) -> _Rewards:
         """Each sample's scalar reward: the reward terms' `overall`, less the KL penalty when
-        rl.kl_in_reward."""
+        rl.kl_in_reward; plus `rehearsal.reward_noise` x U[0, 1) (seeded by the step), which a
+        rehearsal's random model needs for any advantage to be non-zero."""
         rl = self.stage.rl
         metrics = _reward_metrics(scores)
         rewards = torch.tensor([sc["overall"] for sc in scores], dtype=torch.float32)
+        if self.cfg.rehearsal.reward_noise:
+            gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, global_step, salt=3))
+            rewards = rewards + self.cfg.rehearsal.reward_noise * torch.rand(len(rewards), generator=gen)
         if rl.kl_in_reward:
             with _timed(times, "time/kl_in_reward"):
                 penalty = rl.kl_coef * self._sequence_kl(rollout.records, rollout.samples)
@@ -445,8 +469,8 @@ class GRPOLoop:
                 continue
             for k, values in response_values(batches, old).items():
                 engine_lp = torch.tensor(samples[mine[k]].logprobs, dtype=torch.float32)
-                diffs.append((values - engine_lp).abs())
-        metrics = {"update/dp_tokens_max_over_mean": max(imbalance), **self._logprob_diff(diffs)}
+                diffs.append((rollout.engine_of_request[samples[mine[k]].request_index], (values - engine_lp).abs()))
+        metrics = {"update/dp_tokens_max_over_mean": max(imbalance), **logprob_gaps(diffs, self.placement.num_engines)}
         if rc.enabled:
             metrics.update(self._correction_metrics(corrections))
             if rc.seq is not None:  # a mini-batch whose sequences were all rejected has no loss
@@ -505,12 +529,12 @@ class GRPOLoop:
         dp, dp_rank = dp_info()
         mine, _ = self._deal(samples, [i for i, s in enumerate(samples) if s.token_ids], dp, dp_rank)
         out = torch.zeros(len(samples), dtype=torch.float64)
-        if mine:
-            batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))
-            old = response_values(batches, compute_log_probs(self.model, batches, temperature=temperature))
-            ref = response_values(batches, compute_log_probs(self.reference, batches, temperature=temperature))
-            for k, i in enumerate(mine):
-                out[i] = float(kl_penalty(old[k], ref[k], rl.kl_kind).sum())
+        # a rank dealt nothing still joins both passes (filler rows: `train.schedule`)
+        batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))
+        old = response_values(batches, compute_log_probs(self.model, batches, temperature=temperature))
+        ref = response_values(batches, compute_log_probs(self.reference, batches, temperature=temperature))
+        for k, i in enumerate(mine):
+            out[i] = float(kl_penalty(old[k], ref[k], rl.kl_kind).sum())
         if dp > 1:
             out = all_reduce(out, group=ps.get_data_parallel_group())
         return out
@@ -524,19 +548,6 @@ class GRPOLoop:
             maxima = all_reduce(maxima, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         return correction_metrics(sums, maxima, self.stage.rl.rollout_correction)
 
-    def _logprob_diff(self, diffs: list[torch.Tensor]) -> dict[str, float]:
-        """|Megatron - engine| log-prob over this step's response tokens (all DP ranks): small
-        when the engine holds the trainer's weights (a broken sync shows here first)."""
-        flat = torch.cat(diffs) if diffs else torch.zeros(0)
-        stats = torch.tensor([float(flat.sum()), float(flat.numel())], dtype=torch.float64)
-        top = torch.tensor([float(flat.max()) if flat.numel() else 0.0], dtype=torch.float64)
-        if ps.get_data_parallel_world_size() > 1:
-            stats = all_reduce(stats, group=ps.get_data_parallel_group())
-            top = all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-        n = float(stats[1])
-        return {"rollout/logprob_diff_mean": float(stats[0]) / n if n else math.nan,
-                "rollout/logprob_diff_max": float(top[0])}
-
     def validation_due(self, stage_step: int) -> bool:
         v = self.stage.validation
         return bool(v.every and self.val_dataset is not None
@@ -549,12 +560,66 @@ class GRPOLoop:
         sampling = SamplingConfig(n=v.n, max_tokens=self.stage.rollout.max_response_length,
                                   temperature=v.temperature, top_p=v.top_p,
                                   seed=step_seed(self.cfg.train.seed, 0, salt=2))
-        samples, batch = self._generate(records, sampling)
+        samples, batch, _ = self._generate(records, sampling)
         scores = self._score(records, samples)
         out, warning = validation_report(len(records), samples, scores, batch.skipped_counts())
         if warning and self.rank == 0:
             self.runner.log.note(f"[{self.name}] warning: {warning}")
         return out
+
+
+def engine_config(cfg: Any, stage_cfg: Any, model_path: str | Path):
+    """The engine settings of a GRPO stage (`rollout.colocated.start_engine` places it), loading
+    `model_path`."""
+    from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig
+
+    r = stage_cfg.rollout
+    settings = {
+        "model_path": str(model_path),
+        "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.params_dtype],
+        "max_model_len": r.max_prompt_length + r.max_response_length,
+        "max_prompt_tokens": r.max_prompt_length,
+        "seed": cfg.train.seed,
+        "max_images_per_prompt": 1 if cfg.model.vision is not None else 0,
+    }
+    if r.engine == "transformers":
+        return HFEngineConfig(**settings)
+    on_gpu = torch.cuda.is_available()
+    return VLLMEngineConfig(
+        **settings, tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=on_gpu,
+        cpu_kv_cache_gib=None if on_gpu else (r.cpu_kv_cache_gib or 1.0),
+        cpu_prepack_weights=r.cpu_prepack_weights,
+    )
+
+
+def engine_key(cfg: Any, stage_cfg: Any) -> tuple:
+    """What decides whether two GRPO stages can share their engines: the placement and every
+    engine setting but the weights it starts from."""
+    r = stage_cfg.rollout
+    return (r.placement, r.tensor_parallel_size, engine_config(cfg, stage_cfg, model_path=""))
+
+
+def logprob_gaps(diffs: list[tuple[int, torch.Tensor]], num_engines: int) -> dict[str, float]:
+    """|Megatron - engine| log-prob over a step's response tokens ((engine, gaps) per sample on
+    this rank; reduced over DP), overall and the largest per engine: small when the engines hold
+    the trainer's weights (a broken sync shows here first, on the engine it broke)."""
+    flat = torch.cat([d for _, d in diffs]) if diffs else torch.zeros(0)
+    stats = torch.tensor([float(flat.sum()), float(flat.numel())], dtype=torch.float64)
+    top = torch.zeros(1 + num_engines, dtype=torch.float64)  # overall, then per engine
+    for engine, d in diffs:
+        if d.numel():
+            top[0] = max(float(top[0]), float(d.max()))
+            top[1 + engine] = max(float(top[1 + engine]), float(d.max()))
+    if ps.get_data_parallel_world_size() > 1:
+        stats = all_reduce(stats, group=ps.get_data_parallel_group())
+        top = all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    n = float(stats[1])
+    out = {"rollout/logprob_diff_mean": float(stats[0]) / n if n else math.nan,
+           "rollout/logprob_diff_max": float(top[0])}
+    if num_engines > 1:
+        out.update({f"rollout/logprob_diff_max/engine{e}": float(top[1 + e]) for e in range(num_engines)})
+    return out
 
 
 def planned_updates_per_step(stage: Any) -> int:

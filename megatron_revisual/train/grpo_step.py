@@ -24,18 +24,16 @@ gradient do not depend on how the step is cut into micro-batches or over DP rank
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_revisual.config.schema import ModelConfig, RolloutCorrectionConfig
+from megatron_revisual.config.schema import RolloutCorrectionConfig
 from megatron_revisual.data.packing import PackedBatch, Sample, pack_sequences
 from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig
-from megatron_revisual.parallel.device import all_reduce, compute_device, to_device
+from megatron_revisual.parallel.device import all_reduce, compute_device
 from megatron_revisual.rl.logprobs import vocab_parallel_log_probs_and_entropy
 from megatron_revisual.rl.losses import (
     AGGREGATIONS,
@@ -47,6 +45,13 @@ from megatron_revisual.rl.losses import (
     policy_loss,
 )
 from megatron_revisual.rl.rollout_correction import rollout_correction
+from megatron_revisual.train.schedule import (
+    from_last_stage,
+    model_chunks,
+    real_vocab_size,
+    run_packed_schedule,
+    step_if_finite,
+)
 
 __all__ = [
     "PolicyMicroBatch",
@@ -57,11 +62,7 @@ __all__ = [
     "compute_log_probs",
     "global_loss_counts",
     "grpo_update",
-    "grads_are_finite",
-    "mrope_config",
     "response_values",
-    "run_packed_schedule",
-    "step_if_finite",
     "token_log_probs_and_entropy",
 ]
 
@@ -114,18 +115,6 @@ class PolicyMicroBatch:
     @property
     def row_length(self) -> int:
         return int(self.packed.input_ids.shape[1])
-
-
-def mrope_config(model_cfg: ModelConfig) -> MRopeIndexConfig | None:
-    """The rope-index constants of a model config (None for a text-only model: plain rope)."""
-    if model_cfg.vision is None:
-        return None
-    return MRopeIndexConfig(
-        image_token_id=model_cfg.image_token_id,
-        video_token_id=model_cfg.video_token_id,
-        spatial_merge_size=model_cfg.vision.spatial_merge_size,
-        tokens_per_second=model_cfg.vision.tokens_per_second,
-    )
 
 
 def _group_samples(
@@ -314,17 +303,6 @@ def apply_rollout_correction(
 # Running the model through Megatron's pipeline schedule
 
 
-def _chunks(model: torch.nn.Module | list[torch.nn.Module]) -> list[torch.nn.Module]:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
-def _real_vocab_size(model: torch.nn.Module) -> int:
-    inner = model
-    while not hasattr(inner, "model_cfg") and hasattr(inner, "module"):
-        inner = inner.module  # DDP / Float16Module wrappers
-    return int(inner.model_cfg.vocab_size)
-
-
 def token_log_probs_and_entropy(
     logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,9 +313,8 @@ def token_log_probs_and_entropy(
     if start + local > vocab_size:
         padding = torch.arange(start, start + local, device=logits.device) >= vocab_size
         logits = logits.masked_fill(padding, float("-inf"))
-    if temperature != 1.0:
-        logits = logits / temperature
-    return vocab_parallel_log_probs_and_entropy(logits, labels, vocab_start_index=start)
+    # the temperature divides after the promotion to float32, inside
+    return vocab_parallel_log_probs_and_entropy(logits, labels, vocab_start_index=start, temperature=temperature)
 
 
 def row_log_probs_and_entropy(
@@ -364,57 +341,6 @@ def row_log_probs_and_entropy(
     return both[0], both[1]
 
 
-def run_packed_schedule(
-    model: torch.nn.Module | list[torch.nn.Module],
-    micro_batches: Sequence[Any],
-    loss_func: Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]],
-    *,
-    forward_only: bool,
-) -> list[dict[str, Any]]:
-    """Megatron's forward(-backward) schedule over packed rows (anything with a `.packed`
-    PackedBatch); `loss_func(item, logits)`; the results live on the last pipeline stage.
-    Each row is built on the host and moved to the compute device here, whole (tokens, labels,
-    masks, RL tensors, pixels, cu_seqlens), as it enters the model; `loss_func` gets the moved one."""
-    chunks = _chunks(model)
-    config = chunks[0].config
-
-    def forward_step(data_iterator, m):
-        mb = to_device(next(data_iterator))
-        p = mb.packed
-        output = m(
-            p.input_ids, p.position_ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
-            pixel_values_videos=p.pixel_values_videos, video_grid_thw=p.video_grid_thw,
-            packed_seq_params=p.packed_seq_params,
-        )
-        return output, lambda logits: loss_func(mb, logits)
-
-    lengths = {int(mb.packed.input_ids.shape[1]) for mb in micro_batches}
-    # Rows of different lengths: the pipeline stages exchange shapes before each activation.
-    saved = config.variable_seq_lengths
-    config.variable_seq_lengths = saved or len(lengths) > 1
-    try:
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
-            model=chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=max(lengths),
-            micro_batch_size=1,
-            forward_only=forward_only,
-        )
-    finally:
-        config.variable_seq_lengths = saved
-
-
-def _from_last_stage(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Broadcast tensors that only the last pipeline stage holds (shapes known everywhere) to the
-    whole pipeline group: the sum with zeros elsewhere (all on one device)."""
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return tensors
-    flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]), group=ps.get_pipeline_model_parallel_group())
-    return list(flat.split([t.numel() for t in tensors]))
-
-
 @torch.no_grad()
 def compute_log_probs(
     model: torch.nn.Module | list[torch.nn.Module],
@@ -426,8 +352,8 @@ def compute_log_probs(
     `model` (the policy for old log-probs, the frozen reference for KL); forward only.
     Collective over the model-parallel group: every rank returns the same values, on the host
     (beside the micro-batches they are attached to)."""
-    vocab = _real_vocab_size(_chunks(model)[0])
-    for m in _chunks(model):
+    vocab = real_vocab_size(model_chunks(model)[0])
+    for m in model_chunks(model):
         m.eval()
 
     def loss_func(mb: PolicyMicroBatch, logits: torch.Tensor):
@@ -439,7 +365,7 @@ def compute_log_probs(
         values = [o["log_probs"].reshape(mb.advantages.shape) for o, mb in zip(out, micro_batches, strict=True)]
     else:
         values = [torch.zeros(mb.advantages.shape, device=compute_device()) for mb in micro_batches]
-    return [v.reshape(mb.advantages.shape).cpu() for v, mb in zip(_from_last_stage(values), micro_batches, strict=True)]
+    return [v.reshape(mb.advantages.shape).cpu() for v, mb in zip(from_last_stage(values), micro_batches, strict=True)]
 
 
 def global_loss_counts(micro_batches: Sequence[PolicyMicroBatch]) -> tuple[float, float]:
@@ -452,37 +378,6 @@ def global_loss_counts(micro_batches: Sequence[PolicyMicroBatch]) -> tuple[float
     if ps.get_data_parallel_world_size() > 1:
         counts = all_reduce(counts, group=ps.get_data_parallel_group())
     return float(counts[0]), float(counts[1])
-
-
-def grads_are_finite(model: torch.nn.Module | list[torch.nn.Module]) -> bool:
-    """Whether every gradient on every rank is finite (collective over the world). Reads
-    Megatron DDP's `main_grad` buffers (after the schedule's DP reduction) or `.grad`, on their
-    device, and reads back one flag."""
-    flags = []
-    for chunk in _chunks(model):
-        for p in chunk.parameters():
-            g = getattr(p, "main_grad", None)
-            g = p.grad if g is None else g
-            if g is not None:
-                flags.append(torch.isfinite(g).all().logical_not())
-    bad = torch.stack(flags).any().float().reshape(1) if flags else torch.zeros(1, device=compute_device())
-    if dist.is_initialized():
-        bad = all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
-
-
-def step_if_finite(model: torch.nn.Module | list[torch.nn.Module], optimizer: Any,
-                   scheduler: Any | None = None) -> tuple[bool, bool, float]:
-    """The optimizer (and scheduler) step after a backward pass, unless some gradient on some
-    rank is not finite: a NaN/inf would poison Adam's moments, so the gradients are dropped
-    instead and the caller logs it. Returns (finite, update_successful, grad_norm)."""
-    if not grads_are_finite(model):
-        optimizer.zero_grad()
-        return False, False, float("nan")
-    update_successful, grad_norm, _ = optimizer.step()
-    if scheduler is not None:
-        scheduler.step(increment=1)
-    return True, bool(update_successful), float(grad_norm) if grad_norm is not None else float("nan")
 
 
 def grpo_update(
@@ -525,18 +420,14 @@ def grpo_update(
     has_ref = all(mb.ref_log_probs is not None for mb in micro_batches)
     if kl_coef and not has_ref:
         raise ValueError(f"kl_coef={kl_coef} needs ref_log_probs on every micro-batch")
-    chunks = _chunks(model)
-    vocab = _real_vocab_size(chunks[0])
+    chunks = model_chunks(model)
+    vocab = real_vocab_size(chunks[0])
     tokens, sequences = global_loss_counts(micro_batches)
     if tokens == 0:
         raise ValueError("grpo_update: no loss token in the whole step (every sequence rejected?)")
     # The share of the step's aggregate each micro-batch's local aggregate stands for.
     per_token = agg == "token-mean"
     denominator = tokens if per_token else sequences
-    # Megatron divides each returned loss by the micro-batch count and DDP averages gradients
-    # over DP (x CP, which the schedule undoes itself, multiplying the loss by the CP size): undo
-    # both so the gradient is that of the global aggregate.
-    undo = len(micro_batches) * ps.get_data_parallel_world_size()
     names = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl")
 
     def loss_func(mb: PolicyMicroBatch, logits: torch.Tensor):
@@ -565,7 +456,7 @@ def grpo_update(
         for k in ("pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl"):
             stats[k] = pg_metrics[k] * token_share
         vector = torch.stack([stats.get(k, torch.zeros(())).double() for k in names])
-        return loss * undo, {"stats": vector}
+        return loss, {"stats": vector}
 
     for m in chunks:
         m.train()
@@ -581,7 +472,7 @@ def grpo_update(
         totals = torch.stack([o["stats"] for o in out]).sum(0)
         if ps.get_data_parallel_world_size() > 1:
             totals = all_reduce(totals, group=ps.get_data_parallel_group())
-    totals = _from_last_stage([totals])[0]
+    totals = from_last_stage([totals])[0]
     metrics = {k: float(v) for k, v in zip(names, totals.tolist(), strict=True)}
     if not has_ref:
         metrics.pop("kl")

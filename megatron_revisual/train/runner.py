@@ -82,41 +82,12 @@ def _install_stop_signals(stop_file: Path) -> None:
 
 def prepare_inputs(raw: dict[str, Any]) -> None:
     """Lock the run's directories (`train.run_lock`: one trainer per output_dir), then write
-    what `prepare` asks for and is missing: the tiny model, the synthetic datasets."""
-    from megatron_revisual.staged_dir import staged_output_dir
+    what `prepare` asks for and is missing (`megatron_revisual.prepare`)."""
+    from megatron_revisual.prepare import write_prepared_inputs
     from megatron_revisual.train.run_lock import claim_run_dirs
 
     claim_run_dirs(raw)
-    prep = raw.get("prepare") or {}
-    model = raw.get("model") or {}
-    if prep.get("tiny_model"):
-        hf = model.get("hf_path")
-        if not hf:
-            raise ValueError("prepare.tiny_model=true needs model.hf_path (where to write it)")
-        if not (Path(hf) / "config.json").exists():
-            from megatron_revisual.testing.tiny_checkpoint import make_tiny_checkpoint
-
-            make_tiny_checkpoint(hf, seed=int(prep.get("tiny_model_seed", 0)))
-            print(f"revisual train: wrote a tiny random Qwen2.5-VL to {hf}", file=console())
-    data_dir = prep.get("synthetic_data")
-    if data_dir and not (Path(data_dir) / "README").exists():
-        import datasets
-
-        from megatron_revisual.data.synthetic import write_demo_datasets
-
-        datasets.disable_progress_bars()  # a bar per parquet file on the user's console
-
-        with staged_output_dir(data_dir, overwrite=True) as tmp:
-            written = write_demo_datasets(
-                tmp, seed=int(prep.get("synthetic_seed", 0)), task=prep.get("synthetic_task", "dots"),
-                max_dots=int(prep.get("synthetic_max_dots", 4)),
-                digits=tuple(prep.get("synthetic_digits", range(10))), **(prep.get("synthetic_sizes") or {}),
-            )
-            (tmp / "README").write_text(
-                "Synthetic data of the tiny CPU demo (megatron_revisual.data.synthetic):\n"
-                + "".join(f"  {k}: {v.name}\n" for k, v in written.items())
-            )
-        print(f"revisual train: wrote synthetic datasets to {data_dir}", file=console())
+    write_prepared_inputs(raw, lambda message: print(f"revisual train: {message}", file=console()))
 
 
 def _load(args: argparse.Namespace, *, prepare: bool):
@@ -130,6 +101,14 @@ def _load(args: argparse.Namespace, *, prepare: bool):
     validate_config(cfg)
     validate_for_training(cfg)
     return cfg
+
+
+def _check_data(cfg: Any) -> None:
+    """Every stage's data sources exist, are readable and have the named columns
+    (`train.data_check.check_data_sources`; raises a one-line ConfigError)."""
+    from megatron_revisual.train.data_check import check_data_sources
+
+    check_data_sources(cfg)
 
 
 def _already_done(out: Path, resume: str, *, say: bool = True) -> bool:
@@ -150,6 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(cfg.output_dir)
     if _already_done(out, args.resume):
         return 0
+    _check_data(cfg)  # before any rank starts: a missing source is one line, exit 2
     _install_stop_signals(stop_file_path(out))
     from megatron_revisual.parallel import run_distributed
 
@@ -176,6 +156,7 @@ def _torchrun_main(args: argparse.Namespace) -> int:
 
     from megatron_revisual.config import read_raw_config
     from megatron_revisual.parallel import initialize_parallel
+    from megatron_revisual.parallel.liveness import start_peer_watchdog
 
     raw = read_raw_config(args.config, args.overrides)
     backend = (raw.get("cluster") or {}).get("backend", "auto")
@@ -188,6 +169,7 @@ def _torchrun_main(args: argparse.Namespace) -> int:
         prepare_inputs(raw)
     dist.barrier()
     cfg = _load(args, prepare=False)
+    _check_data(cfg)  # every rank, before Megatron starts: they all fail alike
     if dist.get_world_size() != cfg.cluster.world_size:
         raise ValueError(
             f"torchrun started {dist.get_world_size()} ranks but the config asks for cluster.nodes="
@@ -205,6 +187,7 @@ def _torchrun_main(args: argparse.Namespace) -> int:
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
         cp=p.context_parallel_size, vpp=p.virtual_pipeline_model_parallel_size, seed=cfg.train.seed,
     )
+    watchdog = start_peer_watchdog(cfg.cluster.peer_timeout_s)
     try:
         status = train_rank(cfg, args.resume)
     except BaseException:
@@ -213,6 +196,8 @@ def _torchrun_main(args: argparse.Namespace) -> int:
               f"{traceback.format_exc()}", file=console(), flush=True)
         raise
     dist.barrier()
+    if watchdog is not None:
+        watchdog.leave()
     dist.destroy_process_group()
     return 0 if status == "done" else EXIT_STOPPED
 
@@ -264,6 +249,12 @@ def train_rank(cfg: Any, resume: str) -> str:
             print(f"revisual train: resuming from {start} (stage {state['stage']}, step "
                   f"{state['stage_step']}, global step {state['global_step']})", file=console())
     runner = StageRunner(cfg, resume_state=state, resume_dir=start)
+    checks = None
+    if cfg.rehearsal.collective_checks:
+        from megatron_revisual.parallel.collective_checks import CollectiveChecks
+
+        checks = CollectiveChecks.install(cfg.rehearsal)
+        runner.step_hooks.append(checks.end_of_step)
     try:
         for name in cfg.stages[first:]:
             mid_stage = state is not None and state["stage"] == name and not state["stage_complete"]
@@ -289,6 +280,24 @@ def train_rank(cfg: Any, resume: str) -> str:
         return "done"
     finally:
         runner.close()
+        if checks is not None:
+            checks.uninstall()
+        if cfg.rehearsal.collective_checks:
+            _write_rank_usage(Path(cfg.output_dir))
+
+
+def _write_rank_usage(out: Path) -> None:
+    """This rank's peak resident memory, for the rehearsal's summary (rehearsal/rank<N>.json)."""
+    import resource
+
+    import torch.distributed as dist
+
+    path = out / "rehearsal" / f"rank{dist.get_rank()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    usage = {"rank": dist.get_rank(), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(usage) + "\n")
+    os.replace(tmp, path)
 
 
 def _report(out: Path) -> None:

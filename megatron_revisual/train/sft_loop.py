@@ -15,41 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.data.datasets import PromptDataset, PromptLoader, load_prompt_dataset
+from megatron_revisual.data.datasets import PromptLoader
 from megatron_revisual.data.packing import pack_sequences
-from megatron_revisual.data.sft import SFTFormatter, pack_groups
+from megatron_revisual.data.sft import (
+    SFTFormatter,
+    load_sft_set,
+    load_tokenizer_and_processor,
+    pack_groups,
+)
+from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 from megatron_revisual.parallel.device import all_reduce
-from megatron_revisual.train.grpo_step import (
-    _chunks,
-    _from_last_stage,
-    _real_vocab_size,
-    mrope_config,
-    row_log_probs_and_entropy,
+from megatron_revisual.train.grpo_step import row_log_probs_and_entropy
+from megatron_revisual.train.schedule import (
+    from_last_stage,
+    model_chunks,
+    real_vocab_size,
     run_packed_schedule,
     step_if_finite,
 )
 from megatron_revisual.train.stages import (
-    dataset_spec,
     dp_info,
-    load_tokenizer_and_processor,
     row_multiple,
     skipped_report,
 )
 
-__all__ = ["SFTLoop", "load_sft_set", "sft_update"]
-
-
-def load_sft_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset:
-    """The stage's conversations. A prompt of max_length tokens or more leaves no response
-    token to train on: such rows are skipped here and counted (data/skipped/
-    no_room_for_response), instead of coming back empty at every step."""
-    return load_prompt_dataset(
-        dataset_spec(stage_cfg.data), tokenizer=tokenizer,
-        max_prompt_length=stage_cfg.max_length - 1, too_long="no_room_for_response",
-    )
+__all__ = ["SFTLoop", "sft_update"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +92,9 @@ class SFTLoop:
     def close(self) -> None:
         pass
 
+    def hand_over(self) -> None:
+        pass
+
     def validation_due(self, stage_step: int) -> bool:
         return False
 
@@ -108,13 +103,12 @@ class SFTLoop:
         records = self.loader.next_batch()
         examples = [e for r in records[dp_rank::dp] if (e := self.formatter(r)) is not None]
         counts = torch.tensor([len(examples), sum(e.num_target_tokens for e in examples)], dtype=torch.float64)
-        smallest = all_reduce(counts[:1], op=dist.ReduceOp.MIN)
         if ps.get_data_parallel_world_size() > 1:
             counts = all_reduce(counts, group=ps.get_data_parallel_group())
         skipped = {f"sft/{k}": v for k, v in sorted(self.formatter.counts.items())}
-        if smallest.item() == 0:  # a DP rank with nothing to train on: no rank steps
-            return {"skipped_step": 1.0, **skipped}
         tokens = float(counts[1])
+        if tokens == 0:  # nothing to train on anywhere (a DP rank without rows runs filler rows)
+            return {"skipped_step": 1.0, **skipped}
         rows = [
             _Row(pack_sequences([examples[i].to_sample() for i in group], config=self.mrope,
                                 pad_to_multiple_of=row_multiple(self.cfg),
@@ -142,15 +136,12 @@ def sft_update(model: Any, optimizer: Any, scheduler: Any | None, rows: list[Any
     run as gradient-accumulation micro-batches. Returns (the step's summed NLL over all DP
     ranks, finite, grad_norm, lr), the same on every rank."""
     dp = ps.get_data_parallel_world_size()
-    vocab = _real_vocab_size(_chunks(model)[0])
-    # Megatron divides by the micro-batch count and DDP averages over DP (x CP, which Megatron's
-    # schedule undoes itself: it multiplies the loss by the CP size)
-    undo = len(rows) * dp
+    vocab = real_vocab_size(model_chunks(model)[0])
 
     def loss_func(row: Any, logits: torch.Tensor):
         lp, _ = row_log_probs_and_entropy(logits, row.packed, vocab, 1.0)
         nll = -(lp.float() * row.packed.loss_mask).sum()
-        return nll / tokens * undo, {"nll": nll.detach().double()}
+        return nll / tokens, {"nll": nll.detach().double()}
 
     model.train()
     model.zero_grad_buffer()
@@ -163,5 +154,5 @@ def sft_update(model: Any, optimizer: Any, scheduler: Any | None, rows: list[Any
         total[0] = sum(float(o["nll"]) for o in out)
         if dp > 1:
             total = all_reduce(total, group=ps.get_data_parallel_group())
-    total = _from_last_stage([total])[0]
+    total = from_last_stage([total])[0]
     return float(total[0]), ok, grad_norm, lr

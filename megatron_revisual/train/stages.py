@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +29,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.config.schema import DataConfig, OptimConfig, RunConfig
-from megatron_revisual.data.datasets import REVISUAL_FORMAT_PROMPT, DatasetSpec
+from megatron_revisual.config.schema import OptimConfig, RunConfig
 from megatron_revisual.data.packing import row_length_multiple
+from megatron_revisual.parallel.rng import rng_state
 from megatron_revisual.train.checkpointing import (
     CHECKPOINT_FORMAT,
     AsyncSaves,
     current_layout,
     find_stage_end,
     restore_training_state,
-    rng_state,
     save_checkpoint,
     training_state_dict,
 )
 
-__all__ = ["StageRunner", "dataset_spec", "weights_digest"]
-
-
-def dataset_spec(data: DataConfig) -> DatasetSpec:
-    fmt = {"revisual": REVISUAL_FORMAT_PROMPT, "none": None}.get(data.format_prompt, data.format_prompt)
-    return DatasetSpec(
-        path=data.path, prompt_key=data.prompt_key, answer_key=data.answer_key,
-        image_key=data.image_key, response_key=data.response_key, format_prompt=fmt,
-        system_prompt=data.system_prompt, image_check=data.image_check,
-    )
+__all__ = ["StageRunner", "weights_digest"]
 
 
 def weights_digest(hf_dir: str | Path) -> str:
@@ -100,6 +91,9 @@ class StageRunner:
         self.out = Path(cfg.output_dir)
         self.final_export: Path | None = None
         self.async_saves = AsyncSaves() if cfg.checkpoint.async_save else None
+        self._kept_rollout: tuple[Any, Any] | None = None  # (engine key, rollout) between stages
+        # collective, called after every step with (stage, step); their metrics join the row
+        self.step_hooks: list[Callable[[str, int], dict[str, float]]] = []
         self.log = None
         if self.rank == 0:
             from megatron_revisual.config import config_to_dict
@@ -118,8 +112,27 @@ class StageRunner:
         return weights_digest(self.final_export) if self.final_export else None
 
     def close(self) -> None:
+        if self._kept_rollout is not None:
+            self._kept_rollout[1].close()
+            self._kept_rollout = None
         if self.log is not None:
             self.log.close()
+
+    # --- engines kept from one GRPO stage for the next ---------------------------------------
+    def keep_rollout(self, key: Any, rollout: Any) -> None:
+        """A finished stage's engines (`GRPOLoop.hand_over`), for the next stage to take."""
+        self._kept_rollout = (key, rollout)
+
+    def take_rollout(self, key: Any) -> Any | None:
+        """The kept engines if their key is `key`; else they close and None."""
+        if self._kept_rollout is None:
+            return None
+        kept_key, rollout = self._kept_rollout
+        self._kept_rollout = None
+        if kept_key == key:
+            return rollout
+        rollout.close()
+        return None
 
     # --- stage boundaries ------------------------------------------------------------------
     def _previous_stage(self, name: str) -> str | None:
@@ -279,6 +292,8 @@ class StageRunner:
                     t_val = time.perf_counter()
                     row.update(loop.validate())
                     row["time/validation"] = time.perf_counter() - t_val
+                for hook in self.step_hooks:
+                    row.update(hook(name, stage_step))
                 row = {"global_step": self.global_step, "stage": name, "stage_step": stage_step,
                        **row, "time/step": time.perf_counter() - t0, "time": time.time()}
                 if self.log is not None:
@@ -300,6 +315,7 @@ class StageRunner:
                 self._save(name, total, total, model=model, optimizer=optimizer, scheduler=scheduler,
                            loop=loop, stage_end=True)
             self._complete_saves(blocking=True)  # the next stage starts from this checkpoint
+            loop.hand_over()
         finally:
             loop.close()
         if self._stop_requested():
@@ -315,14 +331,6 @@ class StageRunner:
 
 
 # --- shared by the loops ---------------------------------------------------------------------
-def load_tokenizer_and_processor(hf_dir: Path, with_vision: bool):
-    from transformers import AutoProcessor, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    processor = AutoProcessor.from_pretrained(hf_dir) if with_vision else None
-    return tokenizer, processor
-
-
 def dp_info() -> tuple[int, int]:
     return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 

@@ -200,6 +200,7 @@ def _save_before_any_update(cfg, root: str) -> dict:
 
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.parallel.rng import rng_state
     from megatron_revisual.train import checkpointing as ck
     from megatron_revisual.train.builders import build_optimizer, wrap_ddp
 
@@ -212,7 +213,7 @@ def _save_before_any_update(cfg, root: str) -> dict:
 
     model, optimizer, scheduler = fresh()
     path = ck.save_checkpoint(root, 0, state=ck.training_state_dict(model, optimizer, scheduler), model_cfg=cfg.model,
-                              hf_side_dir=None, rank_state={"rng": ck.rng_state()},
+                              hf_side_dir=None, rank_state={"rng": rng_state()},
                               trainer_state={"checkpoint_format": 2, "layout": ck.current_layout()})
     model, optimizer, scheduler = fresh()
     ck.restore_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)

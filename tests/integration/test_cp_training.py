@@ -94,13 +94,13 @@ def _rank(cfg, mode: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_revisual.data.packing import Sample, pack_sequences
+    from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
     from megatron_revisual.rl.pad import pad_step
     from megatron_revisual.train.grpo_step import (
         attach_log_probs,
         build_policy_batches,
         compute_log_probs,
         grpo_update,
-        mrope_config,
         response_values,
     )
     from megatron_revisual.train.sft_loop import sft_update

@@ -56,21 +56,21 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
 
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
     from megatron_revisual.parallel.device import set_compute_device
-    from megatron_revisual.train import grpo_step
+    from megatron_revisual.train import grpo_step, schedule
     from megatron_revisual.train.builders import build_optimizer, wrap_ddp
-    from megatron_revisual.train.grpo_loop import GRPOLoop
+    from megatron_revisual.train.grpo_loop import logprob_gaps
     from megatron_revisual.train.grpo_step import (
         attach_log_probs,
         build_policy_batches,
         compute_log_probs,
         grpo_update,
-        mrope_config,
     )
     from megatron_revisual.train.sft_loop import SFTLoop
 
     if put_back == "batch left on the host":
-        grpo_step.to_device = lambda obj, device=None: obj
+        schedule.to_device = lambda obj, device=None: obj
     elif put_back == "host tensor into a collective":
         def gloo_only(tensor, op=torch.distributed.ReduceOp.SUM, group=None):
             torch.distributed.all_reduce(tensor, op=op, group=group)
@@ -101,7 +101,7 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
                                    ref=[o - 0.2 * mb.packed.loss_mask for o, mb in zip(old, batches, strict=True)])
         grpo_metrics = grpo_update(policy, optimizer, batches, kl_coef=0.1, entropy_coef=0.01)
         # the GRPO loop's own DP reduction of host statistics (it does not use the loop's state)
-        diff = GRPOLoop._logprob_diff(None, [torch.tensor([0.1, 0.3 + rank])])
+        diff = logprob_gaps([(rank, torch.tensor([0.1, 0.3 + rank]))], num_engines=2)
         set_compute_device(None)
     return {"sft": sft_metrics, "grpo": grpo_metrics, "logprob_diff": diff}
 
@@ -140,7 +140,8 @@ def test_one_sft_step_and_one_grpo_update_keep_to_the_device(setup):
         assert grpo["kl"] > 0 and grpo["update_successful"] == 1.0
         # |diff| tokens 0.1, 0.3 on rank 0 and 0.1, 1.3 on rank 1: mean 0.45, max 1.3 on both
         assert faked[rank]["logprob_diff"] == pytest.approx(
-            {"rollout/logprob_diff_mean": 0.45, "rollout/logprob_diff_max": 1.3})
+            {"rollout/logprob_diff_mean": 0.45, "rollout/logprob_diff_max": 1.3,
+             "rollout/logprob_diff_max/engine0": 0.3, "rollout/logprob_diff_max/engine1": 1.3})
         for step in ("sft", "grpo", "logprob_diff"):  # the fake changes no number
             assert faked[rank][step] == pytest.approx(plain[rank][step], rel=0, abs=0), step
 

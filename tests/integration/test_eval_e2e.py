@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_revisual.evaluation.datasets import PAPER_BENCHMARKS, RELEASED_BENCHMARKS
 from megatron_revisual.evaluation.fixtures import write_fixture_datasets
 from megatron_revisual.evaluation.metrics import wemath_metrics
 from megatron_revisual.evaluation.runner import add_eval_arguments, run_eval
@@ -204,6 +205,7 @@ def _recount(records: list[dict], name: str) -> dict:
 
 def test_eval_all_benchmarks_then_all_from_cache(proxy, dataset_dirs, tmp_path):
     data, counts = dataset_dirs["files"]
+    counts = {name: counts[name] for name in RELEASED_BENCHMARKS}  # --datasets all: the released tool's five
     total = sum(counts.values())
     out = tmp_path / "out"
     proxy.reset()
@@ -248,6 +250,33 @@ def test_eval_all_benchmarks_then_all_from_cache(proxy, dataset_dirs, tmp_path):
     proxy.reset()
     assert _eval(proxy.base_url, data, out, "--datasets", "geo3k", "--max-tokens", "8") == 0
     assert proxy.forwarded == counts["geo3k"]
+
+
+def test_eval_paper_set_in_the_paper_layout_beside_the_paper(proxy, dataset_dirs, tmp_path, capsys):
+    """The ten benchmarks of Table 2 (the six added ones from their release layouts, text-only
+    requests for AIME / GPQA / MATH-500), AIME asked twice per problem, the table in the paper's
+    layout with the paper's rows and this run's gaps to ReVisual-R1."""
+    data, counts = dataset_dirs["files"]
+    out = tmp_path / "out"
+    proxy.reset()
+    rc = _eval(proxy.base_url, data, out, "--datasets", "paper", "--aime-runs", "2", "--eval-threads", "4",
+               "--compare", "paper")
+    assert rc == 0
+    asked = sum(counts[n] * (2 if n.startswith("aime") else 1) for n in PAPER_BENCHMARKS)
+    assert asked == 50 and proxy.forwarded == asked and proxy.failed == 0
+    summary = json.loads((out / "tiny_summary.json").read_text())
+    assert list(summary["datasets"]) == list(PAPER_BENCHMARKS)
+    assert summary["datasets"]["dynamath"]["dynamath"]["seed_questions"] == 3
+    assert summary["datasets"]["dynamath"]["dynamath"]["variants"] == 9
+    aime = summary["datasets"]["aime25"]["repeated"]
+    assert (aime["problems"], aime["runs"], sorted(aime["pass@k"])) == (4, 2, ["1", "2"])
+    assert summary["datasets"]["logicvista"]["total"] == 3 and summary["datasets"]["gpqa"]["total"] == 2
+    printed = capsys.readouterr().out
+    header = ("| Model | MathVerse | MathVision | MathVista | DynaMath | WeMath | LogicVista | AIME24 | AIME25 "
+              "| GPQA | MATH500 | Avg. |")
+    assert printed.count(header) == 2  # the run's own table, then beside the paper's rows
+    assert "| ReVisual-R1 | 53.6 | 48.8 | 73.1 | 27.5 | 42.0 | 52.3 | 53.3 | 43.3 | 47.5 | 89.2 | 53.1 |" in printed
+    assert "| tiny | " in printed and "| Δ tiny − ReVisual-R1 (paper) | " in printed
 
 
 def test_eval_retries_server_faults_and_completes(proxy, dataset_dirs, tmp_path):

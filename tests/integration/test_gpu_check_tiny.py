@@ -32,7 +32,10 @@ def test_gpu_check_tiny_runs_every_check():
     assert logits["mean_abs_diff_over_mean_abs_logit"] <= 1e-4 and logits["argmax_agreement"] == 1.0
     assert len(sft["losses"]) == 5 and sft["losses"][-1] < sft["losses"][0]
     assert [s["samples"] for s in grpo["steps"]] == [16, 16] and all(s["grad_norm"] > 0 for s in grpo["steps"])
-    assert by_name["vllm_generate_sleep_sync"]["logprob_diff_mean_after_sync"] <= 1e-3
+    vllm = by_name["vllm_generate_sleep_sync"]
+    assert vllm["logprob_diff_mean_after_sync"] <= 1e-3
+    # a second engine started in the process after the first closed, synced, samples the same
+    assert vllm["restart_same_samples"] is True and vllm["restart_seconds"] > 0
     te = by_name["te_fp8"]["status"]
     try:
         import transformer_engine  # noqa: F401

@@ -62,13 +62,13 @@ def _rank(cfg, runs: list[tuple[str, str]]) -> dict:
     from megatron_revisual.convert.export import stream_hf_tensors
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
     from megatron_revisual.train.builders import build_optimizer
     from megatron_revisual.train.grpo_step import (
         attach_log_probs,
         build_policy_batches,
         compute_log_probs,
         grpo_update,
-        mrope_config,
         response_values,
     )
 

@@ -40,8 +40,8 @@ def _measure(cfg) -> dict:
 
     from megatron_revisual.data.packing import Sample, pack_sequences
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
     from megatron_revisual.train.builders import build_optimizer, wrap_ddp
-    from megatron_revisual.train.grpo_step import mrope_config
     from megatron_revisual.train.sft_loop import _Row, sft_update
     from megatron_revisual.train.stages import row_multiple
 

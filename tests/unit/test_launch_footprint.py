@@ -48,7 +48,7 @@ def test_the_7b_recipe_by_hand():
     assert (fp.engines, fp.engine_tp, fp.train_tp) == (4, 2, 4)
     full = (7_615_616_512 + counts["vision"]) * 2
     assert fp.weight_gib_per_gpu == pytest.approx(full / 2 / GIB)
-    assert fp.kv_cache_gib_per_gpu == pytest.approx(0.6 * 80 - full / 2 / GIB)
-    assert fp.kv_cache_tokens_per_engine == int((0.6 * 80 * GIB - full / 2) * 2 // 57_344)
+    assert fp.kv_cache_gib_per_gpu == pytest.approx(0.55 * 79.2 - full / 2 / GIB)
+    assert fp.kv_cache_tokens_per_engine == int((0.55 * 79.2 * GIB - full / 2) * 2 // 57_344)
     assert fp.handed_gib_per_gpu == pytest.approx(full / GIB)
     assert fp.gathered_gib_per_gpu == pytest.approx(0.75 * full / GIB)

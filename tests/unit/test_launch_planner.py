@@ -11,10 +11,16 @@ from megatron_revisual.cli import main
 from megatron_revisual.config import load_config
 from megatron_revisual.launch.footprint import GIB
 from megatron_revisual.launch.plan import LaunchError, make_plan, validate_plan
-from megatron_revisual.launch.planner import local_parameters, plan_run, plan_stage
+from megatron_revisual.launch.planner import (
+    local_parameters,
+    plan_pipeline_stages,
+    plan_run,
+    plan_stage,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 R3B, R7B, R32B = (str(ROOT / "configs" / f"qwen25_vl_{n}.yaml") for n in ("3b_8xh100", "7b_8xh100", "32b_4x8xh100"))
+RELEASED_7B = str(ROOT / "configs" / "revisual_r1_released_7b_8xh100.yaml")
 
 # Hand counts per GPU (TP-split weights divided, norms / row-parallel biases / patch embedding
 # whole, vocabulary 152064 padded to a multiple of 128 x TP).
@@ -49,8 +55,10 @@ def test_7b_parameter_gradient_and_optimizer_bytes():
 
 def test_32b_bytes_are_those_of_its_fullest_pipeline_stage():
     cfg = load_config(R32B)
-    cold = plan_stage(cfg, "cold_start")  # stage 0: two micro-batches in flight
-    assert cold.pipeline_stage == 0
+    # stage 0 holds two micro-batches in flight, but the recipe recomputes full layers: its
+    # fullest stage is then stage 1 (more layers, the output layer, the logits)
+    assert plan_stage(cfg, "cold_start").pipeline_stage == 1
+    cold = plan_pipeline_stages(cfg, "cold_start")[0]
     assert cold.params_gib * GIB == pytest.approx(THIRTY_TWO_B[0] * 2)
     assert cold.optimizer_gib * GIB == pytest.approx(THIRTY_TWO_B[0] * 12 / 2)
     mrl = plan_stage(cfg, "mrl")  # stage 1: more layers, the logits, the reference model's half
@@ -61,8 +69,8 @@ def test_32b_bytes_are_those_of_its_fullest_pipeline_stage():
 def test_grpo_peak_is_the_larger_of_training_and_rollout():
     plan = plan_stage(load_config(R7B), "mrl")
     assert plan.kind == "grpo" and plan.reference_gib * GIB == pytest.approx(SEVEN_B * 2)
-    assert plan.engine_gib == pytest.approx(0.6 * 80)
-    assert plan.rollout_peak_gib == pytest.approx(plan.resident_gib + 48.0)
+    assert plan.engine_gib == pytest.approx(0.55 * 79.2)  # of the memory CUDA reports
+    assert plan.rollout_peak_gib == pytest.approx(plan.resident_gib + 0.55 * 79.2)
     assert plan.peak_gib == max(plan.train_peak_gib, plan.rollout_peak_gib)
     frozen = plan_stage(load_config(R7B, ["mrl.freeze_vision_tower=true"]), "mrl")
     assert (plan.grads_gib - frozen.grads_gib) * GIB == pytest.approx(170_393_024 * 4)
@@ -73,7 +81,7 @@ def test_a_layout_that_does_not_fit_gets_a_change_that_fits():
     cfg = load_config(R3B, ["train.recompute_granularity=null", "train.recompute_method=null",
                             "train.recompute_num_layers=null"])
     plans = {p.stage: p for p in plan_run(cfg)}
-    assert not plans["cold_start"].fits and plans["cold_start"].peak_gib > 80
+    assert not plans["cold_start"].fits and plans["cold_start"].peak_gib > 79.2
     assert plans["cold_start"].suggestion.startswith("train.recompute_granularity=full")
     assert plans["mrl"].fits and plans["mrl"].suggestion is None
     assert all(p.fits for p in plan_run(load_config(R3B)))
@@ -99,3 +107,33 @@ def test_launchers_refuse_a_recipe_that_does_not_fit():
         validate_plan(make_plan(R3B, ["train.recompute_granularity=null", "train.recompute_method=null",
                                       "train.recompute_num_layers=null"], nodes=1, gpus_per_node=8))
     assert validate_plan(make_plan(R7B, nodes=1, gpus_per_node=8)).parallel.tensor_model_parallel_size == 4
+
+
+@pytest.mark.parametrize("recipe", [R3B, R7B, R32B, RELEASED_7B])
+def test_every_gpu_recipe_fits_with_the_reserve_and_a_4_gib_margin(recipe, capsys):
+    """79.2 GiB per H100, 3 GiB reserved (CUDA context, NCCL, workspaces); each stage's peak leaves
+    at least 4 GiB, and each GRPO stage's engine share is at most the largest the plan allows."""
+    cfg = load_config(recipe)
+    for plan in plan_run(cfg):
+        assert plan.gpu_gib == 79.2 and plan.reserve_gib == 3.0 and plan.min_margin_gib == 4.0
+        assert plan.margin_gib == pytest.approx(79.2 - 3.0 - plan.peak_gib)
+        assert plan.fits and plan.margin_gib >= 4.0, (plan.stage, plan.margin_gib)
+        if plan.kind == "grpo":
+            share = getattr(cfg, plan.stage).rollout.gpu_memory_utilization
+            assert share <= plan.largest_engine_share, (plan.stage, share, plan.largest_engine_share)
+    assert main(["plan", recipe]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reserve (CUDA, NCCL, workspaces)         3.00 GiB") == len(cfg.stages)
+    assert out.count(": fits") == len(cfg.stages) and "margin" in out
+
+
+def test_the_margin_decides_the_fit_and_the_engine_share_is_derived_from_it():
+    mrl = plan_stage(load_config(R7B), "mrl")  # the rollout binds: resident state + 0.55 x 79.2
+    resident = mrl.resident_gib
+    assert mrl.largest_engine_share == pytest.approx(int((79.2 - 3 - 4 - resident) / 79.2 * 100) / 100)
+    squeezed = plan_stage(load_config(R7B), "mrl", reserve_gib=mrl.margin_gib + mrl.reserve_gib - 3.9)
+    assert squeezed.margin_gib == pytest.approx(3.9) and not squeezed.fits
+    # a larger engine share than the plan allows does not fit, and the plan names the share that does
+    over = {p.stage: p for p in plan_run(load_config(R7B, ["mrl.rollout.gpu_memory_utilization=0.65"]))}["mrl"]
+    assert not over.fits
+    assert over.suggestion.startswith(f"mrl.rollout.gpu_memory_utilization={mrl.largest_engine_share} (peak ")

@@ -61,6 +61,50 @@ def test_bf16_logits_give_fp32_outputs_and_bf16_grad() -> None:
     assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
 
 
+def test_temperature_gradients_pass_gradcheck_fp64() -> None:
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(3, 11, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    targets = torch.randint(0, 11, (3,), generator=g)
+    lp, h = vocab_parallel_log_probs_and_entropy(logits, targets, temperature=0.7)
+    ref_lp, ref_h = _reference(logits.detach() / 0.7, targets)
+    assert torch.allclose(lp, ref_lp, atol=1e-12) and torch.allclose(h, ref_h, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda z: vocab_parallel_log_probs_and_entropy(z, targets, temperature=0.7), (logits,)
+    )
+    with pytest.raises(ValueError, match="temperature=0"):
+        vocab_parallel_log_probs_and_entropy(logits, targets, temperature=0.0)
+
+
+def test_temperature_divides_bf16_logits_after_the_fp32_promotion(monkeypatch) -> None:
+    """The training step's log-probs at a sampling temperature (`grpo_step.
+    token_log_probs_and_entropy`): bf16 logits, as a GPU's output layer gives them, equal the
+    float32 reference of the same (exactly representable) values divided by T, to float32
+    rounding. Dividing in bf16 first re-rounds z / T (up to 2^-9 of each logit): ~1e-2 off."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_revisual.train.grpo_step import token_log_probs_and_entropy
+
+    monkeypatch.setattr(ps, "get_tensor_model_parallel_rank", lambda: 0)  # one process: TP 1
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(64, 96, generator=g) * 6).to(torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, 80, (64,), generator=g)
+    t = 0.7
+    lp, h = token_log_probs_and_entropy(logits, targets, vocab_size=80, temperature=t)
+    # columns >= 80 are TP padding: -inf, no probability
+    ref_lp, ref_h = _reference(logits.detach().float()[:, :80] / t, targets)
+    assert (lp - ref_lp).abs().max() < 2e-5 and (h - ref_h).abs().max() < 2e-5
+    bf16_first, _ = _reference((logits.detach()[:, :80] / t).float(), targets)
+    assert (bf16_first - ref_lp).abs().max() > 1e-2  # what the old order gave
+    # the gradient is float32 maths rounded once to bf16
+    lp.sum().backward()
+    z = logits.detach().float().requires_grad_(True)
+    zp = (z / t).masked_fill(torch.arange(96) >= 80, float("-inf"))
+    torch.log_softmax(zp, -1).gather(-1, targets.unsqueeze(-1)).sum().backward()
+    want = z.grad.to(torch.bfloat16)
+    assert logits.grad.dtype == torch.bfloat16
+    assert (logits.grad.float() - want.float()).abs().max() <= 2 ** -8 * want.float().abs().max()
+
+
 def test_shape_mismatch_is_named() -> None:
     with pytest.raises(
         ValueError, match=r"logits \(2, 5\) must be targets \(3,\) plus a vocab dim"

@@ -166,3 +166,40 @@ def test_prompt_tokens_count_expanded_images_as_the_processor_does(tiny_vl, capl
     assert prep.suppressed(SamplingConfig(suppress_token_ids=(5, prep.image_token_id))) == sorted(
         {5, *prep.placeholder_token_ids}
     )
+
+
+def test_an_engine_start_leaves_a_resumed_trainers_rng_where_it_was(monkeypatch):
+    """vLLM's worker reseeds Python, NumPy and torch (`set_random_seed(model_config.seed)`,
+    vllm/v1/worker/{gpu,cpu}_worker.py) when an engine starts inside the trainer's process. A
+    stand-in engine class calls that same vLLM function at start (a mock: no engine is built). A
+    run resumed after step 1 restores its RNG, then starts its engine: its step-2 draws must equal
+    the uninterrupted run's step-2 draws, as `create_engine` keeps the generators as they were."""
+    import random
+
+    from vllm.utils.torch_utils import set_random_seed
+
+    from megatron_revisual.parallel.rng import rng_state, set_rng_state
+    from megatron_revisual.rollout import engine, vllm_engine
+
+    class ReseedingEngine:
+        def __init__(self, config):
+            set_random_seed(config.seed)
+
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", ReseedingEngine)
+    config = VLLMEngineConfig(model_path="unused", dtype="float32", seed=0)
+
+    def draws():
+        return (random.random(), float(np.random.random()), float(torch.rand(1)))
+
+    torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)
+    engine.create_engine(config)  # the uninterrupted run: its engine starts with the stage
+    step1 = draws()
+    saved = rng_state()  # the checkpoint after step 1
+    step2 = draws()
+
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)  # a new process ...
+    set_rng_state(saved)  # ... restores the checkpoint's RNG, then starts its engine
+    engine.create_engine(config)
+    assert draws() == step2
+    set_random_seed(0)  # what an unguarded start leaves: the resumed run would draw these instead
+    assert draws() not in (step1, step2)

@@ -13,8 +13,8 @@ from megatron_revisual.train.checkpointing import (
     prune_checkpoints,
     remove_stale_writes,
 )
-from megatron_revisual.train.grpo_step import grads_are_finite
 from megatron_revisual.train.metrics_log import format_eta, truncate_jsonl
+from megatron_revisual.train.schedule import grads_are_finite
 from megatron_revisual.train.stages import step_seed, weights_digest
 
 

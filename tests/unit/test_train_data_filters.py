@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_revisual.config.schema import DataConfig
-from megatron_revisual.data.datasets import chat_prompt, load_prompt_dataset
+from megatron_revisual.data.datasets import chat_prompt, dataset_spec, load_prompt_dataset
+from megatron_revisual.data.sft import load_sft_set
 from megatron_revisual.testing import tiny_tokenizer
 from megatron_revisual.train.grpo_loop import load_validation_set, validation_report
-from megatron_revisual.train.sft_loop import load_sft_set
-from megatron_revisual.train.stages import dataset_spec, skipped_report
+from megatron_revisual.train.stages import skipped_report
 
 QUESTIONS = ["Hi", "What is 2 + 3?", "What is the sum of all the numbers in this long list?"]
 

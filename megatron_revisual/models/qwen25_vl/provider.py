@@ -36,7 +36,14 @@ def layer_backend(cfg: RunConfig) -> LayerBackend:
 
 
 def fp8_fields(precision: PrecisionConfig) -> dict[str, Any]:
-    """The language `TransformerConfig`'s FP8 fields; empty without FP8 (Megatron's defaults)."""
+    """The language `TransformerConfig`'s FP8 fields; empty without FP8 (Megatron's defaults).
+
+    `tp_only_amax_red` stays Megatron's False: the delayed recipe's amax is reduced over
+    TP x DP x CP, so every DP replica quantizes with the same scales (the replicas compute the
+    same function of the same weights, and a checkpoint's amax history is every rank's). That
+    reduction is one small all-reduce per forward with gradients, which is safe because every DP
+    rank runs the same number of forwards (`train.schedule`); reducing over TP only would hide a
+    count mismatch there, not fix it (CP attention and MoE dispatch would still hang on one)."""
     if precision.fp8 is None:
         return {}
     p = precision

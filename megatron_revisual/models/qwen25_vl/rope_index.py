@@ -56,6 +56,19 @@ class MRopeIndexConfig:
         )
 
 
+def mrope_config(model_cfg: Any) -> MRopeIndexConfig | None:
+    """The rope-index constants of a run's `ModelConfig` (duck-typed); None for a text-only
+    model, whose rope is plain."""
+    if model_cfg.vision is None:
+        return None
+    return MRopeIndexConfig(
+        image_token_id=model_cfg.image_token_id,
+        video_token_id=model_cfg.video_token_id,
+        spatial_merge_size=model_cfg.vision.spatial_merge_size,
+        tokens_per_second=model_cfg.vision.tokens_per_second,
+    )
+
+
 class _VisionQueue:
     """Hands out the images and videos of a batch in order, with their temporal interval."""
 

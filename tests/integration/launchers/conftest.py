@@ -27,24 +27,32 @@ from launcher_helpers import (
 )
 
 
-def _cluster(cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(CLUSTER_SCRIPT), cmd], capture_output=True, text=True, timeout=timeout)
+def _cluster(cmd: str, timeout: float, nodes: int = 1) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(CLUSTER_SCRIPT), cmd], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "REVISUAL_SLURM_NODES": str(nodes)})
+
+
+def _start_or_fail(nodes: int) -> bool:
+    """Start the cluster; True when it was already running. Fails in CI, skips elsewhere."""
+    was_running = _cluster("status", 30, nodes).returncode == 0
+    try:
+        started = _cluster("start", 600, nodes)  # apt-get install on a fresh machine takes ~30 s
+        problem = None if started.returncode == 0 else (started.stderr or started.stdout).strip()[-2000:]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        message = (f"local {nodes}-node Slurm cluster (REVISUAL_SLURM_NODES={nodes} slurm/local_cluster.sh start) "
+                   f"did not start: {problem}")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return was_running
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[dict[str, str]]:
     """The environment (SLURM_CONF set) under which sbatch/squeue/scontrol reach the cluster."""
-    was_running = _cluster("status", 30).returncode == 0
-    try:
-        started = _cluster("start", 600)  # apt-get install on a fresh machine takes ~30 s
-        problem = None if started.returncode == 0 else (started.stderr or started.stdout).strip()[-2000:]
-    except (OSError, subprocess.TimeoutExpired) as e:
-        problem = f"{type(e).__name__}: {e}"
-    if problem is not None:
-        message = f"local Slurm cluster (slurm/local_cluster.sh start) did not start: {problem}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    was_running = _start_or_fail(1)
     conf = _cluster("env", 30).stdout.strip().removeprefix("export SLURM_CONF=")
     previous = os.environ.get("SLURM_CONF")
     # Set for the whole session: NeMo-Run's LocalTunnel runs sbatch with this process's environment.
@@ -79,3 +87,17 @@ def sbatch_reference_run(slurm_cluster: dict[str, str], tmp_path_factory: pytest
     info = wait_job(job_id, RUN_TIMEOUT, log)
     return {"job_id": job_id, "info": info, "out": out, "log": log, "submit_stderr": done.stderr,
             "done": json.loads((out / "DONE.json").read_text()) if (out / "DONE.json").exists() else None}
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster() -> Iterator[dict[str, str]]:
+    """Two slurmd in network namespaces of their own (slurm/local_cluster.sh, REVISUAL_SLURM_NODES=2):
+    the environment whose SLURM_CONF reaches it. This process's SLURM_CONF stays the one-node
+    cluster's, so every Slurm command for this cluster takes the returned environment."""
+    was_running = _start_or_fail(2)
+    conf = _cluster("env", 30, 2).stdout.strip().removeprefix("export SLURM_CONF=")
+    try:
+        yield {**os.environ, "SLURM_CONF": conf}
+    finally:
+        if not was_running:
+            _cluster("stop", 120, 2)

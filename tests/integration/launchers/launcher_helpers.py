@@ -32,11 +32,16 @@ def sbatch(args: list[str], env: dict[str, str], cwd: Path = REPO) -> str:
     return done.stdout.strip().split(";")[0]
 
 
-def wait_job(job_id: str, timeout: float, log: Path | None = None) -> JobInfo:
+def wait_job(job_id: str, timeout: float, log: Path | None = None, env: dict[str, str] | None = None) -> JobInfo:
+    """Follow the job on the cluster `env` points at (SLURM_CONF; default this process's)."""
+    def runner(cmd: str) -> tuple[int, str]:
+        done = subprocess.run(cmd.split(), capture_output=True, text=True, env=env)
+        return done.returncode, done.stdout
+
     try:
-        return wait_for_job(job_id, timeout=timeout, poll=1.0)
+        return wait_for_job(job_id, runner=runner, timeout=timeout, poll=1.0)
     except TimeoutError:
-        subprocess.run(["scancel", job_id], capture_output=True)
+        subprocess.run(["scancel", job_id], capture_output=True, env=env)
         tail = log.read_text()[-4000:] if log is not None and log.exists() else "(no log)"
         raise AssertionError(f"Slurm job {job_id} did not finish in {timeout} s; log tail:\n{tail}") from None
 
