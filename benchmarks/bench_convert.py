@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_convert.py                 # 7B widths, 6 LM + 4 vision layers, bf16
     .venv/bin/python benchmarks/bench_convert.py --layers 12 --workdir /scratch/bench
+    .venv/bin/python benchmarks/bench_convert.py --bridge-python /scratch/bridge-venv/bin/python
 
 Writes a random Qwen2.5-VL checkpoint with the 7B widths (hidden 3584, ffn 18944, vocabulary
 152064, untied; vision 1280 / 3420) but few layers, then times, in the same run:
@@ -9,7 +10,29 @@ Writes a random Qwen2.5-VL checkpoint with the 7B widths (hidden 3584, ffn 18944
 hf-to-mcore` and `mcore-to-hf` as separate processes (start-up included), and checks the
 round trip is bitwise. Peak memory is the largest sum of RSS over the converter's process tree,
 sampled every 20 ms, next to the target of 25% of the checkpoint size + 1 GiB. Prints one JSON
-line; everything generated is deleted at the end.
+line; everything generated is deleted at the end. Profile a conversion with the dev extra's
+py-spy: `py-spy record -o h2m.svg -- .venv/bin/python -m megatron_revisual.convert.cli
+hf-to-mcore --hf HF --out OUT`.
+
+Megatron-Bridge, for comparison (--bridge-python): its HF -> Megatron and Megatron -> HF
+conversion of the same checkpoint, timed and sampled the same way, in an interpreter where
+megatron-bridge 0.6.2 imports. It is never a dependency of this project; a scratch environment
+outside the repository that reuses this one's torch and megatron-core:
+
+    .venv/bin/python -m venv /scratch/bridge-venv
+    echo "$PWD/.venv/lib/python3.12/site-packages" > \
+        /scratch/bridge-venv/lib/python3.12/site-packages/zz_revisual.pth
+    /scratch/bridge-venv/bin/pip install --no-deps megatron-bridge==0.6.2 nvidia-modelopt \
+        megatron-energon multi-storage-client xattr wcmatch bracex braceexpand rapidyaml \
+        deprecation filetype webdataset tensorboard pulp orloge cpsat-logutils ipython traitlets \
+        hydra-core scipy  # what its imports need on a CPU machine, found one ImportError at a time
+
+The Bridge side runs on CPU (gloo) as its own `export_ckpt` does, with three things changed
+because there is no GPU: Transformer Engine, which Bridge imports unconditionally, is a stub
+module seen by Bridge's modules only (no TE code runs: the model is built with Bridge's own
+`local_layer_spec` and its CUDA fusions off); Megatron-Core's hard-coded CUDA calls go to the
+CPU through this project's `parallel.cpu_compat`; the import step is `import_ckpt`'s three
+calls (from_hf_pretrained, provide_distributed_model, save_megatron_model) with that spec.
 """
 
 from __future__ import annotations
@@ -122,16 +145,105 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bitwise_equal(a: Path, b: Path) -> bool:
+def round_trip_difference(a: Path, b: Path) -> str | None:
+    """None when every tensor of HF directory `b` equals `a`'s bitwise (dtype included); else
+    the first difference."""
     from megatron_revisual.convert.safetensors_io import HFCheckpoint
 
     ra, rb = HFCheckpoint(a), HFCheckpoint(b)
     if set(ra.names()) != set(rb.names()):
-        return False
-    return all(
-        torch.equal(ra.get(n), rb.get(n)) and ra.info(n).dtype == rb.info(n).dtype
-        for n in ra.names()
-    )
+        return f"names differ: {sorted(set(ra.names()) ^ set(rb.names()))[:3]}"
+    for n in sorted(ra.names()):
+        if ra.info(n).dtype != rb.info(n).dtype:
+            return f"{n}: {ra.info(n).dtype} became {rb.info(n).dtype}"
+        if not torch.equal(ra.get(n), rb.get(n)):
+            return f"{n}: values differ"
+    return None
+
+
+def _stub_transformer_engine_for_bridge() -> None:
+    """Megatron-Bridge imports Transformer Engine at module level; on CPU it gets a stub that
+    only Bridge's own modules see (Megatron-Core's `import transformer_engine` still fails, so
+    it keeps its non-TE paths). Calling anything in the stub raises."""
+    import builtins
+    import types
+
+    class Stub(types.ModuleType):
+        def __getattr__(self, name: str):  # noqa: ANN204
+            if name.startswith("__"):
+                raise AttributeError(name)
+            sub = Stub(f"{self.__name__}.{name}")
+            setattr(self, name, sub)
+            return sub
+
+        def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+            raise RuntimeError(f"{self.__name__} is a CPU stub (no Transformer Engine here)")
+
+        def __mro_entries__(self, bases):  # noqa: ANN001, ANN204
+            return (object,)
+
+    stub, real_import = Stub("transformer_engine"), builtins.__import__
+
+    def import_(name, globals=None, locals=None, fromlist=(), level=0):  # noqa: A002, ANN001, ANN202
+        caller = (globals or {}).get("__name__", "")
+        if name.split(".")[0] == "transformer_engine" and caller.startswith("megatron.bridge"):
+            mod = stub
+            for part in name.split(".")[1:] if fromlist else ():
+                mod = getattr(mod, part)
+            return mod
+        return real_import(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = import_
+
+
+def bridge_worker(direction: str, src: str, out: str, hf_dir: str) -> None:
+    """Megatron-Bridge's conversion of `src` into `out` on CPU, in this (Bridge) interpreter."""
+    _stub_transformer_engine_for_bridge()
+    from megatron_revisual.parallel.cpu_compat import install_cpu_compat
+
+    install_cpu_compat()
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+    from megatron.bridge.training.model_load_save import temporary_distributed_context
+
+    bridge = AutoBridge.from_hf_pretrained(hf_dir, torch_dtype=torch.bfloat16)
+    if direction == "mcore-to-hf":
+        bridge.export_ckpt(src, out, show_progress=False)  # gloo on CPU, as it is written
+        return
+    with temporary_distributed_context(backend="gloo"):
+        provider = bridge.to_megatron_provider(load_weights=True)
+        provider.transformer_layer_spec = local_layer_spec
+        for flag in ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activation_fusion",
+                     "bias_dropout_fusion", "apply_rope_fusion", "persist_layer_norm"):
+            if hasattr(provider, flag):
+                setattr(provider, flag, False)  # CUDA kernels
+        provider.finalize()
+        model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+        bridge.save_megatron_model(model, out, hf_tokenizer_path=hf_dir, low_memory_save=True)
+
+
+def figures(prefix: str, size: int, cp_sync_s: float, to_mcore: tuple, to_hf: tuple) -> dict:
+    """Seconds, GB/s, ratio to cp + sync and peak RSS of both directions ((s, rss) each)."""
+    out = {}
+    for direction, (seconds, rss) in (("hf_to_mcore", to_mcore), ("mcore_to_hf", to_hf)):
+        out[f"{prefix}{direction}_s"] = round(seconds, 2)
+        out[f"{prefix}{direction}_gb_per_s"] = round(size / seconds / 1e9, 3)
+        out[f"{prefix}{direction}_vs_cp_sync"] = round(cp_sync_s / seconds, 3)
+        out[f"{prefix}{direction}_peak_rss_gib"] = round(rss / GiB, 3)
+    return out
+
+
+def time_bridge(python: str, hf: Path, work: Path, env: dict, size: int, cp_sync_s: float) -> dict:
+    ckpt, back = work / "bridge_mcore", work / "bridge_hf_back"
+    env = {**env, "PYTHONPATH": str(ROOT)}
+    worker = [python, str(Path(__file__).resolve()), "--bridge-worker"]
+    to_mcore_s, to_mcore_rss = timed([*worker, "hf-to-mcore", str(hf), str(ckpt), str(hf)], env)
+    to_hf_s, to_hf_rss = timed([*worker, "mcore-to-hf", str(ckpt), str(back), str(hf)], env)
+    report = figures("bridge_", size, cp_sync_s, (to_mcore_s, to_mcore_rss), (to_hf_s, to_hf_rss))
+    report["bridge_round_trip_difference"] = round_trip_difference(hf, back)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(back, ignore_errors=True)
+    return report
 
 
 def main() -> int:
@@ -142,7 +254,14 @@ def main() -> int:
         "--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument(
+        "--bridge-python", default=None, help="an interpreter with megatron-bridge (see above)"
+    )
+    parser.add_argument("--bridge-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bridge_worker:
+        bridge_worker(*args.bridge_worker)
+        return 0
 
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -151,6 +270,7 @@ def main() -> int:
         hf, ckpt, back, copy = work / "hf", work / "mcore", work / "hf_back", work / "hf_copy"
         t = time.perf_counter()
         weight_bytes = make_checkpoint(hf, args.layers, args.vision_layers)
+        os.sync()  # the generated files' dirty pages would otherwise be written during the first copy
         gen_s = time.perf_counter() - t
         size = tree_bytes(hf)
 
@@ -168,7 +288,12 @@ def main() -> int:
         idle_s, idle_rss = timed(
             [sys.executable, "-c", "import megatron_revisual.convert.dist_ckpt"], env
         )
-        same = bitwise_equal(hf, back)
+        difference = round_trip_difference(hf, back)
+        shutil.rmtree(ckpt)
+        shutil.rmtree(back)
+        bridge = {}
+        if args.bridge_python:
+            bridge = time_bridge(args.bridge_python, hf, work, env, size, cp_sync_s)
         target = 0.25 * size + GiB
         report = {
             "checkpoint_bytes": size,
@@ -176,30 +301,27 @@ def main() -> int:
             "generate_s": round(gen_s, 1),
             "cp_s": round(cp_s, 2),
             "cp_sync_s": round(cp_sync_s, 2),
-            "hf_to_mcore_s": round(to_mcore_s, 2),
-            "mcore_to_hf_s": round(to_hf_s, 2),
+            **figures("", size, cp_sync_s, (to_mcore_s, to_mcore_rss), (to_hf_s, to_hf_rss)),
             "import_only_s": round(idle_s, 2),
             "hf_to_mcore_vs_cp": round(cp_s / to_mcore_s, 3),
             "mcore_to_hf_vs_cp": round(cp_s / to_hf_s, 3),
-            "hf_to_mcore_vs_cp_sync": round(cp_sync_s / to_mcore_s, 3),
-            "mcore_to_hf_vs_cp_sync": round(cp_sync_s / to_hf_s, 3),
-            # the same ratios with the interpreter start-up (importing torch + megatron) left out
+            # the same ratios with the interpreter start-up (importing torch and the converter) left out
             "hf_to_mcore_vs_cp_sync_after_import": round(
                 cp_sync_s / max(to_mcore_s - idle_s, 1e-9), 3
             ),
             "mcore_to_hf_vs_cp_sync_after_import": round(
                 cp_sync_s / max(to_hf_s - idle_s, 1e-9), 3
             ),
-            "hf_to_mcore_peak_rss_gib": round(to_mcore_rss / GiB, 3),
-            "mcore_to_hf_peak_rss_gib": round(to_hf_rss / GiB, 3),
             "import_only_rss_gib": round(idle_rss / GiB, 3),
             "rss_target_gib": round(target / GiB, 3),
             "rss_ok": max(to_mcore_rss, to_hf_rss) <= target,
-            "throughput_ok": min(cp_s / to_mcore_s, cp_s / to_hf_s) >= 0.5,
-            "bitwise_round_trip": same,
+            "throughput_ok": min(cp_sync_s / to_mcore_s, cp_sync_s / to_hf_s) >= 0.5,
+            "bitwise_round_trip": difference is None,
+            "round_trip_difference": difference,
+            **bridge,
         }
         print(json.dumps(report))
-        return 0 if same else 1
+        return 0 if difference is None else 1
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -146,13 +146,18 @@ def _named_error(e: Exception) -> Exception | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except Exception as e:
         named = _named_error(e)
         if named is None:
             raise
         print(f"revisual {args.command}: error: {named}", file=sys.stderr)
         return 2
+    if argv is None and args.command == "convert":  # the program itself, not a caller's call
+        from megatron_revisual.convert.cli import exit_without_teardown
+
+        exit_without_teardown(code)
+    return code
 
 
 if __name__ == "__main__":

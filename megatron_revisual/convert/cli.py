@@ -17,9 +17,12 @@ evenly; without it, the split whose largest stage is smallest (e.g. 28 layers at
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -195,5 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_convert(parser.parse_args(argv))
 
 
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a convert command's process once its outcome is printed. By then every output is
+    fsynced and renamed into place; what interpreter shutdown would still do is mostly torch's
+    teardown of its operator libraries, 0.6-1.5 s of a conversion that takes a few (python -c
+    'import torch, torch.distributed.checkpoint' exits that much sooner through os._exit)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

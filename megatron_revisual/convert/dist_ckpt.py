@@ -4,17 +4,22 @@
     convert_mcore_to_hf("ckpt/7b", "hf/7b-out")                     # or a training checkpoint
     load_model_checkpoint(model, "ckpt/7b")                         # a built (sharded) model
 
-hf-to-mcore never materialises the model: each rank builds its pipeline stage on the meta device
-to get Megatron's `sharded_state_dict` (keys, global shapes, offsets, the SwiGLU factory), and
-hands it to torch.distributed.checkpoint with a planner whose `resolve_data` computes a tensor
-only when the writer asks for it: read the HF tensor(s), map them with `convert.mapping` into
-this rank's shard, write, drop. The checkpoint is Megatron's own format (metadata.json,
-.metadata, __rank_i.distcp), so `dist_checkpointing.load` reshards it on load.
+hf-to-mcore never materialises the model. At TP = PP = 1 (`convert.direct`) one process writes
+the files itself: the layout from `convert.tp1_layout`, each chunk's bytes copied from the HF
+files by the kernel where the mapping only moves rows. At larger TP / PP each rank builds its
+pipeline stage on the meta device to get Megatron's `sharded_state_dict` (keys, global shapes,
+offsets, the SwiGLU factory), and hands it to torch.distributed.checkpoint with a planner whose
+`resolve_data` computes a tensor only when the writer asks for it (`convert.lazy_save`): read
+the HF tensor(s), map them with `convert.mapping` into this rank's shard, write, drop. Either
+way the checkpoint is Megatron's own format (metadata.json, .metadata, __rank_i.distcp), so
+`dist_checkpointing.load` reshards it on load.
 
-mcore-to-hf reads one parameter at a time straight from the .distcp files (the chunks the
-.metadata index points at, narrowed to the parameter's region), maps it back with `to_hf` and
-streams it into safetensors shards. Where each parameter lives in the checkpoint comes from the
-sharded_state_dict of a TP=PP=1 model on the meta device, i.e. from Megatron itself.
+mcore-to-hf (`convert.direct`, one process) reads one parameter at a time straight from the
+.distcp files, where `convert.tp1_layout` says it lies (stated from the rule table and tested
+equal to Megatron's sharded_state_dict of a TP = PP = 1 model): the rows the mapping moves are
+copied file to file into the safetensors shards, anything else is read (the stored chunks
+narrowed to the parameter's region, from any saved layout), mapped back with `to_hf` and
+streamed.
 
 Beside Megatron's files the checkpoint holds `revisual_model.json` (our ModelConfig and where it
 came from) and `hf_files/` (config, tokenizer, processor and template files of the source), so
@@ -26,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,42 +42,26 @@ from megatron_revisual.config.schema import (
     RunConfig,
     TrainConfig,
 )
-from megatron_revisual.convert.dist_io import (
-    DistCheckpointReader,
-    ParamLocation,
-    agree_on_errors,
-    launch,
-    read_param,
-    save_sharded_lazily,
-    tp1_param_locations,
-)
-from megatron_revisual.convert.export import (
-    export_rules,
-    hf_shapes,
-    is_tied_output_copy,
-    rule_to_hf,
-)
+from megatron_revisual.convert.direct import hf_shape_errors, hf_to_mcore_tp1, mcore_to_hf_tp1
+from megatron_revisual.convert.dist_io import DistCheckpointReader, agree_on_errors, launch
+from megatron_revisual.convert.export import export_rules, is_tied_output_copy
 from megatron_revisual.convert.hf_load import global_param_names, mapping_context
 from megatron_revisual.convert.hf_write import (
     config_mismatches,
     copy_side_files,
     write_hf_side_files,
-    write_hf_weights,
 )
 from megatron_revisual.convert.mapping import Rule, to_megatron
-from megatron_revisual.convert.prefetch import PEAK_FACTOR, Prefetcher
 from megatron_revisual.convert.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ConvertError,
     HFCheckpoint,
-    TensorSpec,
 )
 from megatron_revisual.staged_dir import check_output_target, staged_output_dir
 
 MODEL_META_FILE = "revisual_model.json"
 HF_FILES_DIR = "hf_files"
 _DTYPE_FIELDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_MODEL_PREFIXES = ("language_model.", "vision_model.")
 
 
 # --------------------------------------------------------------------------- config & metadata
@@ -283,22 +271,8 @@ class _HFShards:
         }
 
     def check(self) -> list[str]:
-        errors = []
-        for local, rule in self.rules.items():
-            want = hf_shapes(rule, tuple(self.params[local].shape), self.ctx, self.model_cfg)
-            for name, shape in zip(rule.hf, want, strict=True):
-                if name not in self.reader.weight_map:
-                    errors.append(
-                        f"{self.reader.source}: tensor {name!r} is missing (needed for {rule.megatron})"
-                    )
-                    continue
-                got = self.reader.info(name).shape
-                if got != shape:
-                    errors.append(
-                        f"{self.reader.file_of(name)}: tensor {name!r} has shape {list(got)}; expected "
-                        f"{list(shape)} from {self.reader.dir / 'config.json'}"
-                    )
-        return errors
+        wanted = [(rule, tuple(self.params[local].shape)) for local, rule in self.rules.items()]
+        return hf_shape_errors(self.reader, wanted, self.ctx, self.model_cfg)
 
     def shard(self, local: str) -> torch.Tensor:
         rule, param = self.rules[local], self.params[local]
@@ -313,6 +287,8 @@ class _HFShards:
 def _hf_to_mcore_rank(jobs: list[tuple[ModelConfig, str, str]], first_stage_layers: int | None = None) -> int:
     """Collective: write each (model config, HF dir, checkpoint dir) job; bytes written here."""
     from megatron.core import parallel_state as ps
+
+    from megatron_revisual.convert.lazy_save import save_sharded_lazily
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     written = 0
@@ -361,18 +337,12 @@ def convert_many_hf_to_mcore(
             stack.enter_context(staged_output_dir(out, overwrite=overwrite))
             for _, _, out in prepared
         ]
-        launch(
-            _hf_to_mcore_rank,
-            tp=tp,
-            pp=pp,
-            args=(
-                [
-                    (cfg, str(hf), str(st))
-                    for (cfg, hf, _), st in zip(prepared, stagings, strict=True)
-                ],
-                first_stage_layers,
-            ),
-        )
+        jobs_here = [(cfg, str(hf), str(st)) for (cfg, hf, _), st in zip(prepared, stagings, strict=True)]
+        if tp * pp == 1:  # one writer: no process group, no megatron.core (convert.direct)
+            for cfg, hf, staging in jobs_here:
+                hf_to_mcore_tp1(cfg, HFCheckpoint(hf), staging)
+        else:
+            launch(_hf_to_mcore_rank, tp=tp, pp=pp, args=(jobs_here, first_stage_layers))
         for (cfg, hf, _), staging in zip(prepared, stagings, strict=True):
             layout = {"tp": tp, "pp": pp}
             if first_stage_layers is not None:
@@ -404,82 +374,6 @@ def _check_hf_names(reader: HFCheckpoint, model_cfg: ModelConfig) -> None:
 # --------------------------------------------------------------------------- mcore-to-hf
 
 
-def _check_checkpoint(
-    reader: DistCheckpointReader, locations: dict[str, ParamLocation], source: str
-) -> list[str]:
-    errors = []
-    expected_keys = set()
-    for name, loc in locations.items():
-        for sh in loc.chunks:
-            expected_keys.add(sh.key)
-            md = reader.tensors.get(sh.key)
-            if md is None:
-                errors.append(
-                    f"{reader.dir}: tensor {sh.key!r} (for {name}) is missing from the checkpoint; {source} needs it"
-                )
-                continue
-            got, want = tuple(md.size), tuple(sh.global_shape)
-            # Embedding / output rows may carry more vocabulary padding (saved at a larger TP).
-            rows_ok = sh.allow_shape_mismatch and got[1:] == want[1:] and got[0] >= want[0]
-            if got != want and not rows_ok:
-                errors.append(
-                    f"{reader.dir}: tensor {sh.key!r} has global shape {list(got)}; {source} expects {list(want)}"
-                )
-    unexpected = sorted(
-        k for k in reader.tensors if k.startswith(_MODEL_PREFIXES) and k not in expected_keys
-    )
-    if unexpected:
-        errors.append(
-            f"{reader.dir}: tensors {unexpected[:3]} have no place in the model of {source}"
-        )
-    return errors
-
-
-def _mcore_to_hf_rank(
-    model_cfg: ModelConfig, ckpt_dir: str, out_dir: str, source: str, max_shard_bytes: int
-) -> list[str]:
-    cfg = run_config_for(model_cfg, 1, 1)
-    model = build_meta_stage(cfg)
-    locations = tp1_param_locations(model)
-    reader = DistCheckpointReader(ckpt_dir)
-    agree_on_errors(_check_checkpoint(reader, locations, source))
-    ctx = mapping_context(model_cfg, 1)
-    rules = export_rules(model_cfg)
-    specs = []
-    for rule in rules:
-        loc = locations[rule.megatron]
-        dtype = reader.tensors[loc.chunks[0].key].properties.dtype
-        specs += [
-            TensorSpec(n, s, dtype)
-            for n, s in zip(rule.hf, hf_shapes(rule, loc.shape, ctx, model_cfg), strict=True)
-        ]
-
-    nbytes = {s.name: s.nbytes for s in specs}
-    rule_bytes = [sum(nbytes[n] for n in rule.hf) for rule in rules]
-
-    def read_and_map(i: int) -> list[torch.Tensor]:
-        rule = rules[i]
-        return rule_to_hf(rule, [read_param(reader, locations[rule.megatron])], ctx, model_cfg)
-
-    def stream(ahead: Prefetcher) -> Iterator[tuple[str, torch.Tensor]]:
-        for i, rule in enumerate(rules):
-            hf = ahead.get(i)
-            for name in rule.hf:
-                yield name, hf.pop(0)
-
-    # The next parameters are read and mapped while this one is written (budget: the largest)
-    with Prefetcher(
-        range(len(rules)),
-        produce=read_and_map,
-        nbytes=lambda i: PEAK_FACTOR * rule_bytes[i],
-        budget_bytes=max(rule_bytes, default=0),
-        name="mcore-to-hf-read",
-    ) as ahead:
-        return write_hf_weights(
-            Path(out_dir), specs, stream(ahead), max_shard_bytes=max_shard_bytes
-        )
-
-
 def convert_mcore_to_hf(
     ckpt_dir: str | Path,
     out_dir: str | Path,
@@ -498,12 +392,7 @@ def convert_mcore_to_hf(
         )
     source = f"the config of {hf_config_dir or (ckpt / MODEL_META_FILE)}"
     with staged_output_dir(out_dir, overwrite=overwrite) as staging:
-        launch(
-            _mcore_to_hf_rank,
-            tp=1,
-            pp=1,
-            args=(model_cfg, str(ckpt), str(staging), source, max_shard_bytes),
-        )
+        mcore_to_hf_tp1(model_cfg, ckpt, staging, source, max_shard_bytes)
         write_hf_side_files(staging, model_cfg, side_dir)
     return Path(out_dir).expanduser().resolve()
 

@@ -65,9 +65,21 @@ def rule_to_hf(
 def hf_shapes(
     rule: Rule, shard_shape: tuple[int, ...], ctx: MappingContext, model_cfg: ModelConfig
 ) -> list[tuple[int, ...]]:
-    """Shapes of the HF tensors of `rule`, from one TP shard's shape (computed on meta tensors)."""
-    shards = [torch.empty(shard_shape, device="meta") for _ in range(ctx.tp_size)]
-    return [tuple(t.shape) for t in rule_to_hf(rule, shards, ctx, model_cfg)]
+    """Shapes of the HF tensors of `rule`, from one TP shard's shape: `to_hf` run on stand-ins
+    with one column per shard (a row-parallel weight's shards join along dim 1), the rest of
+    the shape carried over. Not on meta tensors: the first op on one imports torch._dynamo,
+    seconds of a conversion that takes a few (and more at its exit)."""
+    if rule.kind is Kind.PATCH:
+        v = model_cfg.vision
+        return [(shard_shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)]
+    standins = [torch.zeros(shard_shape[0], 1, dtype=torch.bool) for _ in range(ctx.tp_size)]
+    shapes = []
+    for t in to_hf(rule, standins, ctx):
+        if len(shard_shape) == 1:
+            shapes.append((t.shape[0],))
+        else:
+            shapes.append((t.shape[0], t.shape[1] * shard_shape[1], *shard_shape[2:]))
+    return shapes
 
 
 def is_tied_output_copy(name: str, model_cfg: ModelConfig) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_revisual.config.schema import ModelConfig
+from megatron_revisual.convert.rows import FileCopier
 from megatron_revisual.convert.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_FILE,
@@ -137,15 +138,20 @@ def _set_config_dtype(path: Path, params_dtype: str) -> None:
 def write_hf_weights(
     out_dir: Path,
     specs: list[TensorSpec],
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor | list[tuple[str | None, int, int]]]],
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[str]:
-    """Stream `tensors` (in `specs` order) into safetensors shards + index; returns the files."""
+    """Stream `tensors` (in `specs` order) into safetensors shards + index; returns the files.
+    An item may give, instead of a tensor, the byte ranges to copy it from (`convert.rows`)."""
     writer = StreamingSafetensorsWriter(out_dir, specs, max_shard_bytes=max_shard_bytes)
     try:
-        for name, tensor in tensors:
-            writer.write(name, tensor)
+        with FileCopier() as copier:
+            for name, tensor in tensors:
+                if isinstance(tensor, torch.Tensor):
+                    writer.write(name, tensor)
+                else:
+                    writer.copy(name, tensor, copier)
         writer.close()
     except BaseException:
         writer.abort()

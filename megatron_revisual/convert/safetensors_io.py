@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_revisual.convert.rows import FileCopier
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Hugging Face's "5GB" (decimal), the Hub's limit per file.
@@ -280,7 +282,7 @@ class StreamingSafetensorsWriter:
         self._file = None
         self.total_bytes = sum(s.nbytes for s in specs)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _next_spec(self, name: str) -> tuple[int, TensorSpec]:
         if self._next >= len(self._queue):
             raise ValueError(
                 f"unexpected tensor {name!r}: all {len(self._queue)} planned tensors were written"
@@ -290,19 +292,35 @@ class StreamingSafetensorsWriter:
             raise ValueError(
                 f"tensor {name!r} arrived where {spec.name!r} was planned (position {self._next})"
             )
+        if self._file is None:
+            self._file = open(self.dir / self.files[shard], "wb", buffering=0)  # noqa: SIM115
+            self._file.write(_header_bytes(self.shards[shard]))
+        return shard, spec
+
+    def _done(self, shard: int) -> None:
+        self._next += 1
+        if self._next == len(self._queue) or self._queue[self._next][0] != shard:
+            self._close_file()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, spec = self._next_spec(name)
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(
                 f"tensor {name!r}: {tensor.dtype} {tuple(tensor.shape)} but {spec.dtype} {spec.shape} was planned"
             )
-        if self._file is None:
-            self._file = open(self.dir / self.files[shard], "wb", buffering=0)  # noqa: SIM115
-            self._file.write(_header_bytes(self.shards[shard]))
         data = tensor.detach().cpu().contiguous().reshape(-1)
         if data.numel():
             self._file.write(byte_view(data))
-        self._next += 1
-        if self._next == len(self._queue) or self._queue[self._next][0] != shard:
-            self._close_file()
+        self._done(shard)
+
+    def copy(self, name: str, ranges: list[tuple[str | None, int, int]], copier: FileCopier) -> None:
+        """Tensor `name`'s bytes copied from `ranges` (path or None for zeros, offset, length)."""
+        shard, spec = self._next_spec(name)
+        got = sum(n for _, _, n in ranges)
+        if got != spec.nbytes:
+            raise ValueError(f"tensor {name!r}: {got} bytes to copy but {spec.dtype} {spec.shape} was planned")
+        copier.copy(ranges, self._file.fileno())
+        self._done(shard)
 
     def _close_file(self) -> None:
         if self._file is not None:

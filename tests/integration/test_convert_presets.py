@@ -3,8 +3,9 @@
 Export: our model (TP = PP = 1, meta) streamed by `stream_hf_tensors` gives every tensor of
 transformers' model (built on meta from `hf_config_dict`, saved-checkpoint names) exactly once,
 with its shape. Import: every Megatron parameter has exactly one rule, `to_megatron` of the HF
-shapes gives the parameter's shape, and the TP=2 shards map back to the HF shapes. mcore-to-hf:
-every rule's parameter has a location in the model's sharded_state_dict (the dist checkpoint).
+shapes gives the parameter's shape, and the TP=2 shards map back to the HF shapes. The TP = PP = 1
+checkpoint layout that the one-process converter states (`convert.tp1_layout`: keys, chunks,
+objects) is the one the model's sharded_state_dict gives.
 Parameter counts are tests/unit/test_presets_meta.py's business.
 """
 
@@ -14,18 +15,16 @@ import pytest
 import torch
 
 from megatron_revisual.parallel import run_distributed
+from megatron_revisual.testing.sharded_layout import stated_layout
 
 PRESET_NAMES = ["qwen25_vl_3b", "qwen25_vl_7b", "qwen25_vl_32b"]
 
 
 def _export_side(names: list[str]) -> dict:
-    from megatron_revisual.convert.dist_ckpt import (
-        build_meta_stage,
-        run_config_for,
-        tp1_param_locations,
-    )
+    from megatron_revisual.convert.dist_ckpt import build_meta_stage, run_config_for
     from megatron_revisual.convert.export import local_params_by_global_name, stream_hf_tensors
     from megatron_revisual.models.qwen25_vl.presets import PRESETS
+    from megatron_revisual.testing.sharded_layout import megatron_layout
 
     out = {}
     for name in names:
@@ -36,7 +35,7 @@ def _export_side(names: list[str]) -> dict:
         out[name] = {
             "exported": exported,
             "params": params,
-            "locations": sorted(tp1_param_locations(model)),
+            "layout": megatron_layout(model),
         }
     return out
 
@@ -90,8 +89,9 @@ def test_preset_mapping_coverage(export_side, preset):
                 hf[n] for n in rule.hf
             ], rule.megatron
 
-    # mcore-to-hf finds every parameter in the sharded_state_dict.
-    assert set(side["locations"]) >= {r.megatron for r in rules}
+    # The layout both one-process directions use is Megatron's, on this preset's shapes.
+    assert stated_layout(model_cfg) == side["layout"]
+    assert set(side["layout"][0]) == {r.megatron for r in rules}
 
     # Sizes this test is about (the released checkpoints').
     expected = {
