@@ -357,7 +357,7 @@ def run_rehearse(args: argparse.Namespace) -> int:
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"  # inherited by every rank
     # vLLM torch.compiles small ops (embedding mask, sampler) in every engine worker: with 8 of
-    # them on a cold inductor cache one MRL step of the 7B rehearsal took 607 s instead of ~15 s
+    # them on a cold inductor cache one MRL step of the 7B rehearsal took 607 s instead of ~13 s
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     p = recipe_cfg.parallel
     summary: dict[str, Any] = {
