@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from megatron_revisual.evaluation.datasets import RELEASED_BENCHMARKS
-from megatron_revisual.evaluation.fixtures import write_fixture_datasets
 from megatron_revisual.evaluation.runner import EvalConfig, evaluate
+from megatron_revisual.testing.eval_fixtures import write_fixture_datasets
 
 
 def _free_port() -> int:

@@ -99,7 +99,8 @@ def bench_generate(
     import torch
 
     torch.set_num_threads(1)
-    from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig, create_engine
+    from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig
+    from megatron_revisual.rollout.registry import create_engine
     from megatron_revisual.rollout.types import SamplingConfig
 
     common = {"model_path": model_dir, "dtype": dtype, "max_model_len": 1024}
@@ -165,7 +166,8 @@ def bench_sync(kind: str, model_dir: str, dtype: str, bucket_bytes: int) -> dict
     import torch
 
     torch.set_num_threads(1)
-    from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig, create_engine
+    from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig
+    from megatron_revisual.rollout.registry import create_engine
     from megatron_revisual.rollout.remote import EngineProcess
 
     tensors = _random_stream_tensors(model_dir)

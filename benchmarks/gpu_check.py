@@ -315,7 +315,8 @@ class Checker:
         from megatron_revisual.convert.export import stream_hf_tensors
         from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
         from megatron_revisual.rl.advantages import grpo_advantages
-        from megatron_revisual.rollout.engine import HFEngineConfig, create_engine
+        from megatron_revisual.rollout.engine import HFEngineConfig
+        from megatron_revisual.rollout.registry import create_engine
         from megatron_revisual.rollout.types import SamplingConfig
         from megatron_revisual.train.grpo_step import (
             PolicySample,

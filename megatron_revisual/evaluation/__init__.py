@@ -7,6 +7,7 @@ Modules: `datasets` (finding the files; the sets `all` / `paper`), `benchmarks_v
 `grading` (answer extraction, math-verify and the benchmarks' own rules), `metrics` (accuracy,
 breakdowns, WeMath's four dimensions, DynaMath's worst case, pass@k), `tables` (the paper's
 table layout, `--compare`, the paper's numbers in `paper_table2.json`), `client` (requests,
-retries, cache), `runner` (the command), `fixtures` / `fixtures_paper` (tiny datasets in each
-release's schema). Heavy imports (openai, PIL, pyarrow, datasets) happen inside functions.
+retries, cache), `runner` (the command). Tiny datasets in each release's schema, for tests and
+benchmarks, are in `megatron_revisual.testing.eval_fixtures`. Heavy imports (openai, PIL,
+pyarrow, datasets) happen inside functions.
 """

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce", "comm_device", "compute_device", "set_compute_device", "to_device"]
+__all__ = ["all_reduce", "broadcast_object", "comm_device", "compute_device", "set_compute_device", "to_device"]
 
 _device: torch.device | None = None
 
@@ -53,6 +53,14 @@ def all_reduce(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = N
     on_comm = tensor.to(comm_device(group), copy=True)
     dist.all_reduce(on_comm, op=op, group=group)
     return on_comm.to(tensor.device)
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """`src`'s `obj` on every rank (pickled; NCCL carries it on the current CUDA device, gloo on
+    the host). Collective: every rank of `group` calls it, the others with any placeholder."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def to_device[T](obj: T, device: torch.device | None = None) -> T:

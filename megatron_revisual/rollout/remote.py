@@ -43,8 +43,8 @@ from megatron_revisual.rollout.engine import (
     EngineConfig,
     RolloutEngine,
     bucketed,
-    create_engine,
 )
+from megatron_revisual.rollout.registry import create_engine
 from megatron_revisual.rollout.types import (
     EngineCapabilities,
     EngineCrashedError,

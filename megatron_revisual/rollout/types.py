@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,9 +181,3 @@ class EngineCapabilities:
     weight_sync_note: str
     tensor_parallel_size: int
     logprobs: str = "raw"
-
-
-def check_requests(requests: Sequence[RolloutRequest]) -> None:
-    for i, r in enumerate(requests):
-        if not isinstance(r, RolloutRequest):
-            raise TypeError(f"request {i}: expected RolloutRequest, got {type(r).__name__}")

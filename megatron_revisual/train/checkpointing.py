@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_revisual.parallel.device import broadcast_object
 from megatron_revisual.parallel.rng import set_rng_state
 from megatron_revisual.staged_dir import write_file_atomic
 
@@ -54,6 +55,7 @@ __all__ = [
     "OPTIMIZER_METADATA",
     "TRAINER_STATE_FILE",
     "AsyncSaves",
+    "checkpoint_root",
     "current_layout",
     "find_latest",
     "find_stage_end",
@@ -65,6 +67,7 @@ __all__ = [
     "restore_optimizer_state",
     "restore_training_state",
     "save_checkpoint",
+    "stop_file_path",
     "training_state_dict",
 ]
 
@@ -354,10 +357,15 @@ class AsyncSaves:
         self.poll(blocking=True)
 
 
-def _broadcast_object(obj: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def checkpoint_root(cfg: Any) -> Path:
+    """Where a run's checkpoints go: `checkpoint.dir`, else <output_dir>/checkpoints."""
+    return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+
+
+def stop_file_path(output_dir: str | Path) -> Path:
+    """The file whose existence asks a run to checkpoint and stop (`REVISUAL_STOP_FILE` or
+    <output_dir>/STOP); the stop signals' handlers write it."""
+    return Path(os.environ.get("REVISUAL_STOP_FILE") or Path(output_dir) / "STOP")
 
 
 def save_checkpoint(
@@ -392,7 +400,7 @@ def save_checkpoint(
             final.rename(old)
             shutil.rmtree(old, ignore_errors=True)
         staging = str(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=root))
-    staging = Path(_broadcast_object(staging))
+    staging = Path(broadcast_object(staging))
     error: BaseException | None = None
     request = None
     try:

@@ -36,7 +36,7 @@ from megatron_revisual.data.datasets import (
 )
 from megatron_revisual.data.sft import load_tokenizer_and_processor
 from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
-from megatron_revisual.parallel.device import all_reduce
+from megatron_revisual.parallel.device import all_reduce, broadcast_object
 from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import pad_step
@@ -61,8 +61,8 @@ from megatron_revisual.train.grpo_step import (
     grpo_update,
     response_values,
 )
-from megatron_revisual.train.stages import (
-    _broadcast,
+from megatron_revisual.train.stage_common import (
+    StageContext,
     dp_info,
     mean,
     row_multiple,
@@ -120,9 +120,9 @@ def _reward_metrics(scores: list[dict[str, float]]) -> dict[str, float]:
 class GRPOLoop:
     warmup_steps = None
 
-    def __init__(self, runner: Any, name: str, stage_cfg: Any, hf_dir: Path,
-                 reference: torch.nn.Module | None, state: dict[str, Any] | None) -> None:
-        self.runner, self.cfg, self.stage, self.name = runner, runner.cfg, stage_cfg, name
+    def __init__(self, ctx: StageContext, reference: torch.nn.Module | None = None) -> None:
+        self.ctx, self.cfg, self.stage, self.name = ctx, ctx.cfg, ctx.stage_cfg, ctx.name
+        stage_cfg, hf_dir = ctx.stage_cfg, ctx.start_hf
         self.engine_dir = hf_dir
         self.reference = reference
         self.rank = dist.get_rank()
@@ -211,17 +211,17 @@ class GRPOLoop:
 
     def start(self, resumed_at: int) -> None:
         """The stage's engines: those the previous GRPO stage left when their settings are this
-        stage's (`StageRunner.keep_rollout`: one engine for the run; it takes this stage's start
+        stage's (`StageContext.engines`: one engine for the run; it takes this stage's start
         weights, which are the previous stage's end), else new ones from the stage's start weights."""
         frozen = ("visual.",) if getattr(self.stage, "freeze_vision_tower", False) else ()
         log_dir = Path(self.cfg.output_dir) / "logs"
-        kept = self.runner.take_rollout(engine_key(self.cfg, self.stage))
+        kept = self.ctx.engines.take(engine_key(self.cfg, self.stage))
         if kept is not None:
             self.rollout = kept
             kept.restage(frozen_prefixes=frozen)
             seconds = self._sync_weights()
             if self.rank == 0:
-                self.runner.log.note(f"[{self.name}] rollout engines kept from the previous stage: "
+                self.ctx.log.note(f"[{self.name}] rollout engines kept from the previous stage: "
                                      f"this stage's start weights synced in {seconds:.1f} s")
         else:
             config = engine_config(self.cfg, self.stage, self.engine_dir)
@@ -241,7 +241,7 @@ class GRPOLoop:
 
     def hand_over(self) -> None:
         """At the stage's end: when the next stage is a GRPO stage with the same engine settings
-        (`engine_key`), the engines stay for it, asleep, with the runner; else they close with
+        (`engine_key`), the engines stay for it, asleep, on the context's shelf; else they close with
         this stage. Going from MRL to TRL then starts no second engine in the process."""
         stages = self.cfg.stages
         later = stages[stages.index(self.name) + 1:]
@@ -252,7 +252,7 @@ class GRPOLoop:
             return
         if self.rollout.state is EngineState.AWAKE:
             self.rollout.sleep()
-        self.runner.keep_rollout(key, self.rollout)
+        self.ctx.engines.keep(key, self.rollout)
         self.rollout = None
 
     def close(self) -> None:
@@ -299,7 +299,7 @@ class GRPOLoop:
                 scores = [sc if isinstance(sc, dict) else {"overall": 0.0} for sc in result.scores]
             else:
                 scores = [compute_reward(item, self.reward_cfg) for item in items]
-        return _broadcast(scores)
+        return broadcast_object(scores)
 
     def _vision_inputs(self, record, prompt_ids: list[int], where: str):
         if not record.images:
@@ -341,10 +341,9 @@ class GRPOLoop:
         )
 
     # --- the step ------------------------------------------------------------------------------
-    def step(self, stage_step: int) -> dict[str, Any]:
+    def step(self, stage_step: int, global_step: int) -> dict[str, Any]:
         """rollout -> rewards -> advantages and selection -> old / reference log-probs -> updates
         -> weight sync, each timed; a step that selects nothing ends early (engines woken)."""
-        global_step = self.runner.global_step + 1
         row: dict[str, Any] = {}
         times: dict[str, float] = {}
         with _timed(times, "time/rollout"):
@@ -504,7 +503,7 @@ class GRPOLoop:
                     "stage_updates": float(self.updates_done),
                     "update/sequences": float(sum(u["num_sequences"] for u in updates))})
         if any(u["skipped_non_finite"] for u in updates) and self.rank == 0:
-            self.runner.log.note(f"[{self.name}] step {stage_step}: non-finite gradient; update skipped")
+            self.ctx.log.note(f"[{self.name}] step {stage_step}: non-finite gradient; update skipped")
         return row
 
     def _skipped(self, row: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
@@ -564,7 +563,7 @@ class GRPOLoop:
         scores = self._score(records, samples)
         out, warning = validation_report(len(records), samples, scores, batch.skipped_counts())
         if warning and self.rank == 0:
-            self.runner.log.note(f"[{self.name}] warning: {warning}")
+            self.ctx.log.note(f"[{self.name}] warning: {warning}")
         return out
 
 

@@ -42,7 +42,7 @@ from megatron_revisual.logfiles import (
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; resume to continue
 DONE_FILE = "DONE.json"
 
-__all__ = ["EXIT_STOPPED", "add_train_arguments", "prepare_inputs", "run_train", "stop_file_path"]
+__all__ = ["EXIT_STOPPED", "add_train_arguments", "prepare_inputs", "run_train"]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,10 +58,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="print the ranks' and the rollout engine's own logs (Megatron-Core, torch, vLLM) on the "
         "console too; by default they go to <output_dir>/logs/",
     )
-
-
-def stop_file_path(output_dir: str | Path) -> Path:
-    return Path(os.environ.get("REVISUAL_STOP_FILE") or Path(output_dir) / "STOP")
 
 
 def _under_torchrun() -> bool:
@@ -130,8 +126,10 @@ def run_train(args: argparse.Namespace) -> int:
     if _already_done(out, args.resume):
         return 0
     _check_data(cfg)  # before any rank starts: a missing source is one line, exit 2
-    _install_stop_signals(stop_file_path(out))
     from megatron_revisual.parallel import run_distributed
+    from megatron_revisual.train.checkpointing import stop_file_path
+
+    _install_stop_signals(stop_file_path(out))
 
     p = cfg.parallel
     results = run_distributed(
@@ -181,6 +179,8 @@ def _torchrun_main(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
         return 0
     redirect_stdio(out / "logs" / f"rank{dist.get_rank()}.log")
+    from megatron_revisual.train.checkpointing import stop_file_path
+
     _install_stop_signals(stop_file_path(out))
     p = cfg.parallel
     initialize_parallel(
@@ -207,7 +207,7 @@ def _torchrun_main(args: argparse.Namespace) -> int:
 
 
 def _resume_point(cfg: Any, resume: str) -> Path | None:
-    from megatron_revisual.train.checkpointing import find_latest
+    from megatron_revisual.train.checkpointing import checkpoint_root, find_latest
 
     root = checkpoint_root(cfg)
     if resume == "auto":
@@ -222,10 +222,6 @@ def _resume_point(cfg: Any, resume: str) -> Path | None:
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete training checkpoint (no trainer_state.json)")
     return path
-
-
-def checkpoint_root(cfg: Any) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
 
 
 def train_rank(cfg: Any, resume: str) -> str:

@@ -11,7 +11,6 @@ the step on all DP ranks, so it does not depend on how the step is cut into rows
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +34,8 @@ from megatron_revisual.train.schedule import (
     run_packed_schedule,
     step_if_finite,
 )
-from megatron_revisual.train.stages import (
+from megatron_revisual.train.stage_common import (
+    StageContext,
     dp_info,
     row_multiple,
     skipped_report,
@@ -54,8 +54,11 @@ class _Row:
 class SFTLoop:
     updates_per_step = 1
 
-    def __init__(self, runner: Any, stage_cfg: Any, hf_dir: Path, state: dict[str, Any] | None) -> None:
-        self.runner, self.cfg, self.stage = runner, runner.cfg, stage_cfg
+    warmup_steps: int | None
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.cfg, self.stage = ctx.cfg, ctx.stage_cfg
+        stage_cfg, hf_dir = ctx.stage_cfg, ctx.start_hf
         vision = self.cfg.model.vision is not None
         self.tokenizer, self.processor = load_tokenizer_and_processor(hf_dir, vision)
         self.dataset = load_sft_set(stage_cfg, self.tokenizer)
@@ -98,7 +101,10 @@ class SFTLoop:
     def validation_due(self, stage_step: int) -> bool:
         return False
 
-    def step(self, stage_step: int) -> dict[str, Any]:
+    def validate(self) -> dict[str, float]:
+        return {}
+
+    def step(self, stage_step: int, global_step: int) -> dict[str, Any]:
         dp, dp_rank = dp_info()
         records = self.loader.next_batch()
         examples = [e for r in records[dp_rank::dp] if (e := self.formatter(r)) is not None]

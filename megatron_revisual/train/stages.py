@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,18 +28,23 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_revisual.config.schema import OptimConfig, RunConfig
-from megatron_revisual.data.packing import row_length_multiple
+from megatron_revisual.config.schema import OptimConfig, RunConfig, SFTStageConfig
+from megatron_revisual.parallel.device import broadcast_object
 from megatron_revisual.parallel.rng import rng_state
 from megatron_revisual.train.checkpointing import (
     CHECKPOINT_FORMAT,
     AsyncSaves,
+    checkpoint_root,
     current_layout,
     find_stage_end,
     restore_training_state,
     save_checkpoint,
+    stop_file_path,
     training_state_dict,
 )
+from megatron_revisual.train.grpo_loop import GRPOLoop
+from megatron_revisual.train.sft_loop import SFTLoop
+from megatron_revisual.train.stage_common import EngineShelf, Stage, StageContext
 
 __all__ = ["StageRunner", "weights_digest"]
 
@@ -65,22 +69,8 @@ def weights_digest(hf_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def _broadcast(obj: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def step_seed(seed: int, global_step: int, salt: int = 0) -> int:
-    """A per-step seed (rollouts, PAD draws) from the run seed and the global step alone."""
-    digest = hashlib.sha256(f"{seed}:{global_step}:{salt}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
 class StageRunner:
     def __init__(self, cfg: RunConfig, *, resume_state: dict[str, Any] | None, resume_dir: Path | None) -> None:
-        from megatron_revisual.train.runner import checkpoint_root, stop_file_path
-
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.resume_state = resume_state
@@ -91,7 +81,7 @@ class StageRunner:
         self.out = Path(cfg.output_dir)
         self.final_export: Path | None = None
         self.async_saves = AsyncSaves() if cfg.checkpoint.async_save else None
-        self._kept_rollout: tuple[Any, Any] | None = None  # (engine key, rollout) between stages
+        self.engines = EngineShelf()  # a GRPO stage's engines, kept for a like next stage
         # collective, called after every step with (stage, step); their metrics join the row
         self.step_hooks: list[Callable[[str, int], dict[str, float]]] = []
         self.log = None
@@ -112,27 +102,9 @@ class StageRunner:
         return weights_digest(self.final_export) if self.final_export else None
 
     def close(self) -> None:
-        if self._kept_rollout is not None:
-            self._kept_rollout[1].close()
-            self._kept_rollout = None
+        self.engines.close()
         if self.log is not None:
             self.log.close()
-
-    # --- engines kept from one GRPO stage for the next ---------------------------------------
-    def keep_rollout(self, key: Any, rollout: Any) -> None:
-        """A finished stage's engines (`GRPOLoop.hand_over`), for the next stage to take."""
-        self._kept_rollout = (key, rollout)
-
-    def take_rollout(self, key: Any) -> Any | None:
-        """The kept engines if their key is `key`; else they close and None."""
-        if self._kept_rollout is None:
-            return None
-        kept_key, rollout = self._kept_rollout
-        self._kept_rollout = None
-        if kept_key == key:
-            return rollout
-        rollout.close()
-        return None
 
     # --- stage boundaries ------------------------------------------------------------------
     def _previous_stage(self, name: str) -> str | None:
@@ -154,7 +126,7 @@ class StageRunner:
         return ckpt, self.out / "hf" / prev
 
     def _stop_requested(self) -> bool:
-        return bool(_broadcast(self.stop_file.exists() if self.rank == 0 else None))
+        return bool(broadcast_object(self.stop_file.exists() if self.rank == 0 else None))
 
     def _build(self, name: str, stage_cfg: Any, load_from: Path | None, *, trainable: bool):
         from megatron_revisual.convert.dist_ckpt import load_model_checkpoint
@@ -206,7 +178,7 @@ class StageRunner:
             "config_name": self.cfg.name,
             **loop.schedule_state(stage_step),
         }
-        state = _broadcast(state)  # rank 0's wandb id
+        state = broadcast_object(state)  # rank 0's wandb id
         state.update(checkpoint_format=CHECKPOINT_FORMAT, layout=current_layout())
         self._complete_saves(blocking=True)  # one save in flight at a time
         path = save_checkpoint(
@@ -255,17 +227,17 @@ class StageRunner:
         state = self.resume_state if resume else None
         load_from = self.resume_dir if resume else start_ckpt
         model = self._build(name, stage_cfg, load_from, trainable=True)
-        if name == "cold_start":
-            from megatron_revisual.train.sft_loop import SFTLoop
-
-            loop = SFTLoop(self, stage_cfg, start_hf, state)
+        ctx = StageContext(cfg=cfg, name=name, stage_cfg=stage_cfg, start_hf=start_hf, resume_state=state,
+                           log=self.log, engines=self.engines)
+        sft = isinstance(stage_cfg, SFTStageConfig)
+        loop: Stage
+        if sft:
+            loop = SFTLoop(ctx)
         else:
-            from megatron_revisual.train.grpo_loop import GRPOLoop
-
             reference = None
             if stage_cfg.rl.kl_coef > 0:
                 reference = self._build(name, stage_cfg, start_ckpt, trainable=False)
-            loop = GRPOLoop(self, name, stage_cfg, start_hf, reference, state)
+            loop = GRPOLoop(ctx, reference)
         total = loop.total_steps
         ddp, optimizer, scheduler = self._wrap(model, stage_cfg, total * loop.updates_per_step, loop.warmup_steps)
         loop.attach(ddp, optimizer, scheduler)
@@ -278,7 +250,7 @@ class StageRunner:
             first = int(state["stage_step"]) + 1
         loop.start(resumed_at=first - 1)
         if self.log is not None:
-            kind = "SFT" if name == "cold_start" else "GRPO"
+            kind = "SFT" if sft else "GRPO"
             self.log.note(f"=== stage {name} ({kind}, {cfg.stages.index(name) + 1} of {len(cfg.stages)}): "
                           f"steps {first}..{total}; {loop.describe()}")
             self.log.log({"global_step": self.global_step, "stage": name, "event": "stage_start",
@@ -286,7 +258,7 @@ class StageRunner:
         try:
             for stage_step in range(first, total + 1):
                 t0 = time.perf_counter()
-                row = loop.step(stage_step)
+                row = loop.step(stage_step, self.global_step + 1)
                 self.global_step += 1
                 if loop.validation_due(stage_step):
                     t_val = time.perf_counter()
@@ -328,23 +300,3 @@ class StageRunner:
             self.stop_file.unlink(missing_ok=True)
             self.log.note("stop requested: checkpoint written; exiting to be resumed")
         dist.barrier()
-
-
-# --- shared by the loops ---------------------------------------------------------------------
-def dp_info() -> tuple[int, int]:
-    return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-
-
-def row_multiple(cfg: RunConfig) -> int:
-    """The multiple every packed row is padded to (SP, CP and the FP8 recipe's block)."""
-    p, pr = cfg.parallel, cfg.precision
-    return row_length_multiple(tp=p.tensor_model_parallel_size, sequence_parallel=p.sequence_parallel,
-                               cp=p.context_parallel_size, fp8_recipe=pr.fp8_recipe if pr.fp8 else None)
-
-
-def skipped_report(prefix: str, counts: Counter | dict[str, int]) -> dict[str, int]:
-    return {f"{prefix}/{k}": int(v) for k, v in sorted(counts.items())}
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")

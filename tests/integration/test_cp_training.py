@@ -104,7 +104,7 @@ def _rank(cfg, mode: str) -> dict:
         response_values,
     )
     from megatron_revisual.train.sft_loop import sft_update
-    from megatron_revisual.train.stages import row_multiple
+    from megatron_revisual.train.stage_common import row_multiple
 
     cp = ps.get_context_parallel_world_size()
     multiple = row_multiple(cfg)  # 2 x CP x TP with sequence parallelism

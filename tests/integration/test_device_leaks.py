@@ -17,7 +17,6 @@ the mechanism must catch the two mistakes this test exists for: a batch left on 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,6 +67,7 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
         grpo_update,
     )
     from megatron_revisual.train.sft_loop import SFTLoop
+    from megatron_revisual.train.stage_common import StageContext
 
     if put_back == "batch left on the host":
         schedule.to_device = lambda obj, device=None: obj
@@ -88,9 +88,9 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
             ddp = wrap_ddp(cfg, m)
             return (ddp, *build_optimizer(cfg, [ddp]))
 
-        sft = SFTLoop(SimpleNamespace(cfg=cfg), cfg.cold_start, hf_dir, None)
+        sft = SFTLoop(StageContext(cfg=cfg, name="cold_start", stage_cfg=cfg.cold_start, start_hf=Path(hf_dir)))
         sft.attach(*model())
-        sft_metrics = sft.step(1)
+        sft_metrics = sft.step(1, 1)
 
         policy, optimizer, _ = model()
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from megatron_revisual.evaluation.datasets import PAPER_BENCHMARKS, RELEASED_BENCHMARKS
-from megatron_revisual.evaluation.fixtures import write_fixture_datasets
 from megatron_revisual.evaluation.metrics import wemath_metrics
 from megatron_revisual.evaluation.runner import add_eval_arguments, run_eval
+from megatron_revisual.testing.eval_fixtures import write_fixture_datasets
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 

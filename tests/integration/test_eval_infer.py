@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from megatron_revisual.evaluation.fixtures import fixture_image
 from megatron_revisual.rollout.infer import add_infer_arguments, run_infer
+from megatron_revisual.testing.images import fixture_image
 
 pytestmark = [pytest.mark.integration]
 

@@ -43,7 +43,7 @@ def _measure(cfg) -> dict:
     from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
     from megatron_revisual.train.builders import build_optimizer, wrap_ddp
     from megatron_revisual.train.sft_loop import _Row, sft_update
-    from megatron_revisual.train.stages import row_multiple
+    from megatron_revisual.train.stage_common import row_multiple
 
     g = torch.Generator().manual_seed(0)
     rows = [_Row(pack_sequences([Sample(input_ids=torch.randint(3, 600, (MAX_LENGTH,), generator=g),

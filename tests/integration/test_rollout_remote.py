@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megatron_revisual.convert.hf_load import SafetensorsReader
-from megatron_revisual.rollout.engine import HFEngineConfig, create_engine
+from megatron_revisual.rollout.engine import HFEngineConfig
+from megatron_revisual.rollout.registry import create_engine
 from megatron_revisual.rollout.remote import EngineProcess
 from megatron_revisual.rollout.types import (
     EngineCrashedError,

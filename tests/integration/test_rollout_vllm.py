@@ -31,7 +31,8 @@ import torch
 from megatron_revisual.config import load_config
 from megatron_revisual.parallel import run_distributed
 from megatron_revisual.rollout.consistency import logprob_consistency
-from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig, create_engine
+from megatron_revisual.rollout.engine import HFEngineConfig, VLLMEngineConfig
+from megatron_revisual.rollout.registry import create_engine
 from megatron_revisual.rollout.remote import EngineProcess
 from megatron_revisual.rollout.types import (
     EngineCrashedError,

@@ -1,5 +1,5 @@
 """One engine for the run: consecutive GRPO stages with the same engine settings share their
-engines (`GRPOLoop.hand_over` -> `StageRunner.keep_rollout` -> `take_rollout`), any other next
+engines (`GRPOLoop.hand_over` -> `EngineShelf.keep` -> `take`), any other next
 stage gets new ones and the old ones close. The demo test checks the real run (its TRL stage
 takes MRL's engines); here the decisions, on the recipes and on stand-in engines."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from megatron_revisual.config import load_config
 from megatron_revisual.train.grpo_loop import GRPOLoop, engine_config, engine_key
-from megatron_revisual.train.stages import StageRunner
+from megatron_revisual.train.stage_common import EngineShelf, StageContext
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,15 +31,14 @@ class _Rollout:
         self.closed = True
 
 
-def _runner() -> StageRunner:
-    runner = StageRunner.__new__(StageRunner)  # the keep / take bookkeeping only
-    runner._kept_rollout, runner.log = None, None
-    return runner
+def _runner() -> EngineShelf:
+    return EngineShelf()  # what the runner keeps between stages
 
 
-def _hand_over(cfg, stage: str, runner: StageRunner, rollout: _Rollout) -> None:
-    loop = GRPOLoop.__new__(GRPOLoop)
-    loop.cfg, loop.name, loop.stage, loop.runner, loop.rollout = cfg, stage, getattr(cfg, stage), runner, rollout
+def _hand_over(cfg, stage: str, runner: EngineShelf, rollout: _Rollout) -> None:
+    loop = GRPOLoop.__new__(GRPOLoop)  # hand_over reads the config, the context and the engines only
+    ctx = StageContext(cfg=cfg, name=stage, stage_cfg=getattr(cfg, stage), start_hf=Path("unused"), engines=runner)
+    loop.ctx, loop.cfg, loop.name, loop.stage, loop.rollout = ctx, cfg, stage, ctx.stage_cfg, rollout
     loop.hand_over()
 
 
@@ -62,26 +61,26 @@ def test_a_finished_stage_hands_its_sleeping_engines_to_a_like_next_stage():
     runner, rollout = _runner(), _Rollout()
     _hand_over(cfg, "mrl", runner, rollout)
     assert rollout.slept and not rollout.closed  # kept, asleep, for trl
-    assert runner.take_rollout(engine_key(cfg, cfg.trl)) is rollout
-    assert runner.take_rollout(engine_key(cfg, cfg.trl)) is None  # taken once
+    assert runner.take(engine_key(cfg, cfg.trl)) is rollout
+    assert runner.take(engine_key(cfg, cfg.trl)) is None  # taken once
 
     # the last stage, or a next stage with other settings: nothing is kept
     runner = _runner()
     _hand_over(cfg, "trl", runner, _Rollout())
-    assert runner._kept_rollout is None
+    assert not runner.holding
     other = load_config(ROOT / "configs" / "qwen25_vl_7b_8xh100.yaml", ["trl.rollout.max_response_length=4096"])
     _hand_over(other, "mrl", runner, _Rollout())
-    assert runner._kept_rollout is None
+    assert not runner.holding
 
 
 def test_kept_engines_that_the_next_stage_cannot_use_are_closed():
     cfg = load_config(ROOT / "configs" / "qwen25_vl_7b_8xh100.yaml")
     runner, rollout = _runner(), _Rollout()
-    runner.keep_rollout(engine_key(cfg, cfg.mrl), rollout)
-    assert runner.take_rollout(("another", "key")) is None and rollout.closed
-    runner.keep_rollout(engine_key(cfg, cfg.mrl), kept := _Rollout())
+    runner.keep(engine_key(cfg, cfg.mrl), rollout)
+    assert runner.take(("another", "key")) is None and rollout.closed
+    runner.keep(engine_key(cfg, cfg.mrl), kept := _Rollout())
     runner.close()  # a run that stops between the stages
-    assert kept.closed and runner._kept_rollout is None
+    assert kept.closed and not runner.holding
 
 
 def test_restage_sends_every_tensor_at_the_next_stages_first_sync():

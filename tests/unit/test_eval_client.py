@@ -27,8 +27,8 @@ from megatron_revisual.evaluation.client import (
     resize_to_pixel_range,
 )
 from megatron_revisual.evaluation.datasets import Sample
-from megatron_revisual.evaluation.fixtures import write_fixture_datasets
 from megatron_revisual.evaluation.runner import add_eval_arguments, run_eval
+from megatron_revisual.testing.eval_fixtures import write_fixture_datasets
 
 SETTINGS = {"max_tokens": 16, "temperature": 0.3, "top_p": 0.95, "min_pixels": 1, "max_pixels": 9}
 

@@ -16,8 +16,8 @@ from megatron_revisual.evaluation.datasets import (
     load_benchmark,
     parse_dataset_names,
 )
-from megatron_revisual.evaluation.fixtures import write_fixture_datasets
 from megatron_revisual.evaluation.runner import add_eval_arguments, run_eval
+from megatron_revisual.testing.eval_fixtures import write_fixture_datasets
 
 
 @pytest.fixture(scope="module")

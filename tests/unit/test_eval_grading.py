@@ -131,7 +131,7 @@ def test_the_training_reward_refuses_chains_too():
 
 def test_mathverse_multiple_choice_is_graded_by_letter(tmp_path):
     from megatron_revisual.evaluation.datasets import load_benchmark
-    from megatron_revisual.evaluation.fixtures import write_fixture_datasets
+    from megatron_revisual.testing.eval_fixtures import write_fixture_datasets
 
     write_fixture_datasets(tmp_path)
     text_dominant, vision_only = load_benchmark("mathverse", tmp_path, source="local")[:2]

@@ -12,8 +12,6 @@ import pytest
 
 from megatron_revisual.evaluation.benchmarks_text import gpqa_choices
 from megatron_revisual.evaluation.datasets import PAPER_BENCHMARKS, load_benchmark
-from megatron_revisual.evaluation.fixtures import write_fixture_datasets
-from megatron_revisual.evaluation.fixtures_paper import PAPER_FIXTURE_COUNTS
 from megatron_revisual.evaluation.grading import grade_response
 from megatron_revisual.evaluation.metrics import (
     dynamath_metrics,
@@ -23,6 +21,8 @@ from megatron_revisual.evaluation.metrics import (
 )
 from megatron_revisual.evaluation.runner import add_eval_arguments, run_eval
 from megatron_revisual.evaluation.tables import compare_table, load_paper_rows
+from megatron_revisual.testing.eval_fixtures import write_fixture_datasets
+from megatron_revisual.testing.eval_fixtures_paper import PAPER_FIXTURE_COUNTS
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_bad_arguments_are_named():
 
 def test_the_7b_recipe_with_fp8_pads_rows_for_its_tp_and_recipe():
     from megatron_revisual.config.loader import load_config
-    from megatron_revisual.train.stages import row_multiple
+    from megatron_revisual.train.stage_common import row_multiple
 
     recipe = Path(__file__).parents[2] / "configs" / "qwen25_vl_7b_8xh100.yaml"
     cfg = load_config(recipe)  # TP 4 with SP, fp8 hybrid, delayed recipe

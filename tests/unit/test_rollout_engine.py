@@ -179,7 +179,7 @@ def test_an_engine_start_leaves_a_resumed_trainers_rng_where_it_was(monkeypatch)
     from vllm.utils.torch_utils import set_random_seed
 
     from megatron_revisual.parallel.rng import rng_state, set_rng_state
-    from megatron_revisual.rollout import engine, vllm_engine
+    from megatron_revisual.rollout import registry, vllm_engine
 
     class ReseedingEngine:
         def __init__(self, config):
@@ -192,14 +192,14 @@ def test_an_engine_start_leaves_a_resumed_trainers_rng_where_it_was(monkeypatch)
         return (random.random(), float(np.random.random()), float(torch.rand(1)))
 
     torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)
-    engine.create_engine(config)  # the uninterrupted run: its engine starts with the stage
+    registry.create_engine(config)  # the uninterrupted run: its engine starts with the stage
     step1 = draws()
     saved = rng_state()  # the checkpoint after step 1
     step2 = draws()
 
     torch.manual_seed(99), random.seed(99), np.random.seed(99)  # a new process ...
     set_rng_state(saved)  # ... restores the checkpoint's RNG, then starts its engine
-    engine.create_engine(config)
+    registry.create_engine(config)
     assert draws() == step2
     set_random_seed(0)  # what an unguarded start leaves: the resumed run would draw these instead
     assert draws() not in (step1, step2)

@@ -15,7 +15,8 @@ from megatron_revisual.train.checkpointing import (
 )
 from megatron_revisual.train.metrics_log import format_eta, truncate_jsonl
 from megatron_revisual.train.schedule import grads_are_finite
-from megatron_revisual.train.stages import step_seed, weights_digest
+from megatron_revisual.train.stage_common import step_seed
+from megatron_revisual.train.stages import weights_digest
 
 
 def _ckpt(root, it: int, **state) -> None:

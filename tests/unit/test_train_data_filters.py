@@ -15,7 +15,7 @@ from megatron_revisual.data.datasets import chat_prompt, dataset_spec, load_prom
 from megatron_revisual.data.sft import load_sft_set
 from megatron_revisual.testing import tiny_tokenizer
 from megatron_revisual.train.grpo_loop import load_validation_set, validation_report
-from megatron_revisual.train.stages import skipped_report
+from megatron_revisual.train.stage_common import skipped_report
 
 QUESTIONS = ["Hi", "What is 2 + 3?", "What is the sum of all the numbers in this long list?"]
 

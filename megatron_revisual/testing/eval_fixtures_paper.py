@@ -9,7 +9,7 @@ sources are in `benchmarks_vision` / `benchmarks_text`). Nothing is downloaded.
     gpqa        gpqa/gpqa_diamond.csv
     math500     math500/test.jsonl
 
-Used by `fixtures.write_fixture_datasets`; `PAPER_FIXTURE_COUNTS` is the number of samples each
+Used by `eval_fixtures.write_fixture_datasets`; `PAPER_FIXTURE_COUNTS` is the number of samples each
 gives (AIME: problems, before --aime-runs repeats them).
 """
 
@@ -22,12 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from megatron_revisual.testing.images import fixture_image
+
 __all__ = ["PAPER_FIXTURE_COUNTS", "PAPER_FIXTURE_WRITERS"]
 
 
 def _png(seed: int) -> bytes:
-    from megatron_revisual.evaluation.fixtures import fixture_image
-
     buf = io.BytesIO()
     fixture_image(seed).save(buf, format="PNG")
     return buf.getvalue()

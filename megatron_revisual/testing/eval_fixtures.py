@@ -6,7 +6,7 @@ Hub's parquet files (images as ``{"bytes", "path"}`` structs); `datasets.load_be
 both. Rows keep each benchmark's field names and kinds of answers (option letters, integers,
 floats with a precision, text), so loaders and grading meet what the real files contain.
 
-    from megatron_revisual.evaluation.fixtures import write_fixture_datasets
+    from megatron_revisual.testing.eval_fixtures import write_fixture_datasets
     counts = write_fixture_datasets("runs/eval_fixtures")   # {"geo3k": 3, "wemath": 7, ...}
 """
 
@@ -19,21 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fixture_image", "fixture_rows", "write_fixture_datasets"]
+from megatron_revisual.testing.images import fixture_image
 
-
-def fixture_image(seed: int, size: tuple[int, int] = (96, 72)) -> Any:
-    """A deterministic RGB test picture (gradients plus seeded noise), width x height."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    arr = np.zeros((h, w, 3), dtype=np.uint8)
-    arr[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
-    arr[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
-    arr[..., 2] = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
-    return Image.fromarray(arr)
+__all__ = ["fixture_image", "fixture_rows", "write_fixture_datasets"]  # fixture_image: from .images
 
 
 def _png(image: Any) -> bytes:
@@ -284,11 +272,11 @@ def write_fixture_datasets(
 ) -> dict[str, int]:
     """Write tiny benchmarks under ``root`` (a ``--dataset-dir``): the released tool's five as
     the released files ("files"), the Hub's parquet files ("parquet") or a datasets cache folder
-    ("hub-cache"), and the paper's others (`fixtures_paper`) in their one layout, except under
+    ("hub-cache"), and the paper's others (`eval_fixtures_paper`) in their one layout, except under
     "hub-cache". ``names``: which (default: every benchmark). Returns the samples per benchmark
     written (AIME: problems, before --aime-runs repeats them)."""
     from megatron_revisual.evaluation.datasets import BENCHMARKS, RELEASED_BENCHMARKS
-    from megatron_revisual.evaluation.fixtures_paper import (
+    from megatron_revisual.testing.eval_fixtures_paper import (
         PAPER_FIXTURE_COUNTS,
         PAPER_FIXTURE_WRITERS,
     )
