@@ -252,8 +252,10 @@ class PADConfig:
     paper: keep samples with t_low <= |A| <= t_high and draw min(ceil(ratio * N), |E|) of them
         without replacement with probabilities softmax(|A| / tau) (tau default 0.3; it goes
         linearly from tau_start to tau over the stage when tau_start is set);
-    released: keep t_low < |A| < t_high and draw int(ratio * N) with probabilities
-        |A|^alpha / sum |A|^alpha (alpha default 1), with replacement or capped at |E| without.
+    released: keep t_low < |A| < t_high and draw int(N * ratio) (float64, as released) with
+        probabilities |A|^alpha / sum |A|^alpha (alpha default 1), with replacement or capped at
+        |E| without; when none is in the window (or that count is 0) train on the whole batch,
+        as the released trainer does (paper mode skips that step).
     A is the response's advantage (the released code's length-normalised token sum). Without
     replacement a ratio >= 1 keeps all of E and the priorities do nothing (a warning)."""
 

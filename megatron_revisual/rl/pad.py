@@ -12,10 +12,14 @@ both are implemented and selected by ``mode``:
     tau is annealed over training (``pad_tau``: linear 1.0 -> 0.3 by default).
 
 ``mode="released"`` (released code, ``verl/trainer/ray_trainer.py``, ``use_pad``)
-    A_i = sum_t A_{i,t} over response tokens, / response length if ``normalize_by_length``
+    A_i = the response's advantage (GRPO's is the same at every token, so the released
+          length-normalised token sum is that value)
     E  = { i : T_low < |A_i| < T_high }                          (bounds exclusive)
     p_i = |A_i|^alpha / sum_E |A_j|^alpha
-    k  = int(rho * N) drawn with replacement (the released default), or min(k, |E|) without.
+    k  = int(N * rho) in float64, as released (int(45 * 1.4) = 62), drawn with replacement
+         (the released default), or min(k, |E|) without.
+    When E is empty or k is 0 the released trainer trains on the whole batch, and so does
+    this mode (``pad/whole_batch``).
 
 Differences from the released code, all below float32 resolution or in corner cases it crashes
 on: it adds 1e-8 to response lengths and to ``|A|`` before the power; here lengths are clamped
@@ -26,9 +30,13 @@ Uniform fallback: if the weights are not finite, or fewer than ``k'`` of them ar
 (softmax underflow for a tiny ``tau``) so that ``k'`` draws without replacement are impossible,
 E is sampled uniformly and ``pad/uniform_fallback`` is set.
 
-An empty selection (E empty, or ``k == 0``) is not an error: ``pad_step`` reports
-``skipped=True`` with its metrics and logs a warning, and the caller skips the update for that
-step. The released code calls ``exit(1)`` there.
+In paper mode an empty selection (E empty, or ``k' == 0``) is not an error: ``pad_step``
+reports ``skipped=True`` with its metrics and logs it, and the caller skips the update for that
+step (Algorithm 1 has nothing to train on).
+
+`PAD` is one stage's PAD: the rule above with the stage's settings, its tau schedule and the
+most samples a step can keep (what the LR schedule's length is planned from). The trainer
+reaches PAD only through it.
 """
 
 from __future__ import annotations
@@ -41,45 +49,19 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "PAD",
     "PadMode",
     "PadResult",
     "effective_indices",
     "pad_probabilities",
     "pad_sample_count",
-    "pad_select",
     "pad_step",
-    "pad_tau",
-    "sequence_advantages",
 ]
 
 logger = logging.getLogger(__name__)
 
 PadMode = Literal["paper", "released"]
 _MODES = ("paper", "released")
-
-
-def sequence_advantages(
-    token_advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    normalize_by_length: bool,
-) -> torch.Tensor:
-    """Per-response advantage ``[B]`` from token advantages ``[B, T]`` (released code).
-
-    ``A_i = sum_t m_{i,t} A_{i,t}``, divided by ``max(1, sum_t m_{i,t})`` when
-    ``normalize_by_length``. With GRPO's constant-per-response token advantages the normalised
-    form returns the response's scalar advantage.
-    """
-    if token_advantages.shape != response_mask.shape or token_advantages.dim() != 2:
-        raise ValueError(
-            f"token_advantages and response_mask must both be [B, T], got "
-            f"{tuple(token_advantages.shape)} and {tuple(response_mask.shape)}"
-        )
-    mask = response_mask.to(torch.float64)
-    total = (token_advantages.to(torch.float64) * mask).sum(dim=-1)
-    if normalize_by_length:
-        total = total / mask.sum(dim=-1).clamp(min=1.0)
-    return total.to(torch.float32)
 
 
 def _check_mode_args(mode: str, t_low: float, t_high: float, tau: float, alpha: float) -> None:
@@ -150,11 +132,12 @@ def pad_probabilities(
 def pad_sample_count(
     num_sequences: int, num_effective: int, *, mode: PadMode, ratio: float, replacement: bool
 ) -> int:
-    """How many draws PAD makes: paper ``min(ceil(rho N), |E|)``; released ``int(rho N)``, capped
-    at ``|E|`` only without replacement. 0 when E is empty.
+    """How many draws PAD makes: paper ``min(ceil(rho N), |E|)``; released ``int(N * rho)``,
+    capped at ``|E|`` only without replacement. 0 when E is empty.
 
-    ``rho * N`` is rounded to 9 decimals first, so float noise does not move it across an
-    integer: 0.29 * 100 gives 29 here, where the released ``int(N * rho)`` gives 28.
+    paper: ``rho * N`` is rounded to 9 decimals first, so float noise does not move it across an
+    integer (``ceil(0.3 * 10)`` is 3, not 4). released: the released trainer's float64
+    ``int(N * rho)`` exactly, float noise included (``int(100 * 0.29)`` = 28, ``int(45 * 1.4)`` = 62).
     """
     if not ratio > 0.0:
         raise ValueError(f"PAD ratio (rho) must be > 0, got {ratio}")
@@ -163,39 +146,8 @@ def pad_sample_count(
     if mode == "paper":
         # 0.3 * 10 is 3.0000000000000004 in floating point, and ceil of that would be 4.
         return min(math.ceil(round(ratio * num_sequences, 9)), num_effective)
-    k = int(round(ratio * num_sequences, 9))
+    k = int(num_sequences * ratio)
     return k if replacement else min(k, num_effective)
-
-
-def pad_select(
-    seq_advantages: torch.Tensor,
-    *,
-    mode: PadMode,
-    t_low: float,
-    t_high: float,
-    ratio: float,
-    tau: float = 1.0,
-    alpha: float = 1.0,
-    replacement: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Indices (LongTensor, drawn order) of the responses PAD trains on; empty if none.
-
-    ``seq_advantages`` is ``[N]`` (signed; PAD uses ``|A|``). ``mode`` is ``"paper"`` or
-    ``"released"``; see the module docstring for each variant's formulas. The paper variant
-    always draws without replacement, so ``replacement=True`` is rejected there.
-    """
-    return _select(
-        seq_advantages,
-        mode=mode,
-        t_low=t_low,
-        t_high=t_high,
-        ratio=ratio,
-        tau=tau,
-        alpha=alpha,
-        replacement=replacement,
-        generator=generator,
-    )[0]
 
 
 def _select(
@@ -233,18 +185,6 @@ def _select(
     return idx[drawn], idx, fallback
 
 
-def pad_tau(step: int, total_steps: int, *, start: float = 1.0, end: float = 0.3) -> float:
-    """Linear temperature schedule for the paper variant: ``start`` at step 0, ``end`` from
-    ``total_steps`` on: ``tau = start + (end - start) * min(step / total_steps, 1)``."""
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if not (start > 0.0 and end > 0.0):
-        raise ValueError(f"tau must stay > 0: start={start}, end={end}")
-    return start + (end - start) * min(step / total_steps, 1.0)
-
-
 @dataclass(frozen=True)
 class PadResult:
     """What one PAD step decided. ``skipped`` means: do not update the policy this step."""
@@ -267,11 +207,17 @@ def pad_step(
     generator: torch.Generator | None = None,
     step: int | None = None,
 ) -> PadResult:
-    """``pad_select`` plus the metrics the trainer logs, and the empty-set policy.
+    """Indices (LongTensor, drawn order) of the responses PAD trains on, the metrics the
+    trainer logs, and the empty-selection policy: paper skips the step, released trains on the
+    whole batch (indices 0..N-1), as each published version does.
+
+    ``seq_advantages`` is ``[N]`` (signed; PAD uses ``|A|``). The paper variant always draws
+    without replacement, so ``replacement=True`` is rejected there.
 
     Metrics: ``pad/effective_count`` |E|, ``pad/selected_count`` (with multiplicity),
     ``pad/mean_abs_adv_before`` (over all N), ``pad/mean_abs_adv_after`` (over the selection,
-    0 if empty), ``pad/skipped``, ``pad/uniform_fallback``, and ``pad/tau`` or ``pad/alpha``.
+    0 if empty), ``pad/skipped``, ``pad/whole_batch``, ``pad/uniform_fallback``, and
+    ``pad/tau`` or ``pad/alpha``.
     """
     selected, effective, fallback = _select(
         seq_advantages,
@@ -285,6 +231,9 @@ def pad_step(
         generator=generator,
     )
     a = seq_advantages.detach().abs().to(torch.float64)
+    whole_batch = selected.numel() == 0 and mode == "released" and a.numel() > 0
+    if whole_batch:  # released: "Fallback to original batch"
+        selected = torch.arange(a.numel(), dtype=torch.long)
     skipped = selected.numel() == 0
     metrics = {
         "pad/effective_count": float(effective.numel()),
@@ -292,9 +241,14 @@ def pad_step(
         "pad/mean_abs_adv_before": float(a.mean()) if a.numel() else 0.0,
         "pad/mean_abs_adv_after": 0.0 if skipped else float(a[selected].mean()),
         "pad/skipped": float(skipped),
+        "pad/whole_batch": float(whole_batch),
         "pad/uniform_fallback": float(fallback),
     }
     metrics["pad/tau" if mode == "paper" else "pad/alpha"] = tau if mode == "paper" else alpha
+    if whole_batch:
+        where = f"step {step}: " if step is not None else ""
+        logger.info("%sPAD selected no responses (|E|=%d of N=%d, mode=released); training on the "
+                    "whole batch, as the released trainer does", where, effective.numel(), a.numel())
     if skipped:
         # INFO, not a warning: once a model answers every prompt right (or wrong) all groups
         # agree and this happens every step; pad/skipped and the progress line record it
@@ -311,3 +265,65 @@ def pad_step(
             ratio,
         )
     return PadResult(indices=selected, skipped=skipped, metrics=metrics)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PAD:
+    """One stage's PAD (`rl.pad` with the stage's step count): the selection rule with its
+    settings, the paper variant's tau schedule, and the most samples one step can keep.
+
+    tau: the paper variant's temperature, reached at the stage's last step when ``tau_start``
+    is set (linear from ``tau_start`` at step 1), else constant. alpha: the released variant's
+    power. ``total_steps``: the stage's steps (the schedule's length)."""
+
+    mode: PadMode = "paper"
+    t_low: float
+    t_high: float
+    ratio: float
+    tau: float = 0.3
+    tau_start: float | None = None
+    alpha: float = 1.0
+    replacement: bool = False
+    total_steps: int = 1
+
+    @classmethod
+    def from_config(cls, pad: object, total_steps: int) -> PAD:
+        """From a `config.schema.PADConfig` (its unset tau / alpha take their defaults)."""
+        mode = pad.mode
+        return cls(
+            mode=mode, t_low=pad.t_low, t_high=pad.t_high, ratio=pad.ratio,
+            tau=0.3 if pad.tau is None else pad.tau, tau_start=pad.tau_start if mode == "paper" else None,
+            alpha=1.0 if mode == "paper" or pad.alpha is None else pad.alpha,
+            replacement=pad.replacement, total_steps=total_steps,
+        )
+
+    def tau_at(self, stage_step: int) -> float:
+        """The paper variant's temperature at 1-based `stage_step` (1.0 for the released
+        variant, which has none)."""
+        if self.mode == "released":
+            return 1.0
+        if self.tau_start is None or self.total_steps <= 1:
+            return self.tau
+        frac = (stage_step - 1) / (self.total_steps - 1)
+        return self.tau_start + frac * (self.tau - self.tau_start)
+
+    def sample_count(self, num_sequences: int, num_effective: int) -> int:
+        """How many draws a step with `num_effective` of `num_sequences` in E makes."""
+        return pad_sample_count(num_sequences, num_effective, mode=self.mode, ratio=self.ratio,
+                                replacement=self.replacement)
+
+    def most_samples(self, num_sequences: int) -> int:
+        """The most samples (with multiplicity) one step can train on: paper
+        ``min(ceil(rho N), N)``; released ``int(N rho)`` with replacement, never fewer than N
+        (the whole-batch fallback), and N without (``min(k, |E|) <= N``, or the fallback)."""
+        if self.mode == "paper":
+            return self.sample_count(num_sequences, num_sequences)
+        k = self.sample_count(num_sequences, num_sequences)
+        return max(k, num_sequences)
+
+    def select(self, seq_advantages: torch.Tensor, *, stage_step: int, generator: torch.Generator | None,
+               step: int | None = None) -> PadResult:
+        """`pad_step` with this stage's settings and the temperature of `stage_step`."""
+        return pad_step(seq_advantages, mode=self.mode, t_low=self.t_low, t_high=self.t_high,
+                        ratio=self.ratio, tau=self.tau_at(stage_step), alpha=self.alpha,
+                        replacement=self.replacement, generator=generator, step=step)

@@ -39,7 +39,7 @@ from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
 from megatron_revisual.parallel.device import all_reduce, broadcast_object
 from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
-from megatron_revisual.rl.pad import pad_step
+from megatron_revisual.rl.pad import PAD
 from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_reward
 from megatron_revisual.rl.rollout_correction import correction_metrics
 from megatron_revisual.rollout.colocated import (
@@ -143,6 +143,7 @@ class GRPOLoop:
         self.reward_cfg = RewardConfig(preset=rl.reward_preset, grader=rl.reward_grader, weights=weights,
                                        length_budget=rl.length_budget)
         self.total_steps = stage_cfg.steps
+        self.pad = PAD.from_config(rl.pad, self.total_steps)  # its tau is checkpointed even when off
         self.updates_per_step = planned_updates_per_step(stage_cfg)
         self.updates_done = 0  # optimizer updates of this stage: the entropy schedule's clock
         self.mrope = mrope_config(self.cfg.model)
@@ -181,18 +182,6 @@ class GRPOLoop:
         # (except non-finite ones)
         self.updates_done = int(state.get("updates_done", getattr(self.scheduler, "num_steps", 0)))
 
-    def pad_tau(self, stage_step: int) -> float:
-        """The paper variant's temperature at this step (1.0 for the released variant, which has
-        none)."""
-        pad = self.stage.rl.pad
-        if pad.mode == "released":
-            return 1.0
-        tau = 0.3 if pad.tau is None else pad.tau
-        if pad.tau_start is None or self.total_steps <= 1:
-            return tau
-        frac = (stage_step - 1) / (self.total_steps - 1)
-        return pad.tau_start + frac * (tau - pad.tau_start)
-
     def entropy_coef(self, update: int) -> float:
         """beta of the stage's optimizer update `update` (0-based)."""
         rl = self.stage.rl
@@ -206,7 +195,7 @@ class GRPOLoop:
         )
 
     def schedule_state(self, stage_step: int) -> dict[str, Any]:
-        return {"pad_tau": self.pad_tau(stage_step), "entropy_coef": self.entropy_coef(self.updates_done),
+        return {"pad_tau": self.pad.tau_at(stage_step), "entropy_coef": self.entropy_coef(self.updates_done),
                 "updates_done": self.updates_done}
 
     def start(self, resumed_at: int) -> None:
@@ -423,11 +412,7 @@ class GRPOLoop:
                    "adv/max": float(advantages.max()), "adv/min": float(advantages.min())}
         if rl.pad.enabled:
             gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, global_step, salt=1))
-            p = rl.pad
-            alpha = 1.0 if p.mode == "paper" or p.alpha is None else p.alpha
-            result = pad_step(advantages, mode=p.mode, t_low=p.t_low, t_high=p.t_high, ratio=p.ratio,
-                              tau=self.pad_tau(stage_step), alpha=alpha, replacement=p.replacement,
-                              generator=gen, step=global_step)
+            result = self.pad.select(advantages, stage_step=stage_step, generator=gen, step=global_step)
             metrics.update(result.metrics)
             chosen = result.indices.tolist()
         else:
@@ -622,12 +607,12 @@ def logprob_gaps(diffs: list[tuple[int, torch.Tensor]], num_engines: int) -> dic
 
 
 def planned_updates_per_step(stage: Any) -> int:
-    """Optimizer updates of one step when PAD keeps as many samples as it may: int(ratio * N)
-    draws with replacement, at most N without, in mini-batches of global_batch_size prompts x n
+    """Optimizer updates of one step when PAD keeps as many samples as it may
+    (`PAD.most_samples`; all N without PAD), in mini-batches of global_batch_size prompts x n
     (the LR schedule's and the linear entropy schedule's length)."""
+    n_samples = stage.rollout_batch_size * stage.rollout.n
     pad = stage.rl.pad
-    share = 1.0 if not pad.enabled else pad.ratio if pad.replacement else min(pad.ratio, 1.0)
-    samples = int(round(share * stage.rollout_batch_size * stage.rollout.n, 9))
+    samples = PAD.from_config(pad, stage.steps).most_samples(n_samples) if pad.enabled else n_samples
     return stage.rl.ppo_epochs * max(1, math.ceil(samples / (stage.global_batch_size * stage.rollout.n)))
 
 

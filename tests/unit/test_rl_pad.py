@@ -1,4 +1,5 @@
-"""PAD: both variants by hand (boundaries, empty set, k), the tau schedule, and properties."""
+"""PAD: both variants by hand (boundaries, empty set, k), the tau schedule, the planned update
+count, and properties."""
 
 import logging
 import math
@@ -10,13 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_revisual.rl.pad import (
+    PAD,
     effective_indices,
     pad_probabilities,
     pad_sample_count,
-    pad_select,
     pad_step,
-    pad_tau,
-    sequence_advantages,
 )
 
 # Values exact in binary, so the boundary comparisons below are exact too.
@@ -27,23 +26,8 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_sequence_advantages_sum_and_length_normalised() -> None:
-    tok = torch.tensor(
-        [[1.0, 1.0, 1.0, 7.0], [-2.0, -2.0, 5.0, 5.0], [0.5, 1.5, 9.0, 9.0], [3.0, 3.0, 3.0, 3.0]]
-    )
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
-    assert sequence_advantages(tok, mask, normalize_by_length=False).tolist() == [
-        3.0,
-        -4.0,
-        2.0,
-        0.0,
-    ]
-    assert sequence_advantages(tok, mask, normalize_by_length=True).tolist() == [
-        1.0,
-        -2.0,
-        1.0,
-        0.0,
-    ]
+def pad_select(seq_advantages: torch.Tensor, **kwargs) -> torch.Tensor:
+    return pad_step(seq_advantages, **kwargs).indices
 
 
 def test_effective_set_boundaries_paper_inclusive_released_exclusive() -> None:
@@ -94,20 +78,19 @@ def test_sample_counts() -> None:
         pad_sample_count(10, 8, mode="paper", ratio=0.3, replacement=False) == 3
     )  # not ceil(3.0000000000000004)
     assert pad_sample_count(10, 2, mode="paper", ratio=0.3, replacement=False) == 2
-    assert pad_sample_count(100, 50, mode="released", ratio=0.29, replacement=True) == 29
+    # released: its float64 int(N * rho), float noise included (int(28.999999999999996))
+    assert pad_sample_count(100, 50, mode="released", ratio=0.29, replacement=True) == 28
+    assert pad_sample_count(45, 50, mode="released", ratio=1.4, replacement=True) == 62
     assert pad_sample_count(10, 4, mode="released", ratio=1.0, replacement=True) == 10
     assert pad_sample_count(10, 4, mode="released", ratio=1.0, replacement=False) == 4
     assert pad_sample_count(10, 0, mode="released", ratio=1.0, replacement=True) == 0
 
 
-def test_empty_effective_set_skips_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+def test_empty_effective_set_skips_in_paper_mode_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     zeros = torch.zeros(8)
-    for mode in ("paper", "released"):
-        assert pad_select(zeros, mode=mode, t_low=0.05, t_high=0.95, ratio=1.0).numel() == 0
+    assert pad_select(zeros, mode="paper", t_low=0.05, t_high=0.95, ratio=1.0).numel() == 0
     with caplog.at_level(logging.INFO, logger="megatron_revisual.rl.pad"):
-        res = pad_step(
-            zeros, mode="released", t_low=0.05, t_high=0.95, ratio=1.0, replacement=True, step=7
-        )
+        res = pad_step(zeros, mode="paper", t_low=0.05, t_high=0.95, ratio=1.0, step=7)
     assert res.skipped and res.indices.numel() == 0 and res.indices.dtype == torch.long
     assert res.metrics == {
         "pad/effective_count": 0.0,
@@ -115,16 +98,37 @@ def test_empty_effective_set_skips_and_logs(caplog: pytest.LogCaptureFixture) ->
         "pad/mean_abs_adv_before": 0.0,
         "pad/mean_abs_adv_after": 0.0,
         "pad/skipped": 1.0,
+        "pad/whole_batch": 0.0,
         "pad/uniform_fallback": 0.0,
-        "pad/alpha": 1.0,
+        "pad/tau": 1.0,
     }
     assert "step 7: PAD selected no responses" in caplog.text
 
 
-def test_zero_draws_also_skips() -> None:
-    # int(0.1 * 6) = 0 although E = {2} is not empty
+def test_released_mode_trains_on_the_whole_batch_when_nothing_is_in_the_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The released trainer's fallback ("Fallback to original batch"): E empty, or k = 0."""
+    zeros = torch.zeros(8)
+    with caplog.at_level(logging.INFO, logger="megatron_revisual.rl.pad"):
+        res = pad_step(zeros, mode="released", t_low=0.05, t_high=0.95, ratio=1.0, replacement=True, step=7)
+    assert not res.skipped and res.indices.tolist() == list(range(8)) and res.indices.dtype == torch.long
+    assert res.metrics == {
+        "pad/effective_count": 0.0,
+        "pad/selected_count": 8.0,
+        "pad/mean_abs_adv_before": 0.0,
+        "pad/mean_abs_adv_after": 0.0,
+        "pad/skipped": 0.0,
+        "pad/whole_batch": 1.0,
+        "pad/uniform_fallback": 0.0,
+        "pad/alpha": 1.0,
+    }
+    assert "step 7: PAD selected no responses" in caplog.text and "whole batch" in caplog.text
+    # int(0.1 * 6) = 0 although E = {2} is not empty: the whole batch too
     res = pad_step(ADV, mode="released", t_low=0.25, t_high=0.75, ratio=0.1, replacement=True)
-    assert res.skipped and res.metrics["pad/effective_count"] == 1.0
+    assert res.indices.tolist() == list(range(6)) and res.metrics["pad/effective_count"] == 1.0
+    # paper mode skips the same step
+    assert pad_step(ADV, mode="paper", t_low=0.9, t_high=0.95, ratio=0.5).skipped
 
 
 def test_pad_step_metrics() -> None:
@@ -137,9 +141,39 @@ def test_pad_step_metrics() -> None:
     assert res.metrics["pad/tau"] == 0.65
 
 
-def test_tau_schedule_linear_then_flat() -> None:
-    assert [pad_tau(s, 100) for s in (0, 50, 100, 200)] == pytest.approx([1.0, 0.65, 0.3, 0.3])
-    assert pad_tau(25, 100, start=2.0, end=1.0) == pytest.approx(1.75)
+def _pad(**kw) -> PAD:
+    return PAD(**{"t_low": 0.05, "t_high": 10.0, "ratio": 1.0} | kw)
+
+
+def test_tau_schedule_linear_over_the_stage() -> None:
+    pad = _pad(tau_start=1.0, tau=0.3, total_steps=101)
+    assert [pad.tau_at(s) for s in (1, 51, 101)] == pytest.approx([1.0, 0.65, 0.3])
+    assert _pad(tau_start=2.0, tau=1.0, total_steps=5).tau_at(2) == pytest.approx(1.75)
+    assert _pad(tau=0.4, total_steps=50).tau_at(7) == 0.4  # no tau_start: constant
+    assert _pad(mode="released", alpha=1.5).tau_at(3) == 1.0
+
+
+def test_the_planned_update_count_is_the_most_pad_can_keep() -> None:
+    """The LR schedule's length (`planned_updates_per_step`) comes from the same count PAD draws."""
+    from types import SimpleNamespace
+
+    from megatron_revisual.config.schema import PADConfig
+    from megatron_revisual.train.grpo_loop import planned_updates_per_step
+
+    def stage(**pad):
+        # N = 5 prompts x 2 = 10 samples; 1 prompt x 2 = 2 samples per update
+        return SimpleNamespace(rollout_batch_size=5, rollout=SimpleNamespace(n=2), global_batch_size=1,
+                               steps=10, rl=SimpleNamespace(pad=PADConfig(**pad), ppo_epochs=1))
+
+    # paper, ratio 0.25: PAD draws ceil(2.5) = 3 samples -> 2 updates (int(2.5) = 2 gave 1)
+    assert PAD.from_config(PADConfig(ratio=0.25), 10).most_samples(10) == 3
+    assert planned_updates_per_step(stage(ratio=0.25)) == 2
+    # released with replacement, 45 x 1.4: int(62.99999999999999) = 62 draws
+    assert PAD.from_config(PADConfig(mode="released", ratio=1.4, replacement=True), 1).most_samples(45) == 62
+    assert planned_updates_per_step(stage(mode="released", ratio=1.5, replacement=True)) == 8  # 15 / 2
+    # released, ratio < 1: the whole-batch fallback can train on all 10
+    assert planned_updates_per_step(stage(mode="released", ratio=0.3)) == 5
+    assert planned_updates_per_step(stage(enabled=False)) == 5
 
 
 def test_tiny_tau_underflow_falls_back_to_uniform() -> None:
@@ -211,13 +245,16 @@ def test_selection_properties(values: list[float], args: dict, seed: int) -> Non
 
     sel = pad_select(adv, generator=gen(seed), **args)
     assert sel.dtype == torch.long
-    assert set(sel.tolist()) <= eff  # never outside E
     replacement = args.get("replacement", False)
     if args["mode"] == "paper":
         allowed = min(math.ceil(exact_ratio * n), len(eff))
     else:
-        k = math.floor(exact_ratio * n)
+        k = int(n * args["ratio"])  # the released float64 product
         allowed = (k if eff else 0) if replacement else min(k, len(eff))
+        if allowed == 0:  # released: the whole batch
+            assert sel.tolist() == list(range(n))
+            return
+    assert set(sel.tolist()) <= eff  # never outside E
     assert len(sel) <= allowed  # never more than allowed
     assert len(sel) == allowed  # and exactly that many when possible
     if not replacement:
