@@ -177,11 +177,11 @@ class Checker:
     def sft(self) -> dict:
         from megatron.core import parallel_state as ps
 
-        from megatron_revisual.train.grpo_step import token_log_probs_and_entropy
         from megatron_revisual.train.schedule import (
             real_vocab_size,
             run_packed_schedule,
             step_if_finite,
+            token_log_probs_and_entropy,
         )
 
         model, optimizer, scheduler = self._policy()

@@ -46,6 +46,7 @@ from megatron_revisual.convert.mapping import (
     to_hf,
     to_hf_patch,
 )
+from megatron_revisual.parallel.chunks import inner_model, model_chunks
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 TIED_OUTPUT = "language_model.output_layer.weight"
@@ -126,10 +127,9 @@ def local_params_by_global_name(
     model: torch.nn.Module | list[torch.nn.Module],
 ) -> dict[str, torch.Tensor]:
     """This rank's parameters keyed by global name (layers renumbered across PP / virtual PP)."""
-    chunks = model if isinstance(model, list) else [model]
     out: dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        chunk = getattr(chunk, "module", chunk)  # Megatron DDP wraps the model in .module
+    for chunk in model_chunks(model):
+        chunk = inner_model(chunk)  # under Megatron's DDP / Float16Module
         params = dict(chunk.named_parameters())
         for local, name in global_param_names(chunk).items():
             out[name] = params[local]

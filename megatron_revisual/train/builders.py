@@ -19,6 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_revisual.config.schema import OptimConfig, RunConfig
 from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES
+from megatron_revisual.parallel.chunks import model_chunks as as_chunks
 
 __all__ = ["build_optimizer", "ddp_config", "params_gathered", "wrap_ddp"]
 
@@ -57,7 +58,7 @@ def params_gathered(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> It
     them. Whatever reads the parameters outside a forward (a checkpoint save, the weight sync
     into the rollout engines, an HF export) runs inside this: the gather is forced first, and
     the hooks are back afterwards. Without overlap it does nothing."""
-    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    chunks = as_chunks(model_chunks)
     overlapped = [c for c in chunks if getattr(getattr(c, "ddp_config", None), "overlap_param_gather", False)]
     for chunk in overlapped:
         chunk.disable_forward_pre_hook(param_sync=True)

@@ -33,8 +33,8 @@ from megatron.core import parallel_state as ps
 from megatron_revisual.config.schema import RolloutCorrectionConfig
 from megatron_revisual.data.packing import PackedBatch, Sample, pack_sequences
 from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig
+from megatron_revisual.parallel.chunks import model_chunks
 from megatron_revisual.parallel.device import all_reduce, compute_device
-from megatron_revisual.rl.logprobs import vocab_parallel_log_probs_and_entropy
 from megatron_revisual.rl.losses import (
     AGGREGATIONS,
     POLICY_LOSSES,
@@ -47,8 +47,8 @@ from megatron_revisual.rl.losses import (
 from megatron_revisual.rl.rollout_correction import rollout_correction
 from megatron_revisual.train.schedule import (
     from_last_stage,
-    model_chunks,
     real_vocab_size,
+    row_log_probs_and_entropy,
     run_packed_schedule,
     step_if_finite,
 )
@@ -63,7 +63,6 @@ __all__ = [
     "global_loss_counts",
     "grpo_update",
     "response_values",
-    "token_log_probs_and_entropy",
 ]
 
 
@@ -301,44 +300,6 @@ def apply_rollout_correction(
 
 # ---------------------------------------------------------------------------------------------
 # Running the model through Megatron's pipeline schedule
-
-
-def token_log_probs_and_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vocab-parallel log p(label) and entropy; the TP-padding columns (global index >=
-    vocab_size) are -inf so they take no probability (their count differs between TP sizes)."""
-    local = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * local
-    if start + local > vocab_size:
-        padding = torch.arange(start, start + local, device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padding, float("-inf"))
-    # the temperature divides after the promotion to float32, inside
-    return vocab_parallel_log_probs_and_entropy(logits, labels, vocab_start_index=start, temperature=temperature)
-
-
-def row_log_probs_and_entropy(
-    logits: torch.Tensor, packed: Any, vocab_size: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_log_probs_and_entropy` over the whole packed row [1, T], from the model's logits.
-
-    Under CP the logits cover this rank's tokens only (`cp_token_indices` order): the log-probs
-    and entropies of its tokens are computed here, then all-gathered over the CP group into row
-    order, so the loss and its metrics (per-sequence aggregations, PAD, KL) see whole sequences,
-    exactly as at CP 1. Every CP rank then computes the same loss; autograd hands each rank the
-    gradient of its own tokens (DDP sums the CP ranks' gradients with the DP ranks')."""
-    if ps.get_context_parallel_world_size() == 1:
-        return token_log_probs_and_entropy(logits, packed.labels, vocab_size, temperature)
-    from megatron_revisual.models.qwen25_vl.model import split_for_context_parallel
-    from megatron_revisual.models.qwen25_vl.packed_attention import segment_bounds
-    from megatron_revisual.parallel.context_parallel import gather_full_row
-
-    params = packed.packed_seq_params
-    labels = split_for_context_parallel(packed.labels, params)
-    lp, entropy = token_log_probs_and_entropy(logits, labels, vocab_size, temperature)
-    # one gather for both
-    both = gather_full_row(torch.stack([lp, entropy]), segment_bounds(params), ps.get_context_parallel_group())
-    return both[0], both[1]
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Megatron's pipeline schedule over packed rows, shared by the SFT and GRPO steps.
+"""Megatron's pipeline schedule over packed rows and the labels' log-probabilities from its logits,
+shared by the SFT and GRPO steps.
 
     out = run_packed_schedule(model, rows, loss_func, forward_only=False)   # rows: anything with
     ok, _, grad_norm = step_if_finite(model, optimizer, scheduler)          # a `.packed` row
@@ -26,7 +27,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_revisual.data.packing import PackedBatch, Sample, pack_sequences, row_length_multiple
 from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
+from megatron_revisual.parallel.chunks import inner_model, model_chunks
 from megatron_revisual.parallel.device import all_reduce, compute_device, to_device
+from megatron_revisual.rl.logprobs import vocab_parallel_log_probs_and_entropy
 
 __all__ = [
     "FillerRow",
@@ -34,25 +37,12 @@ __all__ = [
     "filler_row",
     "from_last_stage",
     "grads_are_finite",
-    "inner_model",
-    "model_chunks",
     "real_vocab_size",
+    "row_log_probs_and_entropy",
     "run_packed_schedule",
     "step_if_finite",
+    "token_log_probs_and_entropy",
 ]
-
-
-def model_chunks(model: torch.nn.Module | Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
-    """A model given as one module or as its (virtual-pipeline) chunks, as a list."""
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
-def inner_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under Megatron's DDP / Float16Module wrappers (the one holding `model_cfg`)."""
-    inner = model
-    while not hasattr(inner, "model_cfg") and hasattr(inner, "module"):
-        inner = inner.module
-    return inner
 
 
 def real_vocab_size(model: torch.nn.Module) -> int:
@@ -193,3 +183,45 @@ def step_if_finite(model: torch.nn.Module | Sequence[torch.nn.Module], optimizer
     if scheduler is not None:
         scheduler.step(increment=1)
     return True, bool(update_successful), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities of the labels from the logits (the SFT loss, the GRPO passes)
+
+
+def token_log_probs_and_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vocab-parallel log p(label) and entropy; the TP-padding columns (global index >=
+    vocab_size) are -inf so they take no probability (their count differs between TP sizes)."""
+    local = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * local
+    if start + local > vocab_size:
+        padding = torch.arange(start, start + local, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padding, float("-inf"))
+    # the temperature divides after the promotion to float32, inside
+    return vocab_parallel_log_probs_and_entropy(logits, labels, vocab_start_index=start, temperature=temperature)
+
+
+def row_log_probs_and_entropy(
+    logits: torch.Tensor, packed: Any, vocab_size: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_log_probs_and_entropy` over the whole packed row [1, T], from the model's logits.
+
+    Under CP the logits cover this rank's tokens only (`cp_token_indices` order): the log-probs
+    and entropies of its tokens are computed here, then all-gathered over the CP group into row
+    order, so the loss and its metrics (per-sequence aggregations, PAD, KL) see whole sequences,
+    exactly as at CP 1. Every CP rank then computes the same loss; autograd hands each rank the
+    gradient of its own tokens (DDP sums the CP ranks' gradients with the DP ranks')."""
+    if ps.get_context_parallel_world_size() == 1:
+        return token_log_probs_and_entropy(logits, packed.labels, vocab_size, temperature)
+    from megatron_revisual.models.qwen25_vl.model import split_for_context_parallel
+    from megatron_revisual.models.qwen25_vl.packed_attention import segment_bounds
+    from megatron_revisual.parallel.context_parallel import gather_full_row
+
+    params = packed.packed_seq_params
+    labels = split_for_context_parallel(packed.labels, params)
+    lp, entropy = token_log_probs_and_entropy(logits, labels, vocab_size, temperature)
+    # one gather for both
+    both = gather_full_row(torch.stack([lp, entropy]), segment_bounds(params), ps.get_context_parallel_group())
+    return both[0], both[1]

@@ -25,12 +25,12 @@ from megatron_revisual.data.sft import (
     pack_groups,
 )
 from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
+from megatron_revisual.parallel.chunks import model_chunks
 from megatron_revisual.parallel.device import all_reduce
-from megatron_revisual.train.grpo_step import row_log_probs_and_entropy
 from megatron_revisual.train.schedule import (
     from_last_stage,
-    model_chunks,
     real_vocab_size,
+    row_log_probs_and_entropy,
     run_packed_schedule,
     step_if_finite,
 )
