@@ -45,7 +45,6 @@ in ``frozen_prefixes`` (the frozen vision tower: ``visual.``) are sent with the 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import secrets
 import time
@@ -59,6 +58,7 @@ from megatron_revisual.config.schema import ModelConfig
 from megatron_revisual.parallel.device import all_reduce, comm_device
 from megatron_revisual.rollout.engine import EngineConfig, RolloutEngine
 from megatron_revisual.rollout.types import (
+    EngineState,
     RolloutBatch,
     RolloutEngineError,
     RolloutRequest,
@@ -71,7 +71,6 @@ __all__ = [
     "PLACEMENTS",
     "ColocatedRollout",
     "EngineAsleepError",
-    "EngineState",
     "Placement",
     "SleepCycle",
     "SyncReport",
@@ -166,12 +165,6 @@ def _shared_token() -> str:
 
 
 # --- the sleep / wake cycle --------------------------------------------------------------------
-class EngineState(enum.Enum):
-    AWAKE = "awake"  # weights and KV cache: generate and sync allowed
-    ASLEEP = "asleep"  # level 1: weights offloaded, KV cache dropped
-    WEIGHTS = "weights"  # weights back, KV cache not yet: sync allowed, generate not
-
-
 class EngineAsleepError(RolloutEngineError):
     """An engine was asked for work its memory state does not allow."""
 

