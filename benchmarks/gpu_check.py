@@ -66,7 +66,7 @@ def _spec(tiny: bool, layers: int):
 
 class Checker:
     def __init__(self, args: argparse.Namespace, hf_dir: Path, cfg) -> None:
-        from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES
+        from megatron_revisual.models.common import TORCH_DTYPES
         from megatron_revisual.parallel.device import compute_device
 
         self.args, self.hf_dir, self.cfg = args, hf_dir, cfg

@@ -128,18 +128,20 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> RunConfi
 
 def _resolve_model_section(model: dict[str, Any], source: str) -> dict[str, Any]:
     """Expand `preset` / `hf_path` into explicit fields; explicit keys win."""
-    from megatron_revisual.models.qwen25_vl.presets import PRESETS, model_fields_from_hf
+    from megatron_revisual.models.registry import fields_from_hf, preset_names
+    from megatron_revisual.models.registry import preset as preset_config
 
     model = dict(model)
     base: dict[str, Any] = {}
     preset = model.pop("preset", None)
     if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"{source}: model.preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
-        base = _asdict_shallow(PRESETS[preset]())
+        presets = preset_names()
+        if preset not in presets:
+            raise ConfigError(f"{source}: model.preset={preset!r} is unknown; use one of {sorted(presets)}")
+        base = _asdict_shallow(preset_config(preset))
     elif model.get("hf_path") and not _has_required_fields(model):
         try:
-            base = model_fields_from_hf(model["hf_path"])
+            base = fields_from_hf(model["hf_path"])
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise ConfigError(f"{source}: model.hf_path: {e}") from None
     vision_override = model.pop("vision", dataclasses.MISSING)

@@ -40,6 +40,8 @@ class ModelConfig:
     """
 
     name: str = "custom"
+    # the model family (`models.registry`): its builder, HF mapping, config.json reader, positions
+    family: str = "qwen2_5_vl"
     hf_path: str | None = None
     num_layers: int
     hidden_size: int

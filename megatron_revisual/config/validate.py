@@ -72,6 +72,10 @@ def validate_config(cfg: RunConfig) -> None:
     if not 0 <= c.peer_timeout_s < 3600:
         problems.append(f"cluster.peer_timeout_s={c.peer_timeout_s} must be in [0, 3600) seconds (0 turns the "
                         "heartbeat off; at 3600 the process group's own timeout comes first)")
+    from megatron_revisual.models.registry import known_families
+
+    if m.family not in known_families():
+        problems.append(f"model.family={m.family!r} is not a registered model family; use one of {known_families()}")
     if not ok:  # the checks below divide by these
         raise ConfigValidationError(problems)
 

@@ -120,10 +120,10 @@ def default_first_stage_layers(num_layers: int, pp: int) -> int | None:
 
 def model_config_from_hf(hf_dir: str | Path, params_dtype: str) -> ModelConfig:
     from megatron_revisual.config import ConfigError, config_from_dict
-    from megatron_revisual.models.qwen25_vl.presets import model_fields_from_hf
+    from megatron_revisual.models.registry import fields_from_hf
 
     try:
-        fields = model_fields_from_hf(hf_dir)
+        fields = fields_from_hf(hf_dir)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ConvertError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
     fields.update(hf_path=None, params_dtype=params_dtype, name=Path(hf_dir).name or "hf")
@@ -230,10 +230,10 @@ def _checkpoint_dtype(ckpt_dir: Path) -> torch.dtype:
 def build_meta_stage(cfg: RunConfig) -> torch.nn.Module:
     from megatron.core import parallel_state as ps
 
-    from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.models.registry import model_family
 
     with torch.device("meta"):
-        return build_qwen25_vl(
+        return model_family(cfg.model).build(
             cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
         )
 

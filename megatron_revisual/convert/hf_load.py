@@ -18,7 +18,6 @@ from megatron_revisual.convert.mapping import (
     MappingContext,
     Rule,
     padded_vocab_size,
-    qwen25_vl_rules,
     to_megatron,
 )
 from megatron_revisual.convert.safetensors_io import HFCheckpoint
@@ -42,14 +41,10 @@ def mapping_context(model: ModelConfig, tp_size: int) -> MappingContext:
 
 
 def model_rule_list(model: ModelConfig, layer_backend: str = "local") -> list[Rule]:
-    """The mapping's rules for this model config, in mapping (export) order."""
-    return qwen25_vl_rules(
-        num_layers=model.num_layers,
-        vision_depth=model.vision.depth if model.vision is not None else None,
-        tie_word_embeddings=model.tie_word_embeddings,
-        text_only=model.vision is None,
-        layer_backend=layer_backend,
-    )
+    """The mapping's rules for this model config (its family's table), in mapping (export) order."""
+    from megatron_revisual.models.registry import model_family
+
+    return model_family(model).hf_rules(model, layer_backend)
 
 
 def model_rules(model: ModelConfig, layer_backend: str = "local") -> dict[str, Rule]:

@@ -8,7 +8,7 @@
 The side files (tokenizer, processor, chat template, generation config) are copied from a
 source directory: the original HF checkpoint, or the copy `hf-to-mcore` keeps inside the
 Megatron checkpoint. config.json is copied too after checking it describes `model_cfg`, or
-written from `hf_config_dict` when there is none.
+written from the model family's `hf_config` when there is none.
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ def copy_side_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
 
 def config_mismatches(model_cfg: ModelConfig, hf_dir: str | Path) -> list[str]:
     """Fields where `hf_dir`/config.json disagrees with `model_cfg`, as 'field: a != b' lines."""
-    from megatron_revisual.models.qwen25_vl.presets import model_fields_from_hf
+    from megatron_revisual.models.registry import fields_from_hf
 
     try:
-        fields = model_fields_from_hf(hf_dir)
+        fields = fields_from_hf(hf_dir)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise ConvertError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
     out = []
@@ -100,10 +100,10 @@ def write_hf_side_files(
         copy_side_files(source, out)
         _set_config_dtype(out / "config.json", model_cfg.params_dtype)
     if not (out / "config.json").exists():
-        from megatron_revisual.models.qwen25_vl.presets import hf_config_dict
+        from megatron_revisual.models.registry import model_family
 
         (out / "config.json").write_text(
-            json.dumps(hf_config_dict(model_cfg), indent=2, sort_keys=True) + "\n"
+            json.dumps(model_family(model_cfg).hf_config(model_cfg), indent=2, sort_keys=True) + "\n"
         )
     if not (out / "generation_config.json").exists():
         config = json.loads((out / "config.json").read_text())

@@ -116,21 +116,10 @@ def hf_logits(
 def megatron_batch(
     model_cfg: ModelConfig, inputs: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor | None]:
-    from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig, rope_index
+    from megatron_revisual.models.registry import model_family
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    if model_cfg.vision is None:
-        positions = torch.arange(ids.shape[1]).expand_as(ids).contiguous()
-    else:
-        config = MRopeIndexConfig(
-            image_token_id=model_cfg.image_token_id,
-            video_token_id=model_cfg.video_token_id,
-            spatial_merge_size=model_cfg.vision.spatial_merge_size,
-            tokens_per_second=model_cfg.vision.tokens_per_second,
-        )
-        positions, _ = rope_index(
-            ids, inputs.get("image_grid_thw"), attention_mask=mask, config=config
-        )
+    positions = model_family(model_cfg).position_ids(model_cfg, ids, inputs.get("image_grid_thw"), mask)
     return {
         "input_ids": ids,
         "position_ids": positions,
@@ -146,11 +135,11 @@ def _megatron_logits_rank(
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+    from megatron_revisual.models.registry import model_family
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     cfg = run_config_for(dataclasses.replace(model_cfg, params_dtype="fp32"), tp, pp, first_stage_layers)
-    model = build_qwen25_vl(
+    model = model_family(cfg.model).build(
         cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
     )
     load_model_checkpoint(model, ckpt_dir)

@@ -35,11 +35,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig, packed_rope_index
 from megatron_revisual.parallel.context_parallel import pad_for_cp, padded_token_index
 
 # Tokens per rank that a Transformer Engine FP8 GEMM needs as a multiple, by FP8 recipe: the GEMM's
@@ -62,6 +62,19 @@ def row_length_multiple(*, tp: int, sequence_parallel: bool, cp: int, fp8_recipe
     per_rank = FP8_TOKEN_MULTIPLE[fp8_recipe] if fp8_recipe is not None else 1
     multiple = per_rank * (tp if sequence_parallel else 1)
     return multiple * 2 * cp if cp > 1 else multiple
+
+
+class PositionConfig(Protocol):
+    """The model family's position constants (`models.registry.ModelFamily.position_config`,
+    e.g. Qwen2.5-VL's `MRopeIndexConfig`): the placeholder token ids, the vision merge size, and
+    the multi-dimensional position ids of a packed row."""
+
+    image_token_id: int
+    video_token_id: int
+    spatial_merge_size: int
+
+    def packed_positions(self, input_ids: torch.Tensor, cu_seqlens: Any, image_grid_thw: Any = None,
+                         video_grid_thw: Any = None, second_per_grid_ts: Any = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -126,7 +139,7 @@ def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.cat(present) if present else None
 
 
-def _check_sample(i: int, s: Sample, config: MRopeIndexConfig | None) -> torch.Tensor:
+def _check_sample(i: int, s: Sample, config: PositionConfig | None) -> torch.Tensor:
     ids = s.input_ids
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
@@ -161,7 +174,7 @@ def _check_sample(i: int, s: Sample, config: MRopeIndexConfig | None) -> torch.T
 def pack_sequences(
     samples: Sequence[Sample],
     *,
-    config: MRopeIndexConfig | None,
+    config: PositionConfig | None,
     pad_to_multiple_of: int = 1,
     cp_size: int = 1,
     pad_token_id: int = 0,
@@ -228,8 +241,8 @@ def pack_sequences(
     if config is None:
         real_positions = torch.cat([torch.arange(x.numel()) for x in ids_per_sample]).unsqueeze(0)
     else:
-        real_positions, rope_deltas = packed_rope_index(
-            ids, cu, image_grid_thw, video_grid_thw, second_per_grid_ts, config=config
+        real_positions, rope_deltas = config.packed_positions(
+            ids, cu, image_grid_thw, video_grid_thw, second_per_grid_ts
         )
         real_positions = real_positions[:, 0]
     position_ids = real_positions.new_zeros(real_positions.shape[0], total)

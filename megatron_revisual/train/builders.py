@@ -18,7 +18,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_revisual.config.schema import OptimConfig, RunConfig
-from megatron_revisual.models.qwen25_vl.provider import TORCH_DTYPES
+from megatron_revisual.models.common import TORCH_DTYPES
 from megatron_revisual.parallel.chunks import model_chunks as as_chunks
 
 __all__ = ["build_optimizer", "ddp_config", "params_gathered", "wrap_ddp"]

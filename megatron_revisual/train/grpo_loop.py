@@ -35,7 +35,7 @@ from megatron_revisual.data.datasets import (
     rollout_request,
 )
 from megatron_revisual.data.sft import load_tokenizer_and_processor
-from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
+from megatron_revisual.models.registry import model_family
 from megatron_revisual.parallel.device import all_reduce, broadcast_object
 from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
@@ -145,7 +145,7 @@ class GRPOLoop:
         self.pad = PAD.from_config(rl.pad, self.total_steps)  # its tau is checkpointed even when off
         self.updates_per_step = planned_updates_per_step(stage_cfg)
         self.updates_done = 0  # optimizer updates of this stage: the entropy schedule's clock
-        self.mrope = mrope_config(self.cfg.model)
+        self.mrope = model_family(self.cfg.model).position_config(self.cfg.model)
         r = stage_cfg.rollout
         self.placement = Placement(world_size=dist.get_world_size(), engine_tp=r.tensor_parallel_size,
                                    mode=r.placement)

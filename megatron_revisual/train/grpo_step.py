@@ -31,8 +31,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_revisual.config.schema import RolloutCorrectionConfig
-from megatron_revisual.data.packing import PackedBatch, Sample, pack_sequences
-from megatron_revisual.models.qwen25_vl.rope_index import MRopeIndexConfig
+from megatron_revisual.data.packing import PackedBatch, PositionConfig, Sample, pack_sequences
 from megatron_revisual.parallel.chunks import model_chunks
 from megatron_revisual.parallel.device import all_reduce, compute_device
 from megatron_revisual.rl.losses import (
@@ -46,6 +45,7 @@ from megatron_revisual.rl.losses import (
 )
 from megatron_revisual.rl.rollout_correction import rollout_correction
 from megatron_revisual.train.schedule import (
+    family_of,
     from_last_stage,
     real_vocab_size,
     row_log_probs_and_entropy,
@@ -160,7 +160,7 @@ def _per_response(
 def build_policy_batches(
     samples: Sequence[PolicySample],
     *,
-    config: MRopeIndexConfig | None,
+    config: PositionConfig | None,
     micro_batch_tokens: int | None = None,
     micro_batch_size: int | None = None,
     pad_to_multiple_of: int = 1,
@@ -313,12 +313,12 @@ def compute_log_probs(
     `model` (the policy for old log-probs, the frozen reference for KL); forward only.
     Collective over the model-parallel group: every rank returns the same values, on the host
     (beside the micro-batches they are attached to)."""
-    vocab = real_vocab_size(model_chunks(model)[0])
+    vocab, family = real_vocab_size(model_chunks(model)[0]), family_of(model_chunks(model)[0])
     for m in model_chunks(model):
         m.eval()
 
     def loss_func(mb: PolicyMicroBatch, logits: torch.Tensor):
-        lp, _ = row_log_probs_and_entropy(logits, mb.packed, vocab, temperature)
+        lp, _ = row_log_probs_and_entropy(logits, mb.packed, vocab, temperature, family=family)
         return logits.new_zeros(()), {"log_probs": lp.float() * mb.packed.loss_mask}
 
     out = run_packed_schedule(model, micro_batches, loss_func, forward_only=True)
@@ -382,7 +382,7 @@ def grpo_update(
     if kl_coef and not has_ref:
         raise ValueError(f"kl_coef={kl_coef} needs ref_log_probs on every micro-batch")
     chunks = model_chunks(model)
-    vocab = real_vocab_size(chunks[0])
+    vocab, family = real_vocab_size(chunks[0]), family_of(chunks[0])
     tokens, sequences = global_loss_counts(micro_batches)
     if tokens == 0:
         raise ValueError("grpo_update: no loss token in the whole step (every sequence rejected?)")
@@ -392,7 +392,7 @@ def grpo_update(
     names = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower", "ppo_kl")
 
     def loss_func(mb: PolicyMicroBatch, logits: torch.Tensor):
-        lp, entropy = row_log_probs_and_entropy(logits, mb.packed, vocab, temperature)
+        lp, entropy = row_log_probs_and_entropy(logits, mb.packed, vocab, temperature, family=family)
         # One row per packed sequence, so the seq-mean aggregations see sequences.
         n = mb.num_sequences
         rows = _sequence_rows(mb)  # [n, T]

@@ -26,7 +26,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_revisual.data.packing import PackedBatch, Sample, pack_sequences, row_length_multiple
-from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
+from megatron_revisual.models.registry import model_family
 from megatron_revisual.parallel.chunks import inner_model, model_chunks
 from megatron_revisual.parallel.device import all_reduce, compute_device, to_device
 from megatron_revisual.rl.logprobs import vocab_parallel_log_probs_and_entropy
@@ -34,6 +34,7 @@ from megatron_revisual.rl.logprobs import vocab_parallel_log_probs_and_entropy
 __all__ = [
     "FillerRow",
     "agreed_micro_batch_count",
+    "family_of",
     "filler_row",
     "from_last_stage",
     "grads_are_finite",
@@ -43,6 +44,11 @@ __all__ = [
     "step_if_finite",
     "token_log_probs_and_entropy",
 ]
+
+
+def family_of(model: torch.nn.Module) -> Any:
+    """The `models.registry.ModelFamily` of a (wrapped) model chunk."""
+    return model_family(inner_model(model).model_cfg)
 
 
 def real_vocab_size(model: torch.nn.Module) -> int:
@@ -66,7 +72,7 @@ def filler_row(model: torch.nn.Module) -> FillerRow:
     multiple = row_length_multiple(tp=config.tensor_model_parallel_size, sequence_parallel=config.sequence_parallel,
                                    cp=config.context_parallel_size, fp8_recipe=recipe)
     packed = pack_sequences([Sample(input_ids=torch.zeros(1, dtype=torch.long))],
-                            config=mrope_config(inner_model(model).model_cfg), pad_to_multiple_of=multiple,
+                            config=family_of(model).position_config(inner_model(model).model_cfg), pad_to_multiple_of=multiple,
                             cp_size=config.context_parallel_size, pad_token_id=0)
     return FillerRow(packed=packed)
 
@@ -204,7 +210,7 @@ def token_log_probs_and_entropy(
 
 
 def row_log_probs_and_entropy(
-    logits: torch.Tensor, packed: Any, vocab_size: int, temperature: float
+    logits: torch.Tensor, packed: Any, vocab_size: int, temperature: float, *, family: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_log_probs_and_entropy` over the whole packed row [1, T], from the model's logits.
 
@@ -212,16 +218,15 @@ def row_log_probs_and_entropy(
     and entropies of its tokens are computed here, then all-gathered over the CP group into row
     order, so the loss and its metrics (per-sequence aggregations, PAD, KL) see whole sequences,
     exactly as at CP 1. Every CP rank then computes the same loss; autograd hands each rank the
-    gradient of its own tokens (DDP sums the CP ranks' gradients with the DP ranks')."""
+    gradient of its own tokens (DDP sums the CP ranks' gradients with the DP ranks').
+    `family`: the model's family (`family_of`), which owns the CP split of a row."""
     if ps.get_context_parallel_world_size() == 1:
         return token_log_probs_and_entropy(logits, packed.labels, vocab_size, temperature)
-    from megatron_revisual.models.qwen25_vl.model import split_for_context_parallel
-    from megatron_revisual.models.qwen25_vl.packed_attention import segment_bounds
     from megatron_revisual.parallel.context_parallel import gather_full_row
 
     params = packed.packed_seq_params
-    labels = split_for_context_parallel(packed.labels, params)
+    labels = family.split_for_context_parallel(packed.labels, params)
     lp, entropy = token_log_probs_and_entropy(logits, labels, vocab_size, temperature)
     # one gather for both
-    both = gather_full_row(torch.stack([lp, entropy]), segment_bounds(params), ps.get_context_parallel_group())
+    both = gather_full_row(torch.stack([lp, entropy]), family.segment_bounds(params), ps.get_context_parallel_group())
     return both[0], both[1]

@@ -24,10 +24,11 @@ from megatron_revisual.data.sft import (
     load_tokenizer_and_processor,
     pack_groups,
 )
-from megatron_revisual.models.qwen25_vl.rope_index import mrope_config
+from megatron_revisual.models.registry import model_family
 from megatron_revisual.parallel.chunks import model_chunks
 from megatron_revisual.parallel.device import all_reduce
 from megatron_revisual.train.schedule import (
+    family_of,
     from_last_stage,
     real_vocab_size,
     row_log_probs_and_entropy,
@@ -67,7 +68,7 @@ class SFTLoop:
         per_epoch = self.loader.sampler.batches_per_epoch
         self.total_steps = stage_cfg.train_iters or stage_cfg.epochs * per_epoch
         self.warmup_steps = round(stage_cfg.lr_warmup_fraction * self.total_steps)
-        self.mrope = mrope_config(self.cfg.model)
+        self.mrope = model_family(self.cfg.model).position_config(self.cfg.model)
 
     def attach(self, ddp, optimizer, scheduler) -> None:
         self.model, self.optimizer, self.scheduler = ddp, optimizer, scheduler
@@ -142,10 +143,10 @@ def sft_update(model: Any, optimizer: Any, scheduler: Any | None, rows: list[Any
     run as gradient-accumulation micro-batches. Returns (the step's summed NLL over all DP
     ranks, finite, grad_norm, lr), the same on every rank."""
     dp = ps.get_data_parallel_world_size()
-    vocab = real_vocab_size(model_chunks(model)[0])
+    vocab, family = real_vocab_size(model_chunks(model)[0]), family_of(model_chunks(model)[0])
 
     def loss_func(row: Any, logits: torch.Tensor):
-        lp, _ = row_log_probs_and_entropy(logits, row.packed, vocab, 1.0)
+        lp, _ = row_log_probs_and_entropy(logits, row.packed, vocab, 1.0, family=family)
         nll = -(lp.float() * row.packed.loss_mask).sum()
         return nll / tokens, {"nll": nll.detach().double()}
 

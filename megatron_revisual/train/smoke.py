@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_revisual.config.schema import RunConfig
 from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
-from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
+from megatron_revisual.models.registry import model_family
 from megatron_revisual.parallel.device import all_reduce, compute_device, to_device
 from megatron_revisual.train.builders import build_optimizer, wrap_ddp
 
@@ -34,7 +34,7 @@ def smoke_train_rank(cfg: RunConfig, token_ids: list[int]) -> list[dict[str, flo
     tokens = torch.tensor(token_ids, dtype=torch.long)
     if len(tokens) <= t.seq_length + 1:
         raise ValueError(f"smoke data has {len(tokens)} tokens; need more than train.seq_length+1={t.seq_length + 1}")
-    model = build_qwen25_vl(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    model = model_family(cfg.model).build(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     if cfg.model.hf_path:
         load_hf_weights(
             model,

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_revisual.config.schema import OptimConfig, RunConfig, SFTStageConfig
+from megatron_revisual.models.registry import model_family
 from megatron_revisual.parallel.device import broadcast_object
 from megatron_revisual.parallel.rng import rng_state
 from megatron_revisual.train.checkpointing import (
@@ -131,10 +132,9 @@ class StageRunner:
     def _build(self, name: str, stage_cfg: Any, load_from: Path | None, *, trainable: bool):
         from megatron_revisual.convert.dist_ckpt import load_model_checkpoint
         from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
-        from megatron_revisual.models.qwen25_vl.provider import build_qwen25_vl
 
         cfg = self.cfg
-        model = build_qwen25_vl(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+        model = model_family(cfg.model).build(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
         if load_from is not None:
             load_model_checkpoint(model, load_from)
         else:

@@ -73,8 +73,8 @@ def _mapping(ckpt: Path, tp: int):
         AttentionShape,
         MappingContext,
         padded_vocab_size,
-        qwen25_vl_rules,
     )
+    from megatron_revisual.models.qwen25_vl.hf_mapping import qwen25_vl_rules
 
     vision, _, text = _vision_config(ckpt)
     head_dim = text["hidden_size"] // text["num_attention_heads"]

@@ -115,3 +115,19 @@ def test_no_module_imports_another_modules_private_names() -> None:
         if obj is not None and obj.startswith("_") and not obj.startswith("__") and dep != m
     ]
     assert private == []
+
+
+def test_outside_models_a_model_family_is_reached_only_through_the_registry() -> None:
+    """train/, convert/, data/, config/ (and every other package) import no family package:
+    a second family touches `models/` and the registry's table only."""
+    mods = _modules()
+    families = {m for m in mods if m.startswith("megatron_revisual.models.") and m.count(".") >= 3}
+    assert "megatron_revisual.models.qwen25_vl.family" in families
+    reaching = sorted(
+        f"{m}:{line} imports {dep}"
+        for m, p in mods.items()
+        if not m.startswith("megatron_revisual.models")
+        for dep, _, line in _imports(m, p, mods)
+        if dep in families
+    )
+    assert reaching == []

@@ -14,8 +14,9 @@ import torch
 
 from megatron_revisual.config import ConfigValidationError, ModelConfig, RunConfig, config_from_dict
 from megatron_revisual.config.validate import resolve_layer_backend
-from megatron_revisual.convert.mapping import TE_LANGUAGE_LAYER_RENAMES, qwen25_vl_rules, te_names
+from megatron_revisual.convert.mapping import TE_LANGUAGE_LAYER_RENAMES, te_names
 from megatron_revisual.models.qwen25_vl import provider
+from megatron_revisual.models.qwen25_vl.hf_mapping import qwen25_vl_rules
 from megatron_revisual.models.qwen25_vl.presets import qwen25_vl_7b
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ from megatron_revisual.convert.mapping import (
     MappingContext,
     Rule,
     padded_vocab_size,
-    qwen25_vl_rules,
     to_hf,
     to_hf_patch,
     to_megatron,
 )
+from megatron_revisual.models.qwen25_vl.hf_mapping import qwen25_vl_rules
 
 
 def ctx(tp: int, *, heads=4, groups=2, head_dim=2, vocab=10, padded=None) -> MappingContext:

@@ -14,7 +14,8 @@ import torch
 
 from megatron_revisual.config import ModelConfig, VisionConfig
 from megatron_revisual.convert.hf_load import mapping_context
-from megatron_revisual.convert.mapping import padded_vocab_size, qwen25_vl_rules, to_megatron
+from megatron_revisual.convert.mapping import padded_vocab_size, to_megatron
+from megatron_revisual.models.qwen25_vl.hf_mapping import qwen25_vl_rules
 from megatron_revisual.models.qwen25_vl.presets import PRESETS, hf_config_dict, model_fields_from_hf
 from megatron_revisual.parallel import run_distributed
 

@@ -82,7 +82,7 @@ def test_temperature_divides_bf16_logits_after_the_fp32_promotion(monkeypatch) -
     rounding. Dividing in bf16 first re-rounds z / T (up to 2^-9 of each logit): ~1e-2 off."""
     from megatron.core import parallel_state as ps
 
-    from megatron_revisual.train.grpo_step import token_log_probs_and_entropy
+    from megatron_revisual.train.schedule import token_log_probs_and_entropy
 
     monkeypatch.setattr(ps, "get_tensor_model_parallel_rank", lambda: 0)  # one process: TP 1
     g = torch.Generator().manual_seed(5)

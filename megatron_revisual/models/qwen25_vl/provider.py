@@ -21,8 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_revisual.config.schema import PrecisionConfig, RunConfig
 from megatron_revisual.config.validate import LayerBackend, resolve_layer_backend
 from megatron_revisual.convert.mapping import padded_vocab_size
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megatron_revisual.models.common import TORCH_DTYPES
 
 
 def layer_backend(cfg: RunConfig) -> LayerBackend:

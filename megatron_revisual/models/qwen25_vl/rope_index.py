@@ -55,6 +55,13 @@ class MRopeIndexConfig:
             tokens_per_second=vision.tokens_per_second,
         )
 
+    def packed_positions(
+        self, input_ids: torch.Tensor, cu_seqlens: Any, image_grid_thw: Any = None, video_grid_thw: Any = None,
+        second_per_grid_ts: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`packed_rope_index` with these constants (what `data.packing` calls)."""
+        return packed_rope_index(input_ids, cu_seqlens, image_grid_thw, video_grid_thw, second_per_grid_ts, config=self)
+
 
 def mrope_config(model_cfg: Any) -> MRopeIndexConfig | None:
     """The rope-index constants of a run's `ModelConfig` (duck-typed); None for a text-only
