@@ -19,7 +19,6 @@ import math
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,6 @@ from megatron_revisual.data.datasets import (
 from megatron_revisual.data.sft import load_tokenizer_and_processor
 from megatron_revisual.models.registry import model_family
 from megatron_revisual.parallel.device import all_reduce, broadcast_object
-from megatron_revisual.rl.advantages import grpo_advantages
 from megatron_revisual.rl.losses import entropy_coefficient, kl_penalty
 from megatron_revisual.rl.pad import PAD
 from megatron_revisual.rl.rewards import RewardConfig, RewardSample, compute_reward
@@ -45,11 +43,20 @@ from megatron_revisual.rl.rollout_correction import correction_metrics
 from megatron_revisual.rollout.colocated import (
     ColocatedRollout,
     Placement,
-    balance,
     start_engine,
 )
 from megatron_revisual.rollout.engine import load_image
 from megatron_revisual.rollout.types import EngineState, SamplingConfig
+from megatron_revisual.train.grpo_plan import (
+    Rewards,
+    Rollout,
+    Selection,
+    UpdatePlan,
+    deal,
+    planned_updates_per_step,
+    reward_metrics,
+    select_samples,
+)
 from megatron_revisual.train.grpo_step import (
     PolicySample,
     apply_rollout_correction,
@@ -69,38 +76,9 @@ from megatron_revisual.train.stage_common import (
     step_seed,
 )
 
-__all__ = ["GRPOLoop", "engine_config", "engine_key", "load_validation_set", "logprob_gaps",
-           "planned_updates_per_step", "validation_report"]
+__all__ = ["GRPOLoop", "engine_config", "engine_key", "load_validation_set", "logprob_gaps", "validation_report"]
 _UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "pg_clipfrac_higher", "pg_clipfrac_lower",
                    "ppo_kl", "grad_norm", "skipped_non_finite")
-
-
-@dataclass(frozen=True)
-class _Rollout:
-    records: list[Any]  # the step's prompt records
-    samples: list[Any]  # RolloutSample, ordered by (request, sample)
-    metrics: dict[str, float]
-    engine_of_request: tuple[int, ...] = ()  # the engine that served each request
-
-
-@dataclass(frozen=True)
-class _Rewards:
-    values: torch.Tensor  # [N] float32, one per sample
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _Selection:
-    advantages: torch.Tensor  # [N]
-    minis: list[list[int]]  # sample indices per optimizer update; [] when the step is skipped
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _Planned:
-    batches: list[list[Any]]  # this DP rank's PolicyMicroBatches per optimizer update
-    kl_in_loss: bool
-    metrics: dict[str, float]
 
 
 @contextmanager
@@ -110,10 +88,6 @@ def _timed(times: dict[str, float], key: str):
         yield
     finally:
         times[key] = time.perf_counter() - t
-
-
-def _reward_metrics(scores: list[dict[str, float]]) -> dict[str, float]:
-    return {f"reward/{k}": mean([sc.get(k, 0.0) for sc in scores]) for k in sorted({k for sc in scores for k in sc})}
 
 
 class GRPOLoop:
@@ -340,7 +314,7 @@ class GRPOLoop:
         with _timed(times, "time/reward"):
             scores = self._score(rollout.records, rollout.samples)
         if not rollout.samples:
-            return self._skipped({**row, **_reward_metrics(scores)}, times)
+            return self._skipped({**row, **reward_metrics(scores)}, times)
         rewards = self._rewards(rollout, scores, times, global_step)
         row.update(rewards.metrics)
         selection = self._select(rollout, rewards, stage_step, global_step)
@@ -361,7 +335,7 @@ class GRPOLoop:
                     "rollout/engines": float(self.placement.num_engines)})
         return {**row, **times}
 
-    def _rollout(self, global_step: int) -> _Rollout:
+    def _rollout(self, global_step: int) -> Rollout:
         """The step's prompts sampled by the engines, which then sleep until the weight sync."""
         r = self.stage.rollout
         records = self.loader.next_batch()
@@ -381,15 +355,15 @@ class GRPOLoop:
             "rollout/samples": float(len(samples)), "rollout/skipped_requests": float(len(batch.skipped)),
             **{f"rollout/skipped/{k}": float(v) for k, v in sorted(self.rollout_skips.items())},
         }
-        return _Rollout(records=records, samples=samples, metrics=metrics, engine_of_request=engine_of)
+        return Rollout(records=records, samples=samples, metrics=metrics, engine_of_request=engine_of)
 
-    def _rewards(self, rollout: _Rollout, scores: list[dict[str, float]], times: dict[str, float],
-                 global_step: int) -> _Rewards:
+    def _rewards(self, rollout: Rollout, scores: list[dict[str, float]], times: dict[str, float],
+                 global_step: int) -> Rewards:
         """Each sample's scalar reward: the reward terms' `overall`, less the KL penalty when
         rl.kl_in_reward; plus `rehearsal.reward_noise` x U[0, 1) (seeded by the step), which a
         rehearsal's random model needs for any advantage to be non-zero."""
         rl = self.stage.rl
-        metrics = _reward_metrics(scores)
+        metrics = reward_metrics(scores)
         rewards = torch.tensor([sc["overall"] for sc in scores], dtype=torch.float32)
         if self.cfg.rehearsal.reward_noise:
             gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, global_step, salt=3))
@@ -399,34 +373,20 @@ class GRPOLoop:
                 penalty = rl.kl_coef * self._sequence_kl(rollout.records, rollout.samples)
             rewards = rewards - penalty.float()
             metrics.update({"reward/kl_penalty": float(penalty.mean()), "reward/with_kl_penalty": float(rewards.mean())})
-        return _Rewards(values=rewards, metrics=metrics)
+        return Rewards(values=rewards, metrics=metrics)
 
-    def _select(self, rollout: _Rollout, rewards: _Rewards, stage_step: int, global_step: int) -> _Selection:
-        """Group-normalised advantages, the samples PAD (or a non-zero advantage) keeps, in
-        mini-batches of global_batch_size prompts' samples; none when too few to give every DP
-        rank one."""
-        rl, r, samples = self.stage.rl, self.stage.rollout, rollout.samples
-        advantages = grpo_advantages(rewards.values, r.n, normalize_std=rl.normalize_std)
-        metrics = {"adv/mean": float(advantages.mean()), "adv/abs_mean": float(advantages.abs().mean()),
-                   "adv/max": float(advantages.max()), "adv/min": float(advantages.min())}
+    def _select(self, rollout: Rollout, rewards: Rewards, stage_step: int, global_step: int) -> Selection:
+        """`grpo_plan.select_samples` with this stage's settings and the step's PAD draws."""
+        rl, r = self.stage.rl, self.stage.rollout
+        gen = None
         if rl.pad.enabled:
             gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, global_step, salt=1))
-            result = self.pad.select(advantages, stage_step=stage_step, generator=gen, step=global_step)
-            metrics.update(result.metrics)
-            chosen = result.indices.tolist()
-        else:
-            chosen = [i for i in range(len(samples)) if float(advantages[i]) != 0.0]
-        chosen = [i for i in chosen if samples[i].token_ids]
-        dp, _ = dp_info()
-        per_update = self.stage.global_batch_size * r.n
-        minis = [chosen[k : k + per_update] for k in range(0, len(chosen), per_update)]
-        if len(minis) > 1 and len(minis[-1]) < dp:  # a tail too short to give every DP rank one
-            minis[-2] += minis.pop()
-        if not minis or len(minis[0]) < dp:
-            minis = []
-        return _Selection(advantages=advantages, minis=minis, metrics=metrics)
+        return select_samples(rollout.samples, rewards, n=r.n, normalize_std=rl.normalize_std,
+                              pad=self.pad if rl.pad.enabled else None, stage_step=stage_step,
+                              global_step=global_step, generator=gen,
+                              global_batch_size=self.stage.global_batch_size, dp=dp_info()[0])
 
-    def _plan_updates(self, rollout: _Rollout, selection: _Selection) -> _Planned:
+    def _plan_updates(self, rollout: Rollout, selection: Selection) -> UpdatePlan:
         """This DP rank's micro-batches of every mini-batch, with old (and reference) log-probs
         from before any update, and the rollout correction's weights."""
         rl, r = self.stage.rl, self.stage.rollout
@@ -436,7 +396,7 @@ class GRPOLoop:
         kl_in_loss = self.reference is not None and not rl.kl_in_reward
         planned, diffs, corrections, imbalance = [], [], [], []
         for mini in selection.minis:
-            mine, ratio = self._deal(samples, mini, dp, dp_rank)
+            mine, ratio = deal(samples, mini, dp, dp_rank)
             imbalance.append(ratio)
             batches = self._batches(self._policy_samples(records, samples, selection.advantages, mine,
                                                          with_rollout_log_probs=rc.enabled))
@@ -458,9 +418,9 @@ class GRPOLoop:
             metrics.update(self._correction_metrics(corrections))
             if rc.seq is not None:  # a mini-batch whose sequences were all rejected has no loss
                 planned = [b for b in planned if global_loss_counts(b)[0] > 0]
-        return _Planned(batches=planned, kl_in_loss=kl_in_loss, metrics=metrics)
+        return UpdatePlan(batches=planned, kl_in_loss=kl_in_loss, metrics=metrics)
 
-    def _update(self, planned: _Planned, stage_step: int) -> dict[str, Any]:
+    def _update(self, planned: UpdatePlan, stage_step: int) -> dict[str, Any]:
         """rl.ppo_epochs passes of one optimizer update per mini-batch; their mean metrics."""
         rl, r = self.stage.rl, self.stage.rollout
         gspo = rl.policy_loss == "gspo"
@@ -495,22 +455,12 @@ class GRPOLoop:
         self.rollout.wake()
         return {**row, "skipped_step": 1.0, **times}
 
-    @staticmethod
-    def _deal(samples, chosen: list[int], dp: int, dp_rank: int) -> tuple[list[int], float]:
-        """This DP rank's share of `chosen` (sample indices): counts within one of each other,
-        balanced by prompt + response tokens; and the largest rank's tokens over the mean."""
-        tokens = [len(samples[i].prompt_token_ids) + len(samples[i].token_ids) for i in chosen]
-        groups = balance(tokens, dp)
-        loads = [sum(tokens[k] for k in g) for g in groups]
-        mean_load = sum(loads) / dp
-        return [chosen[k] for k in groups[dp_rank]], (max(loads) / mean_load if mean_load else 1.0)
-
     def _sequence_kl(self, records, samples) -> torch.Tensor:
         """sum_t KL_t(pi_old || pi_ref) of every response (float64 [N], the same on every rank),
         its forward passes split over the DP ranks."""
         rl, temperature = self.stage.rl, self.stage.rollout.temperature or 1.0
         dp, dp_rank = dp_info()
-        mine, _ = self._deal(samples, [i for i, s in enumerate(samples) if s.token_ids], dp, dp_rank)
+        mine, _ = deal(samples, [i for i, s in enumerate(samples) if s.token_ids], dp, dp_rank)
         out = torch.zeros(len(samples), dtype=torch.float64)
         # a rank dealt nothing still joins both passes (filler rows: `train.schedule`)
         batches = self._batches(self._policy_samples(records, samples, torch.zeros(len(samples)), mine))
@@ -603,16 +553,6 @@ def logprob_gaps(diffs: list[tuple[int, torch.Tensor]], num_engines: int) -> dic
     if num_engines > 1:
         out.update({f"rollout/logprob_diff_max/engine{e}": float(top[1 + e]) for e in range(num_engines)})
     return out
-
-
-def planned_updates_per_step(stage: Any) -> int:
-    """Optimizer updates of one step when PAD keeps as many samples as it may
-    (`PAD.most_samples`; all N without PAD), in mini-batches of global_batch_size prompts x n
-    (the LR schedule's and the linear entropy schedule's length)."""
-    n_samples = stage.rollout_batch_size * stage.rollout.n
-    pad = stage.rl.pad
-    samples = PAD.from_config(pad, stage.steps).most_samples(n_samples) if pad.enabled else n_samples
-    return stage.rl.ppo_epochs * max(1, math.ceil(samples / (stage.global_batch_size * stage.rollout.n)))
 
 
 def load_validation_set(stage_cfg: Any, tokenizer: Any) -> PromptDataset | None:

@@ -158,7 +158,7 @@ def test_the_planned_update_count_is_the_most_pad_can_keep() -> None:
     from types import SimpleNamespace
 
     from megatron_revisual.config.schema import PADConfig
-    from megatron_revisual.train.grpo_loop import planned_updates_per_step
+    from megatron_revisual.train.grpo_plan import planned_updates_per_step
 
     def stage(**pad):
         # N = 5 prompts x 2 = 10 samples; 1 prompt x 2 = 2 samples per update

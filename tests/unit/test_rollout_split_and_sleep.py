@@ -184,20 +184,20 @@ def test_seed_index_not_position_decides_a_sample(tiny):
 def test_update_samples_are_dealt_to_dp_ranks_by_tokens():
     from types import SimpleNamespace
 
-    from megatron_revisual.train.grpo_loop import GRPOLoop
+    from megatron_revisual.train.grpo_plan import deal
 
     # prompt + response tokens: 12, 4, 4, 4, 11, 5 (sample indices 10..15)
     lengths = {10: (2, 10), 11: (2, 2), 12: (2, 2), 13: (2, 2), 14: (2, 9), 15: (2, 3)}
     samples = {i: SimpleNamespace(prompt_token_ids=[0] * p, token_ids=[1] * r) for i, (p, r) in lengths.items()}
     chosen = sorted(lengths)
-    rank0, ratio = GRPOLoop._deal(samples, chosen, 2, 0)
-    rank1, _ = GRPOLoop._deal(samples, chosen, 2, 1)
+    rank0, ratio = deal(samples, chosen, 2, 0)
+    rank1, _ = deal(samples, chosen, 2, 1)
     # 12 -> 0 | 11 -> 1 | 5 -> 1 (11 < 12) | 4 -> 0 (12 < 16) | 4 -> 0 (a tie: the lower) | 4 -> 1 (0 is full)
     assert rank0 == [10, 11, 12] and rank1 == [13, 14, 15]
     assert ratio == pytest.approx(20 / 20)
     # 12, 4, 11, 4 tokens: round robin gives 23 against 8 (1.48 x the mean); dealt: 16 against 15
     four = {0: samples[10], 1: samples[11], 2: samples[14], 3: samples[13]}
-    mine, ratio = GRPOLoop._deal(four, [0, 1, 2, 3], 2, 0)
+    mine, ratio = deal(four, [0, 1, 2, 3], 2, 0)
     assert mine == [0, 3] and ratio == pytest.approx(16 / 15.5)
 
 
