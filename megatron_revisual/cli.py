@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("eval", "megatron_revisual.evaluation.runner", "ReVisual benchmarks through an OpenAI-compatible endpoint"),
         ("serve", "megatron_revisual.serving", "vLLM's OpenAI-compatible server for an HF model directory"),
-        ("infer", "megatron_revisual.rollout.infer", "one-shot generation for an image and a question"),
+        ("infer", "megatron_revisual.infer", "one-shot generation for an image and a question"),
         ("convert", "megatron_revisual.convert.cli", "HF <-> Megatron distributed checkpoints, and verify"),
         ("train", "megatron_revisual.train.runner", "the staged curriculum: cold-start SFT, multimodal GRPO, text GRPO"),
         ("plan", "megatron_revisual.launch.planner", "per-GPU memory and step time of a recipe's stages; does it fit?"),

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from megatron_revisual.rollout.infer import add_infer_arguments, run_infer
+from megatron_revisual.infer import add_infer_arguments, run_infer
 from megatron_revisual.testing.images import fixture_image
 
 pytestmark = [pytest.mark.integration]
@@ -34,7 +34,7 @@ def _blocks(stdout: str) -> list[str]:
 def test_infer_vllm_prints_each_sequence(tiny):
     model, image = tiny
     cmd = [  # the released infer.py's flags, plus what CPU vLLM needs
-        sys.executable, "-m", "megatron_revisual.rollout.infer",
+        sys.executable, "-m", "megatron_revisual.infer",
         "--model_path", str(model), "--image_path", str(image), "--question", "What is the area?",
         "--prompt", " Put the final answer in \\boxed{}.", "--do_sample", "True",
         "--max_tokens", "12", "--num_return_sequences", "3", "--top_k", "20",

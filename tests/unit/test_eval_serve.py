@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_revisual.data.chat_template import CHAT_TEMPLATE
-from megatron_revisual.rollout.infer import (
+from megatron_revisual.infer import (
     InferResponse,
     add_infer_arguments,
     format_responses,

@@ -8,10 +8,10 @@ import argparse
 import pytest
 from PIL import Image
 
+from megatron_revisual import infer
 from megatron_revisual.data.chat_template import CHAT_TEMPLATE
 from megatron_revisual.evaluation.prompts import REVISUAL_SYSTEM_PROMPT
-from megatron_revisual.rollout import infer
-from megatron_revisual.rollout.infer import (
+from megatron_revisual.infer import (
     InferResponse,
     SamplingSettings,
     add_infer_arguments,

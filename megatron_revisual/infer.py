@@ -20,7 +20,7 @@ the released ``infer.py`` (temperature 1.0, top-p 0.95, top-k 50, 16384 new toke
     revisual infer --model /ckpt/Revisual-R1-final --image fig.png --question "Find x." \\
         --num-return-sequences 4
 
-Also runnable as ``python -m megatron_revisual.rollout.infer ...``.
+Also runnable as ``python -m megatron_revisual.infer ...``.
 """
 
 from __future__ import annotations
