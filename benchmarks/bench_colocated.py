@@ -52,7 +52,8 @@ def _rank(cfg, hf: str, mode: str, engine_tp: int, own: bool | None, args: dict,
     placement = Placement(world_size=2, engine_tp=engine_tp, mode=mode)
     config = VLLMEngineConfig(model_path=hf, dtype="float32", max_model_len=1024, max_prompt_tokens=512,
                               enforce_eager=True, max_num_seqs=256, cpu_kv_cache_gib=1, max_images_per_prompt=1)
-    rollout = ColocatedRollout(placement, lambda: start_engine(placement, config, rank=rank, log_dir=log_dir), rank=rank)
+    rollout = ColocatedRollout(placement, lambda: start_engine(placement, config, rank=rank, log_dir=log_dir),
+                               rank=rank)
     requests = [_request(hf, i) for i in range(args["prompts"])]
     sampling = SamplingConfig(n=args["samples"], max_tokens=args["tokens"], temperature=1.0, seed=0)
     gen, tokens, syncs, report = [], [], [], None
@@ -86,7 +87,8 @@ def _request(hf: str, i: int):
 
     tok = AutoTokenizer.from_pretrained(hf)
     image = i % 2 == 0
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": f"Problem {i}: what is {i} + {i + 3}?"}]
+    content = ([{"type": "image"}] if image else []) + [
+        {"type": "text", "text": f"Problem {i}: what is {i} + {i + 3}?"}]
     prompt = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
     pixels = np.random.default_rng(i).integers(0, 256, size=(56 + 28 * (i % 3), 84, 3), dtype=np.uint8)
     return RolloutRequest.with_image(prompt, Image.fromarray(pixels) if image else None)
@@ -118,19 +120,22 @@ def main() -> None:
                 f"model.hf_path={hf}", "model.params_dtype=fp32", f"parallel.tensor_model_parallel_size={tp}",
                 "parallel.sequence_parallel=false", "cluster.devices_per_node=2"])
             (Path(tmp) / name).mkdir()
-            ranks = run_distributed(_rank, world_size=2, tp=tp, args=(cfg, str(hf), mode, engine_tp, own, args, f"{tmp}/{name}"),
+            ranks = run_distributed(_rank, world_size=2, tp=tp,
+                                    args=(cfg, str(hf), mode, engine_tp, own, args, f"{tmp}/{name}"),
                                     timeout_s=1800)
             rows[name] = {"layout": name, **args, **ranks[0],
                           "handed_bytes_per_rank": [r["handed_bytes"] for r in ranks],
                           "sent_to_tp_peers_bytes_per_rank": [r["sent_to_tp_peers_bytes"] for r in ranks]}
             print(json.dumps(rows[name]), flush=True)
     base = rows.get("rank0")
-    print(f"\n{'layout':<19} {'rollout s':>9} {'tokens/s':>9} {'vs rank0':>8} {'sync s':>7} {'handed MB/rank':>15} {'to TP peers MB/rank':>20}")
+    print(f"\n{'layout':<19} {'rollout s':>9} {'tokens/s':>9} {'vs rank0':>8} {'sync s':>7} "
+          f"{'handed MB/rank':>15} {'to TP peers MB/rank':>20}")
     for name, r in rows.items():
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         handed = "/".join(f"{b / 1e6:.1f}" for b in r["handed_bytes_per_rank"])
         peers = "/".join(f"{b / 1e6:.1f}" for b in r["sent_to_tp_peers_bytes_per_rank"])
-        print(f"{name:<19} {r['rollout_s']:>9.2f} {r['tokens_per_s']:>9.0f} {ratio:>7.2f}x {r['sync_s']:>7.2f} {handed:>15} {peers:>20}")
+        print(f"{name:<19} {r['rollout_s']:>9.2f} {r['tokens_per_s']:>9.0f} {ratio:>7.2f}x {r['sync_s']:>7.2f} "
+              f"{handed:>15} {peers:>20}")
 
 
 if __name__ == "__main__":

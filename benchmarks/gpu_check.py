@@ -290,7 +290,8 @@ class Checker:
 
         tok = AutoTokenizer.from_pretrained(self.hf_dir)
         return [RolloutRequest(prompt=tok.apply_chat_template(
-            [{"role": "user", "content": f"Count on from {k}: {k} {k + 1}"}], tokenize=False, add_generation_prompt=True))
+            [{"role": "user", "content": f"Count on from {k}: {k} {k + 1}"}], tokenize=False,
+            add_generation_prompt=True))
             for k in range(count)]
 
     def _engine_vs_megatron(self, samples, model) -> float:

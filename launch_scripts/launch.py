@@ -13,8 +13,9 @@ Every launch first loads the recipe with the requested shape (`cluster.nodes`, `
 `cluster.backend` overrides) and validates it; a recipe that does not fit is rejected with the
 numbers before NeMo-Run is even imported. Then (not with --dryrun or --no-data-check) the first
 --data-rows rows of every data source are read through the training code (`revisual data`): a
-missing source or column, or a stage with nothing to train on, is refused before submitting. Trailing `dotted.key=value` arguments are overrides for
-the trainer. Relative paths (recipe, output_dir) are relative to the repository root.
+missing source or column, or a stage with nothing to train on, is refused before submitting.
+Trailing `dotted.key=value` arguments are overrides for the trainer. Relative paths (recipe,
+output_dir) are relative to the repository root.
 Preemption on Slurm: USR1 reaches the ranks --signal-seconds before the time limit, the trainer
 checkpoints and exits 75, NeMo-Run's batch script requeues the job (at most --max-requeues times)
 and the requeued job resumes from the checkpoint.
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "slurm"], default="local")
     p.add_argument("--nodes", type=int, help="default: the recipe's cluster.nodes")
     p.add_argument("--gpus-per-node", type=int,
-                   help="ranks per node (GPUs requested unless --backend gloo); default: the recipe's cluster.devices_per_node")
+                   help="ranks per node (GPUs requested unless --backend gloo); "
+                        "default: the recipe's cluster.devices_per_node")
     p.add_argument("--backend", choices=BACKENDS, help="default: the recipe's cluster.backend (auto -> nccl)")
     p.add_argument("--container", default=e("REVISUAL_CONTAINER_IMAGE"), help="pyxis/enroot image (slurm)")
     p.add_argument("--container-mounts", default=e("REVISUAL_CONTAINER_MOUNTS", ""),

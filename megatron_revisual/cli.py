@@ -99,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "megatron_revisual.serving", "vLLM's OpenAI-compatible server for an HF model directory"),
         ("infer", "megatron_revisual.infer", "one-shot generation for an image and a question"),
         ("convert", "megatron_revisual.convert.cli", "HF <-> Megatron distributed checkpoints, and verify"),
-        ("train", "megatron_revisual.train.runner", "the staged curriculum: cold-start SFT, multimodal GRPO, text GRPO"),
+        ("train", "megatron_revisual.train.runner",
+         "the staged curriculum: cold-start SFT, multimodal GRPO, text GRPO"),
         ("plan", "megatron_revisual.launch.planner", "per-GPU memory and step time of a recipe's stages; does it fit?"),
         ("rehearse", "megatron_revisual.launch.rehearse",
          "a GPU recipe's curriculum on CPU at its real process topology, every collective checked"),
-        ("data", "megatron_revisual.train.data_check", "read a recipe's data through the training code: rows kept and skipped, lengths, images"),
+        ("data", "megatron_revisual.train.data_check",
+         "read a recipe's data through the training code: rows kept and skipped, lengths, images"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=_lazy_command(module, name))

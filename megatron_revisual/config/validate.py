@@ -102,7 +102,9 @@ def validate_config(cfg: RunConfig) -> None:
     if m.vision is not None:
         v = m.vision
         if v.hidden_size % v.num_heads:
-            problems.append(f"model.vision.num_heads={v.num_heads} does not divide model.vision.hidden_size={v.hidden_size}")
+            problems.append(
+                f"model.vision.num_heads={v.num_heads} does not divide model.vision.hidden_size={v.hidden_size}"
+            )
         elif v.num_heads % tp:
             problems.append(
                 f"parallel.tensor_model_parallel_size={tp} does not divide model.vision.num_heads="
@@ -115,7 +117,9 @@ def validate_config(cfg: RunConfig) -> None:
             )
         bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
         if bad:
-            problems.append(f"model.vision.fullatt_block_indexes={v.fullatt_block_indexes}: {bad} outside [0, {v.depth})")
+            problems.append(
+                f"model.vision.fullatt_block_indexes={v.fullatt_block_indexes}: {bad} outside [0, {v.depth})"
+            )
     # M-RoPE applies only with a vision tower; a text-only Qwen2 uses plain rope.
     if m.vision is not None and (m.head_dim % 2 or 2 * sum(m.mrope_section) != m.head_dim):
         problems.append(
@@ -480,7 +484,8 @@ def config_warnings(cfg: RunConfig) -> list[str]:
         pad, n = g.rl.pad, g.rollout_batch_size * g.rollout.n
         if pad.ratio >= 1 and not pad.replacement:
             count = "min(ceil(ratio x N), |E|)" if pad.mode == "paper" else "min(int(ratio x N), |E|)"
-            knob = f"tau={pad.tau if pad.tau is not None else 0.3}" if pad.mode == "paper" else f"alpha={pad.alpha or 1.0}"
+            knob = (f"tau={pad.tau if pad.tau is not None else 0.3}" if pad.mode == "paper"
+                    else f"alpha={pad.alpha or 1.0}")
             out.append(
                 f"{name}.rl.pad cannot prioritise: mode={pad.mode!r} with ratio={pad.ratio} >= |E|/N and no "
                 f"replacement draws {count} = |E| of the N = {g.rollout_batch_size} x {g.rollout.n} = {n} "

@@ -2,7 +2,8 @@
 
     revisual convert hf-to-mcore --hf DIR --out DIR [--tp N --pp M [--first-stage-layers K]] [--overwrite]
     revisual convert mcore-to-hf --ckpt DIR --out DIR [--hf-config DIR] [--max-shard-size 5GB] [--overwrite]
-    revisual convert verify --hf DIR --ckpt DIR [--tp N --pp M [--first-stage-layers K]] [--prompt TEXT ...] [--image PATH ...]
+    revisual convert verify --hf DIR --ckpt DIR [--tp N --pp M [--first-stage-layers K]] \
+        [--prompt TEXT ...] [--image PATH ...]
 
 Also runnable as `python -m megatron_revisual.convert.cli ...`. Conversion runs on CPU (gloo
 ranks for --tp/--pp > 1); the tensors stream through one at a time, so memory stays far below

@@ -101,7 +101,8 @@ def run_config_for(model_cfg: ModelConfig, tp: int, pp: int, first_stage_layers:
         message = str(e)
         for option, flag in _CLI_OPTIONS.items():
             message = message.replace(option, flag)
-        where = f"TP={tp}, PP={pp}" + (f", {first_stage_layers} layers on the first stage" if first_stage_layers else "")
+        where = f"TP={tp}, PP={pp}" + (
+            f", {first_stage_layers} layers on the first stage" if first_stage_layers else "")
         raise ConvertError(f"cannot lay the model out at {where}: {message}") from None
     return cfg
 

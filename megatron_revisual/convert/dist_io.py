@@ -134,7 +134,8 @@ class DistCheckpointReader:
             )
         if tuple(t.shape) != tuple(chunk.sizes):
             raise ConvertError(
-                f"{path}: chunk of {key} at {list(chunk.offsets)} has shape {list(t.shape)}, index says {list(chunk.sizes)}"
+                f"{path}: chunk of {key} at {list(chunk.offsets)} has shape {list(t.shape)}, "
+                f"index says {list(chunk.sizes)}"
             )
         return path, info.offset, t
 

@@ -1,7 +1,8 @@
 """The declarative map between Hugging Face tensors and ours: the rule kinds and their splits.
 
 A model family's table of rules is the family's (`models.qwen25_vl.hf_mapping` for Qwen2.5-VL /
-Qwen2), reached through `models.registry`; this module is what every table is made of. A `Rule` names a Megatron parameter (global layer numbers), the HF tensor(s) it is made of and a
+Qwen2), reached through `models.registry`; this module is what every table is made of. A `Rule`
+names a Megatron parameter (global layer numbers), the HF tensor(s) it is made of and a
 `Kind` saying how the layouts relate. `to_megatron` turns HF tensors into one tensor-parallel
 rank's shard; `to_hf` turns the shards of all TP ranks back into the HF tensors. The same table
 serves in-memory loading, the converter and streaming weights to the inference engine, for the

@@ -129,7 +129,8 @@ class SafetensorsFile:
             want = math.prod(shape) * dtype.itemsize
             if end - begin != want:
                 raise ConvertError(
-                    f"{self.path}: tensor {name!r} spans {end - begin} bytes; {entry['dtype']} {list(shape)} needs {want}"
+                    f"{self.path}: tensor {name!r} spans {end - begin} bytes; "
+                    f"{entry['dtype']} {list(shape)} needs {want}"
                 )
             self.tensors[name] = TensorInfo(name, dtype, shape, begin, end)
             data_end = max(data_end, end)

@@ -74,7 +74,8 @@ class PositionConfig(Protocol):
     spatial_merge_size: int
 
     def packed_positions(self, input_ids: torch.Tensor, cu_seqlens: Any, image_grid_thw: Any = None,
-                         video_grid_thw: Any = None, second_per_grid_ts: Any = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+                         video_grid_thw: Any = None,
+                         second_per_grid_ts: Any = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -249,7 +249,8 @@ def image_rows(n: int, *, seed: int, task: str = "dots", size: int = 56, max_dot
         elif task == "colour":
             value = rng.choice(sorted(COLOURS))
             image = render_shape(value, rng, size=size)
-            question = f"Which colour is the shape in the image: {' or '.join(_named(value, sorted(COLOURS), options or 2, rng))}?"
+            question = ("Which colour is the shape in the image: "
+                        f"{' or '.join(_named(value, sorted(COLOURS), options or 2, rng))}?")
             trace = f"The image shows {value}."
         elif task == "side":
             value = rng.choice(SIDES)

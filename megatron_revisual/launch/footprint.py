@@ -67,12 +67,14 @@ class RolloutFootprint:
 
     def table(self) -> str:
         rows = [
-            ("engines x engine TP", f"{self.engines} x {self.engine_tp} (world {self.world_size}, training TP {self.train_tp})"),
+            ("engines x engine TP",
+             f"{self.engines} x {self.engine_tp} (world {self.world_size}, training TP {self.train_tp})"),
             ("engine weights per GPU", f"{self.weight_gib_per_gpu:.2f} GiB"),
             ("KV cache per GPU (bound)", f"{self.kv_cache_gib_per_gpu:.2f} GiB"),
             ("KV cache per engine", f"{self.kv_cache_tokens_per_engine:,} tokens"),
-            ("sync: handed to the engine, per GPU", f"{self.handed_gib_per_gpu:.2f} GiB "
-                                                     f"({self.handed_gib_per_gpu_frozen:.2f} GiB with a frozen vision tower)"),
+            ("sync: handed to the engine, per GPU",
+             f"{self.handed_gib_per_gpu:.2f} GiB "
+             f"({self.handed_gib_per_gpu_frozen:.2f} GiB with a frozen vision tower)"),
             ("sync: sent to TP peers, per GPU", f"{self.gathered_gib_per_gpu:.2f} GiB"),
         ]
         width = max(len(k) for k, _ in rows)
@@ -112,14 +114,16 @@ def rollout_footprint(cfg: RunConfig, stage: str, *, gpu_gib: float = H100_GIB) 
 def main(argv: list[str] | None = None) -> int:
     from megatron_revisual.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_revisual.launch.footprint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m megatron_revisual.launch.footprint",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--gpu-gib", type=float, default=H100_GIB)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     counts = parameter_count(cfg.model)
-    print(f"{args.config}: {counts['language'] / 1e9:.3f} B language + {counts['vision'] / 1e9:.3f} B vision parameters")
+    print(f"{args.config}: {counts['language'] / 1e9:.3f} B language + "
+          f"{counts['vision'] / 1e9:.3f} B vision parameters")
     for stage in cfg.stages:
         if stage in ("mrl", "trl"):
             print(f"\n[{stage}] on {args.gpu_gib:g} GiB GPUs")

@@ -99,7 +99,8 @@ def local_executor(plan: LaunchPlan, *, env: dict[str, str] | None = None) -> ru
                              env_vars={"PATH": path, **(env or {})})
 
 
-def slurm_executor(plan: LaunchPlan, settings: SlurmSettings, *, env: dict[str, str] | None = None) -> run.SlurmExecutor:
+def slurm_executor(plan: LaunchPlan, settings: SlurmSettings, *,
+                   env: dict[str, str] | None = None) -> run.SlurmExecutor:
     """One srun task per rank; container, preemption signal and requeue as the settings say."""
     import nemo_run as run
 

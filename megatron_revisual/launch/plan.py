@@ -155,8 +155,9 @@ def validate_plan(plan: LaunchPlan) -> RunConfig:
 
         short = [s for s in plan_run(cfg) if not s.fits]
         if short:
-            raise LaunchError(f"{where} does not fit in {short[0].gpu_gib:g} GiB GPUs (`revisual plan {plan.recipe}`):\n  - " + "\n  - ".join(
-                f"{s.stage}: peak {s.peak_gib:.1f} GiB; to fit: {s.suggestion}" for s in short))
+            raise LaunchError(
+                f"{where} does not fit in {short[0].gpu_gib:g} GiB GPUs (`revisual plan {plan.recipe}`):\n  - "
+                + "\n  - ".join(f"{s.stage}: peak {s.peak_gib:.1f} GiB; to fit: {s.suggestion}" for s in short))
     return cfg
 
 

@@ -192,7 +192,8 @@ class StagePlan:
         ]
         if self.kind == "grpo":
             rows += [("engine share (weights + KV + vLLM)", self.engine_gib),
-                     ("  of which weights", self.engine_weights_gib), ("  of which KV cache (bound)", self.kv_cache_gib),
+                     ("  of which weights", self.engine_weights_gib),
+                     ("  of which KV cache (bound)", self.kv_cache_gib),
                      ("rollout peak", self.rollout_peak_gib)]
         lines = [f"  {name:<36} {gib:8.2f} GiB" for name, gib in rows]
         lines.append(f"  {'peak':<36} {self.peak_gib:8.2f} GiB")
@@ -333,7 +334,8 @@ def _candidates(cfg: RunConfig, stage: str, plan: StagePlan) -> list[tuple[str, 
     if cfg.train.recompute_granularity != "full":
         def full(c: RunConfig) -> None:
             c.train.recompute_granularity, c.train.recompute_method, c.train.recompute_num_layers = "full", "uniform", 1
-        out.append(("train.recompute_granularity=full train.recompute_method=uniform train.recompute_num_layers=1", full))
+        out.append(("train.recompute_granularity=full train.recompute_method=uniform "
+                    "train.recompute_num_layers=1", full))
     cp2 = p.context_parallel_size * 2  # splits every row's activations and logits
     if cfg.cluster.world_size % (cp2 * p.tensor_model_parallel_size * p.pipeline_model_parallel_size) == 0:
         out.append((f"parallel.context_parallel_size={cp2}",
@@ -355,7 +357,8 @@ def _candidates(cfg: RunConfig, stage: str, plan: StagePlan) -> list[tuple[str, 
             # the engine's share is the first answer when generation is what does not fit
             out.insert(0, change) if plan.rollout_peak_gib >= plan.train_peak_gib else out.append(change)
         half = s.micro_batch_tokens // 2
-        out.append((f"{stage}.micro_batch_tokens={half}", lambda c: setattr(getattr(c, stage), "micro_batch_tokens", half)))
+        out.append((f"{stage}.micro_batch_tokens={half}",
+                    lambda c: setattr(getattr(c, stage), "micro_batch_tokens", half)))
     return out
 
 

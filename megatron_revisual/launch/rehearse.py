@@ -175,7 +175,8 @@ def rehearsal_raw_config(recipe: str, overrides: list[str], *, out: Path, hf_dir
         return {"path": str(data_dir / name), "format_prompt": "none", **keys}
 
     if cfg.cold_start is not None:
-        raw["cold_start"] = {**raw["cold_start"], "data": data("sft.jsonl", prompt_key="problem", response_key="response"),
+        raw["cold_start"] = {**raw["cold_start"],
+                             "data": data("sft.jsonl", prompt_key="problem", response_key="response"),
                              "train_iters": steps, "epochs": 1, "global_batch_size": 4 * dp, "max_length": 192}
     for name in GRPO_STAGES:
         stage = getattr(cfg, name)

@@ -8,10 +8,11 @@
 Before submitting (not with --dryrun or --no-data-check) the first --data-rows rows of every
 data source are read through the training code (`revisual data`): a missing source or column,
 or a stage with nothing to train on, is refused with exit 2. `#SBATCH --output` cannot create
-directories, so this wrapper makes the log directory before submitting and points --output there. It prints the job id (with --dryrun: the layout, the
-environment and the exact sbatch command, and submits nothing). Options default to environment
-variables so a site can set them once: REVISUAL_PARTITION, REVISUAL_ACCOUNT, REVISUAL_TIME,
-REVISUAL_CONTAINER_IMAGE, REVISUAL_CONTAINER_MOUNTS, REVISUAL_LOG_DIR.
+directories, so this wrapper makes the log directory before submitting and points --output
+there. It prints the job id (with --dryrun: the layout, the environment and the exact sbatch
+command, and submits nothing). Options default to environment variables so a site can set them
+once: REVISUAL_PARTITION, REVISUAL_ACCOUNT, REVISUAL_TIME, REVISUAL_CONTAINER_IMAGE,
+REVISUAL_CONTAINER_MOUNTS, REVISUAL_LOG_DIR.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class SbatchOptions:
     extra: tuple[str, ...] = ()
 
 
-def sbatch_command(plan: LaunchPlan, opts: SbatchOptions, *, root: Path = REPO_ROOT) -> tuple[list[str], dict[str, str]]:
+def sbatch_command(plan: LaunchPlan, opts: SbatchOptions, *,
+                   root: Path = REPO_ROOT) -> tuple[list[str], dict[str, str]]:
     """The sbatch argv and the environment variables train.sbatch reads for this launch."""
     argv = ["sbatch", "--parsable", f"--job-name={opts.job_name}", f"--nodes={plan.nodes}",
             "--ntasks-per-node=1", f"--output={opts.log_dir / '%x-%j.out'}"]
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides for the trainer, e.g. optim.lr=1e-6")
     p.add_argument("--nodes", type=int, help="default: the recipe's cluster.nodes")
     p.add_argument("--gpus-per-node", type=int,
-                   help="ranks per node (GPUs requested unless --backend gloo); default: the recipe's cluster.devices_per_node")
+                   help="ranks per node (GPUs requested unless --backend gloo); "
+                        "default: the recipe's cluster.devices_per_node")
     p.add_argument("--backend", choices=BACKENDS, help="default: the recipe's cluster.backend (auto -> nccl)")
     p.add_argument("--partition", default=e("REVISUAL_PARTITION"))
     p.add_argument("--account", default=e("REVISUAL_ACCOUNT"))

@@ -118,18 +118,22 @@ _STARTERS = re.compile("|".join([
     r"(?:That|This|It|The result) (?:is|seems|appears to be) (?:incorrect|wrong|mistaken|an error|a mistake|flawed)",
     r"(?:I|We) (?:made|committed) (?:an error|a mistake|a miscalculation)",
     r"(?:I|We) (?:was|were) (?:wrong|mistaken|incorrect|in error)",
-    r"(?:Wait|Hold on|Actually|However|But|Oh)(?:,)? (?:that|this|it) (?:doesn't|does not) (?:seem|look|appear) (?:right|correct|accurate)",
+    (r"(?:Wait|Hold on|Actually|However|But|Oh)(?:,)? (?:that|this|it) (?:doesn't|does not) "
+     r"(?:seem|look|appear) (?:right|correct|accurate)"),
     r"(?:Let|I should|I need to) (?:me|) (?:reconsider|recalculate|rethink|revise|check|verify|double-check)",
     r"(?:Let's|Let us) (?:try again|recalculate|rethink|revise|check|verify|double-check)",
     r"(?:Wait|Hold on|Hmm|Actually|But|However)(?:,)? (?:I'm|I am|I) (?:not sure|uncertain|confused|doubtful|unsure)",
-    r"(?:Wait|Hold on|Hmm|Actually|But|However)(?:,)? (?:this|that|it) (?:might|may|could) (?:be|not be) (?:right|correct|accurate)",
+    (r"(?:Wait|Hold on|Hmm|Actually|But|However)(?:,)? (?:this|that|it) (?:might|may|could) "
+     r"(?:be|not be) (?:right|correct|accurate)"),
 ]), _I)  # fmt: skip
 _FOLLOWUPS = re.compile("|".join([
     r"(?:The|A) correct (?:answer|solution|approach|calculation|value|result) (?:is|should be)",
     r"(?:I|We) should (?:have|instead) (?:calculated|computed|determined|found|used)",
     r"(?:Actually|In fact|Instead|Rather|Correctly)(?:,)? (?:the|we|I) (?:should|need to|must|have to)",
-    r"(?:After|Upon) (?:reconsideration|recalculation|checking|verifying)(?:,)? (?:I|we) (?:see|realize|find|determine)",
-    r"(?:Now|So|Therefore|Thus)(?:,)? (?:the|a) (?:correct|accurate|proper|right) (?:approach|calculation|solution|answer)",
+    (r"(?:After|Upon) (?:reconsideration|recalculation|checking|verifying)(?:,)? "
+     r"(?:I|we) (?:see|realize|find|determine)"),
+    (r"(?:Now|So|Therefore|Thus)(?:,)? (?:the|a) (?:correct|accurate|proper|right) "
+     r"(?:approach|calculation|solution|answer)"),
     r"(?:The|A) (?:error|mistake|issue|problem|flaw) (?:was|is) (?:that|because|due to)",
     r"(?:I|We) (?:missed|overlooked|forgot|didn't consider|failed to account for)",
     r"(?:This|That) (?:leads to|gives|results in|produces) (?:a|the) (?:correct|accurate|better|improved|proper)",

@@ -95,7 +95,8 @@ def rollout_correction(
     ])
     maxima = torch.stack([
         ratio.masked_fill(~mask, -math.inf).max() if mask.any() else torch.tensor(0.0, dtype=torch.float64),
-        seq_ratio.masked_fill(~has_tokens, -math.inf).max() if has_tokens.any() else torch.tensor(0.0, dtype=torch.float64),
+        (seq_ratio.masked_fill(~has_tokens, -math.inf).max() if has_tokens.any()
+         else torch.tensor(0.0, dtype=torch.float64)),
     ])
     return weights, keep, sums, maxima
 

@@ -301,7 +301,8 @@ class VLLMEngine(RolloutEngine):
         if sleep:
             sleep_note = "vLLM sleep(level=1) / wake_up(weights, then kv_cache)"
         elif not current_platform.is_sleep_mode_available():
-            sleep_note = f"vLLM has no sleep mode on {type(current_platform).__name__} (its CPUWorker.sleep only logs a warning)"
+            sleep_note = (f"vLLM has no sleep mode on {type(current_platform).__name__} "
+                          "(its CPUWorker.sleep only logs a warning)")
         else:
             sleep_note = "enable_sleep_mode=False in the config"
         self.capabilities = EngineCapabilities(

@@ -372,7 +372,8 @@ class GRPOLoop:
             with _timed(times, "time/kl_in_reward"):
                 penalty = rl.kl_coef * self._sequence_kl(rollout.records, rollout.samples)
             rewards = rewards - penalty.float()
-            metrics.update({"reward/kl_penalty": float(penalty.mean()), "reward/with_kl_penalty": float(rewards.mean())})
+            metrics.update({"reward/kl_penalty": float(penalty.mean()),
+                            "reward/with_kl_penalty": float(rewards.mean())})
         return Rewards(values=rewards, metrics=metrics)
 
     def _select(self, rollout: Rollout, rewards: Rewards, stage_step: int, global_step: int) -> Selection:

@@ -125,7 +125,8 @@ def _group_samples(
     if micro_batch_size is not None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
-        return [list(range(i, min(i + micro_batch_size, len(lengths)))) for i in range(0, len(lengths), micro_batch_size)]
+        return [list(range(i, min(i + micro_batch_size, len(lengths))))
+                for i in range(0, len(lengths), micro_batch_size)]
     assert micro_batch_tokens is not None
     groups: list[list[int]] = []
     used = 0
@@ -257,7 +258,8 @@ def attach_log_probs(
     return out
 
 
-def response_values(micro_batches: Sequence[PolicyMicroBatch], per_token: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+def response_values(micro_batches: Sequence[PolicyMicroBatch],
+                    per_token: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
     """Per-token row tensors back to {sample index: [R] values of its response tokens}."""
     out = {}
     for mb, row in zip(micro_batches, per_token, strict=True):

@@ -72,8 +72,8 @@ def filler_row(model: torch.nn.Module) -> FillerRow:
     multiple = row_length_multiple(tp=config.tensor_model_parallel_size, sequence_parallel=config.sequence_parallel,
                                    cp=config.context_parallel_size, fp8_recipe=recipe)
     packed = pack_sequences([Sample(input_ids=torch.zeros(1, dtype=torch.long))],
-                            config=family_of(model).position_config(inner_model(model).model_cfg), pad_to_multiple_of=multiple,
-                            cp_size=config.context_parallel_size, pad_token_id=0)
+                            config=family_of(model).position_config(inner_model(model).model_cfg),
+                            pad_to_multiple_of=multiple, cp_size=config.context_parallel_size, pad_token_id=0)
     return FillerRow(packed=packed)
 
 

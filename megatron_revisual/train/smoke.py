@@ -34,7 +34,8 @@ def smoke_train_rank(cfg: RunConfig, token_ids: list[int]) -> list[dict[str, flo
     tokens = torch.tensor(token_ids, dtype=torch.long)
     if len(tokens) <= t.seq_length + 1:
         raise ValueError(f"smoke data has {len(tokens)} tokens; need more than train.seq_length+1={t.seq_length + 1}")
-    model = model_family(cfg.model).build(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    model = model_family(cfg.model).build(cfg, pre_process=ps.is_pipeline_first_stage(),
+                                          post_process=ps.is_pipeline_last_stage())
     if cfg.model.hf_path:
         load_hf_weights(
             model,

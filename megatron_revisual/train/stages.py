@@ -134,7 +134,8 @@ class StageRunner:
         from megatron_revisual.convert.hf_load import SafetensorsReader, load_hf_weights
 
         cfg = self.cfg
-        model = model_family(cfg.model).build(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+        model = model_family(cfg.model).build(cfg, pre_process=ps.is_pipeline_first_stage(),
+                                              post_process=ps.is_pipeline_last_stage())
         if load_from is not None:
             load_model_checkpoint(model, load_from)
         else:

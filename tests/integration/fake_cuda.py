@@ -184,7 +184,8 @@ def fake_cuda() -> Iterator[FakeCuda]:
         return collective
 
     real_get_backend = dist.get_backend
-    patch(dist, "get_backend", lambda group=None: "nccl" if real_get_backend(group) == "gloo" else real_get_backend(group))
+    patch(dist, "get_backend",
+          lambda group=None: "nccl" if real_get_backend(group) == "gloo" else real_get_backend(group))
     for name in _COLLECTIVES:
         if hasattr(dist, name):
             patch(dist, name, checked(name, getattr(dist, name)))

@@ -206,8 +206,8 @@ def _save_before_any_update(cfg, root: str) -> dict:
 
     def fresh():
         model = build_qwen25_vl(cfg, pre_process=True, post_process=True)
-        load_hf_weights(model, SafetensorsReader(cfg.model.hf_path), cfg.model, tp_rank=ps.get_tensor_model_parallel_rank(),
-                        tp_size=ps.get_tensor_model_parallel_world_size())
+        load_hf_weights(model, SafetensorsReader(cfg.model.hf_path), cfg.model,
+                        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size())
         optimizer, scheduler = build_optimizer(cfg, [wrap_ddp(cfg, model)])
         return model, optimizer, scheduler
 
@@ -229,5 +229,6 @@ def test_a_stage_saved_before_its_first_update_saves_and_resumes(tmp_path):
 
     hf = make_tiny_checkpoint(tmp_path / "hf")
     cfg = load_config(RECIPE, [f"model.hf_path={hf}", *TP1_DP2])
-    for got in run_distributed(_save_before_any_update, world_size=2, args=(cfg, str(tmp_path / "ckpt")), timeout_s=300):
+    for got in run_distributed(_save_before_any_update, world_size=2, args=(cfg, str(tmp_path / "ckpt")),
+                               timeout_s=300):
         assert got == {"steps": [0.0], "moments": 0.0}

@@ -39,7 +39,8 @@ def _rank(cfg, *, stand_in: bool, equal_counts: bool) -> dict:
     optimizer, _ = build_optimizer(cfg, [ddp])
     samples = _samples(cfg)
     rows = [_Row(pack_sequences([Sample(input_ids=torch.cat([samples[i].prompt_ids, samples[i].response_ids]),
-                                        pixel_values=samples[i].pixel_values, image_grid_thw=samples[i].image_grid_thw)],
+                                        pixel_values=samples[i].pixel_values,
+                                        image_grid_thw=samples[i].image_grid_thw)],
                                 config=mrope_config(cfg.model)))
             for i in SPLIT[ps.get_data_parallel_rank()]]
     # a forward-only pass (old log-probs), then a training step

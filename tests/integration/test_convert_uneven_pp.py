@@ -64,6 +64,7 @@ def test_a_split_the_command_cannot_make_names_its_own_options(hf3, tmp_path):
     proc = _cli("hf-to-mcore", "--hf", str(hf3), "--out", str(tmp_path / "x"), "--pp", "2",
                 "--first-stage-layers", "3")
     assert proc.returncode == 2
-    assert "--first-stage-layers=3: the remaining 0 of model.num_layers=3 must split evenly over 1 later stages" in proc.stderr
+    assert ("--first-stage-layers=3: the remaining 0 of model.num_layers=3 must split evenly over 1 later stages"
+            in proc.stderr)
     assert "parallel." not in proc.stderr
     assert not (tmp_path / "x").exists()

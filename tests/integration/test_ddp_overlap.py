@@ -67,7 +67,8 @@ def test_overlap_options_reach_megatron_ddp(tmp_path):
         assert r["grad_sync_func"]
 
 
-def _train(out: Path, extra: list[str], stages: tuple[str, ...] = ("stages=[cold_start]", "cold_start.train_iters=3")) -> list[dict]:
+def _train(out: Path, extra: list[str],
+           stages: tuple[str, ...] = ("stages=[cold_start]", "cold_start.train_iters=3")) -> list[dict]:
     cmd = [sys.executable, "-m", "megatron_revisual.cli", "train", str(ROOT / "configs" / "tiny_cpu_demo.yaml"),
            f"output_dir={out}", *stages, "checkpoint.every=0", "logging.wandb=false", *DP2, *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -117,5 +118,6 @@ def test_engines_get_the_updated_weights_with_overlapped_param_gather(tmp_path):
     assert [r["stage_step"] for r in mrl] == [1, 2, 3]
     assert all("skipped_step" not in r for r in mrl)  # every step updated
     for r in mrl:
-        print(f"mrl step {r['stage_step']}: engine vs Megatron |log-prob diff| mean {r['rollout/logprob_diff_mean']:.2e}")
+        print(f"mrl step {r['stage_step']}: engine vs Megatron |log-prob diff| mean "
+              f"{r['rollout/logprob_diff_mean']:.2e}")
         assert r["rollout/logprob_diff_mean"] <= 1e-5

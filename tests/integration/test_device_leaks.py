@@ -97,7 +97,8 @@ def _steps(cfg, hf_dir: Path, fake: bool, put_back: str | None) -> dict:
         batches = build_policy_batches(_rollouts(cfg)[rank::dp], config=mrope_config(cfg.model), micro_batch_tokens=40)
         old = compute_log_probs(policy, batches)
         assert all(o.device.type == "cpu" for o in old)  # log-probs come back to the host
-        batches = attach_log_probs(batches, old=[o + 0.1 * mb.packed.loss_mask for o, mb in zip(old, batches, strict=True)],
+        batches = attach_log_probs(batches,
+                                   old=[o + 0.1 * mb.packed.loss_mask for o, mb in zip(old, batches, strict=True)],
                                    ref=[o - 0.2 * mb.packed.loss_mask for o, mb in zip(old, batches, strict=True)])
         grpo_metrics = grpo_update(policy, optimizer, batches, kl_coef=0.1, entropy_coef=0.01)
         # the GRPO loop's own DP reduction of host statistics (it does not use the loop's state)

@@ -34,7 +34,8 @@ def _checks() -> dict[str, str]:
         outcome("embedding of device ids", lambda: emb(device_ids))
         outcome("host scalar times device tensor", lambda: emb.weight * torch.tensor(2.0))
         outcome("host vector plus device vector", lambda: device_ids + host_ids)
-        outcome("factory on current_device", lambda: emb(torch.zeros(2, dtype=torch.long, device=torch.cuda.current_device())))
+        outcome("factory on current_device",
+                lambda: emb(torch.zeros(2, dtype=torch.long, device=torch.cuda.current_device())))
         outcome("copy between devices", lambda: torch.zeros(3, dtype=torch.long, device="cuda").copy_(host_ids))
         outcome("device tensor indexed by host indices", lambda: emb.weight[host_ids])
         outcome("all_reduce of a host tensor", lambda: dist.all_reduce(torch.ones(2)))
@@ -56,7 +57,8 @@ def test_fake_cuda_refuses_what_cuda_and_nccl_refuse_and_nothing_else():
     assert seen["host vector plus device vector"].startswith("leak: TensorBase.add")
     assert seen["a .cpu() result beside device tensors"].startswith("leak: TensorBase.add")
     assert seen["all_reduce of a host tensor"] == (
-        "leak: torch.distributed.all_reduce on NCCL got a host tensor (2,) torch.float32; NCCL takes device tensors only")
+        "leak: torch.distributed.all_reduce on NCCL got a host tensor (2,) torch.float32; "
+        "NCCL takes device tensors only")
     assert (seen["backend"], seen["backend after"]) == ("nccl", "gloo")
 
 

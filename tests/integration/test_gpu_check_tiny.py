@@ -23,7 +23,8 @@ def test_gpu_check_tiny_runs_every_check():
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"check"')]
     by_name = {x["check"]: x for x in lines}
     assert list(by_name) == ["setup", "logits_vs_transformers", "sft_packed_steps", "checkpoint_async_roundtrip",
-                             "grpo_steps", "te_fp8", "vllm_generate_sleep_sync"], done.stdout[-3000:] + done.stderr[-3000:]
+                             "grpo_steps", "te_fp8",
+                             "vllm_generate_sleep_sync"], done.stdout[-3000:] + done.stderr[-3000:]
     for name in ("setup", "logits_vs_transformers", "sft_packed_steps", "checkpoint_async_roundtrip", "grpo_steps",
                  "vllm_generate_sleep_sync"):
         assert by_name[name]["status"] == "passed", by_name[name]

@@ -85,7 +85,8 @@ def _rank(cfg, runs: list[tuple[str, str]]) -> dict:
         config.no_sync_func = model.no_sync
         optimizer, _ = build_optimizer(cfg, [model])
 
-        batches = build_policy_batches([_samples(cfg)[i] for i in mine], config=mrope_config(cfg.model), **SPLITS[split])
+        batches = build_policy_batches([_samples(cfg)[i] for i in mine], config=mrope_config(cfg.model),
+                                       **SPLITS[split])
         old = compute_log_probs(model, batches)
         # fixed offsets of the old log-probs, from the target token id (the same whatever row it
         # lands in): +-0.3 so some ratios leave [0.8, 1.25], -1.2 on every third id so some

@@ -148,7 +148,8 @@ def test_packed_row_matches_hf_per_sample(reference, layout):
         diff = report[f"logits{i}"] = (got[0] - want).abs().max().item()
         assert diff <= 1e-4, f"{layout}: sample {i} logits differ by {diff:.2e}"
         assert torch.equal(got[0].argmax(-1), want.argmax(-1)), f"{layout}: sample {i} argmax differs"
-    for i, (got, want, mask) in enumerate(zip(token_loss, reference["token_loss"], reference["loss_mask"], strict=True)):
+    for i, (got, want, mask) in enumerate(zip(token_loss, reference["token_loss"], reference["loss_mask"],
+                                              strict=True)):
         diff = report[f"loss{i}"] = (got[0] - want)[mask].abs().max().item()
         assert diff <= 1e-4, f"{layout}: sample {i} per-token loss differs by {diff:.2e}"
     # the packed loss mask selects exactly the padded batch's loss tokens

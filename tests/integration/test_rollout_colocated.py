@@ -57,7 +57,8 @@ def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, engine_tp: int, log_dir
     config = VLLMEngineConfig(model_path=hf_a, enforce_eager=True, max_num_seqs=64, cpu_kv_cache_gib=1,
                               max_images_per_prompt=1, **ENGINE_SETTINGS)
     before = rng_state()
-    rollout = ColocatedRollout(placement, lambda: start_engine(placement, config, rank=rank, log_dir=log_dir), rank=rank)
+    rollout = ColocatedRollout(placement, lambda: start_engine(placement, config, rank=rank, log_dir=log_dir),
+                               rank=rank)
     # an in-process engine (TP 2 here) runs vLLM's set_random_seed at start: the trainer's
     # generators must come out as they went in
     draws = lambda: (random.random(), float(np.random.random()), float(torch.rand(1)))  # noqa: E731
@@ -85,7 +86,8 @@ def colocated_rank(cfg, hf_a: str, hf_b: str, mode: str, engine_tp: int, log_dir
     split = {n: p.numel() * p.element_size() for n, p in model.named_parameters()
              if getattr(p, "tensor_model_parallel", False)}
     out["tp_split_bytes"] = {"all": sum(split.values()),
-                             "outside_decoder": sum(b for n, b in split.items() if not n.startswith("language_model.decoder."))}
+                             "outside_decoder": sum(b for n, b in split.items()
+                                                    if not n.startswith("language_model.decoder."))}
     out["engine_type"] = type(rollout.engine).__name__ if rollout.engine is not None else None
     rollout.close()
     # an in-process engine shares this world: closing it must leave the trainer's groups working

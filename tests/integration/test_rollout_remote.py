@@ -142,7 +142,8 @@ def test_engine_errors_come_back_and_the_engine_keeps_serving(tiny, remote):
 
     with pytest.raises(
         RolloutEngineError,
-        match=r"(?s)failed during update_weights: RolloutEngineError: .*'model.layers.9.mlp.up_proj.weight' is not a tensor.*engine traceback",
+        match=(r"(?s)failed during update_weights: RolloutEngineError: "
+               r".*'model.layers.9.mlp.up_proj.weight' is not a tensor.*engine traceback"),
     ):
         remote.update_weights(bad_stream(), bucket_bytes=1 << 12)
     assert len(remote.generate(_requests(tiny["a"])[:1], SAMPLING).samples) == 2

@@ -54,7 +54,8 @@ def test_presets_match_released_sizes(preset, sizes):
 def test_tp_not_dividing_kv_groups_names_legal_values():
     with pytest.raises(ConfigValidationError) as e:
         load_config(SEVEN_B, ["parallel.tensor_model_parallel_size=8"])
-    assert "parallel.tensor_model_parallel_size=8 does not divide model.num_query_groups=4; use one of [1, 2, 4]" in str(e.value)
+    assert ("parallel.tensor_model_parallel_size=8 does not divide model.num_query_groups=4; use one of [1, 2, 4]"
+            in str(e.value))
 
 
 def test_3b_tp4_rejected():
@@ -68,7 +69,8 @@ def test_all_problems_reported_together():
         load_config(SEVEN_B, ["parallel.pipeline_model_parallel_size=3", "train.global_batch_size=100",
                               "train.micro_batch_size=3"])
     problems = e.value.problems
-    assert any("pipeline_model_parallel_size=3 does not divide model.num_layers=28; use one of [1, 2, 4, 7, 14, 28]" in p
+    assert any("pipeline_model_parallel_size=3 does not divide model.num_layers=28; "
+               "use one of [1, 2, 4, 7, 14, 28]" in p
                for p in problems)
     assert any("world size 8" in p and "= 12" in p for p in problems)
 
@@ -109,7 +111,8 @@ def test_overlap_param_gather_needs_the_distributed_optimizer_and_overlapped_gra
         ("optim.lr=abc", "optim.lr='abc' must be a number"),
         ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel='maybe' must be true or false"),
         ("train.train_iters=1.5", "train.train_iters=1.5 must be an integer"),
-        ("optim.lr_decay_style=exp", "optim.lr_decay_style='exp' is not allowed; use one of ['constant', 'linear', 'cosine']"),
+        ("optim.lr_decay_style=exp",
+         "optim.lr_decay_style='exp' is not allowed; use one of ['constant', 'linear', 'cosine']"),
         ("model.preset=qwen25_vl_72b", "model.preset='qwen25_vl_72b' is unknown"),
         ("optim", "is not of the form dotted.key=value"),
         ("optim.lr.x=1", "optim.lr is a value"),

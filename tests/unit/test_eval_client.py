@@ -278,7 +278,8 @@ def test_every_sample_failing_is_a_failed_run_unless_allowed(tmp_path, capsys, a
     ("flags", "message"),
     [
         (["--max-tokens", "8192"], "--max-tokens 8192 does not fit the context of 'm' at {url} (max_model_len 64"),
-        (["--max-tokens", "16", "--model-name", "other"], "--model-name 'other' is not served by {url}; it serves ['m']"),
+        (["--max-tokens", "16", "--model-name", "other"],
+         "--model-name 'other' is not served by {url}; it serves ['m']"),
     ],
 )
 def test_the_endpoint_is_checked_once_before_the_first_sample(tmp_path, capsys, flags, message):

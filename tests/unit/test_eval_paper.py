@@ -178,7 +178,8 @@ def test_compare_puts_runs_beside_the_paper_with_their_gaps(tmp_path, capsys):
     assert len(lines) == 2 + 14 + 2 + 2
     assert f"| a ({tmp_path.name}) | 50.0 | - | - | - | - | - | - | - | - | 75.0 | 62.5 |" in lines
     # gaps to the paper's ReVisual-R1 (53.6 and 89.2), and over those columns' mean
-    assert f"| Δ a ({tmp_path.name}) − ReVisual-R1 (paper) | -3.6 | - | - | - | - | - | - | - | - | -14.2 | -8.9 |" in lines
+    assert (f"| Δ a ({tmp_path.name}) − ReVisual-R1 (paper) | -3.6 | - | - | - | - | - | - | - | - | -14.2 | -8.9 |"
+            in lines)
     assert "| Δ b (b) − ReVisual-R1 (paper) | -53.6 |" in table
 
     parser = argparse.ArgumentParser()

@@ -66,7 +66,8 @@ def test_the_gpu_set_resolves_at_the_pinned_versions(tmp_path):
 def test_a_set_that_cannot_resolve_fails_and_names_the_conflict(tmp_path):
     broken = tmp_path / "constraints.txt"
     # Transformer Engine's torch extension of 2.20.2 needs its core at the same version
-    broken.write_text(CONSTRAINTS.read_text().replace("transformer-engine-cu13==2.20.2", "transformer-engine-cu13==2.19.0"))
+    broken.write_text(CONSTRAINTS.read_text().replace("transformer-engine-cu13==2.20.2",
+                                                      "transformer-engine-cu13==2.19.0"))
     done = _resolve(broken, tmp_path / "gpu.txt")
     assert done.returncode != 0
     assert "transformer-engine-cu13==2.19.0" in done.stderr.replace("\n", " "), done.stderr
@@ -112,7 +113,8 @@ def test_the_dockerfile_clears_ngcs_pip_constraint_before_it_installs_and_checks
     steps = _instructions((ROOT / "launch_scripts" / "Dockerfile").read_text())
     first_install = next(i for i, s in enumerate(steps) if "pip install" in s)
     cleared = [i for i, s in enumerate(steps)
-               if re.search(r":\s*>\s*/etc/pip/constraint\.txt|rm -f /etc/pip/constraint\.txt|ENV PIP_CONSTRAINT=\s*$", s)]
+               if re.search(r":\s*>\s*/etc/pip/constraint\.txt|rm -f /etc/pip/constraint\.txt"
+                            r"|ENV PIP_CONSTRAINT=\s*$", s)]
     assert cleared and cleared[0] < first_install, "PIP_CONSTRAINT is not cleared before the first pip install"
     install = steps[first_install]
     assert install.index("pip check") > install.rindex("pip install")

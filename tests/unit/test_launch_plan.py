@@ -29,14 +29,16 @@ def test_world_not_divisible_by_model_parallel_is_rejected_with_the_numbers() ->
         validate_plan(make_plan(RECIPE_7B, nodes=1, gpus_per_node=6))
     msg = str(e.value)
     assert "on 1 node(s) x 6 rank(s) per node does not fit" in msg
-    assert "world size 6 (cluster.nodes=1 x cluster.devices_per_node=6) is not divisible by TP x PP x CP = 4 x 1 x 1 = 4" in msg
+    assert ("world size 6 (cluster.nodes=1 x cluster.devices_per_node=6) is not divisible by "
+            "TP x PP x CP = 4 x 1 x 1 = 4" in msg)
 
 
 def test_batch_not_divisible_by_data_parallel_is_rejected_with_the_numbers() -> None:
     # 3 nodes x 8 = 24 ranks, TP 4 -> DP 6; 128 % (1 x 6) = 2.
     with pytest.raises(LaunchError) as e:
         validate_plan(make_plan(RECIPE_7B, nodes=3, gpus_per_node=8))
-    assert "train.global_batch_size=128 is not divisible by train.micro_batch_size=1 x data-parallel size 6" in str(e.value)
+    assert ("train.global_batch_size=128 is not divisible by train.micro_batch_size=1 x data-parallel size 6"
+            in str(e.value))
 
 
 def test_a_fitting_shape_validates_to_that_world() -> None:

@@ -65,7 +65,8 @@ def test_submit_dryrun_prints_container_signal_and_requeue(tmp_path: Path) -> No
 def test_submit_rejects_a_recipe_that_does_not_fit() -> None:
     done = _submit_dryrun("--nodes", "1", "--gpus-per-node", "6", RECIPE_7B)
     assert done.returncode == 2
-    assert "world size 6 (cluster.nodes=1 x cluster.devices_per_node=6) is not divisible by TP x PP x CP = 4 x 1 x 1 = 4" in done.stderr
+    assert ("world size 6 (cluster.nodes=1 x cluster.devices_per_node=6) is not divisible by "
+            "TP x PP x CP = 4 x 1 x 1 = 4" in done.stderr)
     assert "sbatch" not in done.stdout
 
 
@@ -100,7 +101,8 @@ def test_train_sbatch_validates_the_recipe_at_the_allocation_shape(tmp_path: Pat
     env = {"REVISUAL_LOG_DIR": str(tmp_path), "REVISUAL_GPUS_PER_NODE": "3"}
     done = _train_sbatch_dryrun(env, RECIPE_7B)
     assert done.returncode == 2
-    assert "world size 6 (cluster.nodes=2 x cluster.devices_per_node=3) is not divisible by TP x PP x CP = 4 x 1 x 1 = 4" in done.stderr
+    assert ("world size 6 (cluster.nodes=2 x cluster.devices_per_node=3) is not divisible by "
+            "TP x PP x CP = 4 x 1 x 1 = 4" in done.stderr)
     ok = _train_sbatch_dryrun({"REVISUAL_LOG_DIR": str(tmp_path)}, RECIPE_7B)  # 8 per node: the recipe's
     assert ok.returncode == 0, ok.stderr
     assert "cluster.devices_per_node=8" in ok.stdout and str(REPO / ".venv" / "bin" / "python") in ok.stdout

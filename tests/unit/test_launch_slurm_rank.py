@@ -39,7 +39,8 @@ def test_wrapper_execs_the_command_with_the_rank_variables(tmp_path: Path) -> No
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **SLURM_TASK}
     env.pop("REVISUAL_MASTER_PORT", None)
     env.pop("OMP_NUM_THREADS", None)
-    probe = "import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS')} | {'cwd': os.getcwd()}))"
+    probe = ("import json, os; print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', "
+             "'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS')} | {'cwd': os.getcwd()}))")
     done = subprocess.run([sys.executable, "-m", "megatron_revisual.launch.slurm_rank", "--chdir", str(tmp_path),
                            "--", sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

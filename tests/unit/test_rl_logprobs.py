@@ -142,7 +142,8 @@ def test_chunked_over_tokens_gives_the_same_bits_and_bounds_the_memory(monkeypat
 
     def run(chunk_elements: int):
         monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", chunk_elements)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
             x = base.clone().requires_grad_(True)
             lp, h = logprobs.vocab_parallel_log_probs_and_entropy(x, targets)
             (lp * torch.linspace(0, 1, tokens) + 0.3 * h).sum().backward()

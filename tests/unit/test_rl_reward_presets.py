@@ -92,7 +92,8 @@ ROWS = [
     # Keywords: wait 2 -> 0.1. Weighted: wait .06 + verify .08 + hold on .06, and 5 sentences
     # whose last three (from 5 // 2) hold 3 hits against 0 -> +0.1 structure ("I should verify"
     # opens no reflection: the released pattern wants "I should <me|> verify", two spaces).
-    Row(response=r"<think>Add 2 and 3. Then add 4. Now we have 9. Wait, I should verify. Hold on, it is 9.</think> \boxed{9}",
+    Row(response=r"<think>Add 2 and 3. Then add 4. Now we have 9. Wait, I should verify. "
+                 r"Hold on, it is 9.</think> \boxed{9}",
         truth="9", acc=1, rel=1, fmt=1, critique=0.1, weighted=0.3),
     # repetition: one "X But wait X" circle (0.1); keywords but 2 + wait 2; weighted .04 + .06
     Row(response=r"<think>x is 5 But wait x is 5</think> \boxed{5}", truth="5", acc=1, rel=1, fmt=1,
@@ -110,7 +111,8 @@ ROWS = [
         fmt=0, text_rep=0.95),
     # image revisit: "the image shows" (0.2); revisits "looking at the image again" and
     # "the image.{1,30}shows" (0.3 cap); a revisit sentence followed by "I see that" (0.3)
-    Row(response=r"<think>The image shows a triangle. Looking at the image again, I see that the angle is 30 degrees.</think> \boxed{30}",
+    Row(response=r"<think>The image shows a triangle. Looking at the image again, I see that the angle is "
+                 r"30 degrees.</think> \boxed{30}",
         truth="30", acc=1, rel=1, fmt=1, revisit=0.8),
     # "the figure" (0.2) and the released "but.{1,30}figure" inside "attribute" (0.3)
     Row(response=r"<think>I attribute the figure to Euler.</think> \boxed{1}", truth="1", acc=1, rel=1,
@@ -176,8 +178,10 @@ def test_revisual_math_length_term_is_the_released_use_efficient_reward() -> Non
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"preset": "revisual_math", "weights": {"accuracy": 1.0}}, "weights has no effect with preset='revisual_math'"),
-        ({"preset": "revisual_text", "length_budget": 100}, "length_budget=100 has no effect with preset='revisual_text'"),
+        ({"preset": "revisual_math", "weights": {"accuracy": 1.0}},
+         "weights has no effect with preset='revisual_math'"),
+        ({"preset": "revisual_text", "length_budget": 100},
+         "length_budget=100 has no effect with preset='revisual_text'"),
         ({"preset": "revisual_math_v1", "length_budget": 100}, "has no effect with preset='revisual_math_v1'"),
         ({"preset": "revisual_math", "length_budget": 0}, "length_budget=0 must be > 0"),
         ({"preset": "released"}, r"preset='released' is unknown; use one of \['ours', 'revisual_math'"),

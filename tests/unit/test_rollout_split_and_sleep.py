@@ -127,8 +127,9 @@ def _prompts(tok, k):
 
 
 def test_sleep_wake_order_and_no_generate_while_asleep(tiny):
-    rollout = ColocatedRollout(Placement(world_size=1), lambda: _Spy(HFEngineConfig(model_path=str(tiny["a"]),
-                                                                                    dtype="float32", max_model_len=256)),
+    rollout = ColocatedRollout(Placement(world_size=1),
+                               lambda: _Spy(HFEngineConfig(model_path=str(tiny["a"]), dtype="float32",
+                                                           max_model_len=256)),
                                rank=0, frozen_prefixes=("visual.",))
     engine = rollout.engine
     requests = _prompts(engine.preparer.tokenizer, 3)

@@ -95,7 +95,8 @@ def test_stale_writes_of_a_killed_save_are_removed(tmp_path):
     (tmp_path / ".latest_checkpointed_iteration.txt.0utjyko0").write_text("4")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("2\n")
     removed = remove_stale_writes(tmp_path)
-    assert sorted(p.name for p in removed) == [".iter_0000004.partial-x1", ".latest_checkpointed_iteration.txt.0utjyko0"]
+    assert sorted(p.name for p in removed) == [".iter_0000004.partial-x1",
+                                               ".latest_checkpointed_iteration.txt.0utjyko0"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
 
 

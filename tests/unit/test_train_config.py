@@ -65,7 +65,8 @@ def test_released_recipe_mirrors_the_released_config():
         assert (rl.entropy_coef, rl.entropy_decay, rl.entropy_decay_style) == (0.02, 0.985, "exp")
         p = rl.pad
         assert (p.mode, p.alpha, p.t_low, p.t_high, p.ratio, p.replacement) == ("released", 1.5, 0.03, 0.97, 1.5, True)
-        assert (g.rollout.n, g.rollout.temperature, g.rollout.top_p, g.rollout.tensor_parallel_size) == (8, 1.0, 0.95, 4)
+        assert (g.rollout.n, g.rollout.temperature, g.rollout.top_p,
+                g.rollout.tensor_parallel_size) == (8, 1.0, 0.95, 4)
         assert (g.rollout_batch_size, g.global_batch_size, g.optim["lr"]) == (512, 128, 1e-6)
         assert rl.reward_grader == "mathruler" and not rl.rollout_correction.enabled
     assert (released.mrl.rl.reward_preset, released.trl.rl.reward_preset) == ("revisual_math", "revisual_text")

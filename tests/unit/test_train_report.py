@@ -60,7 +60,8 @@ def test_figure_draws_every_series_of_every_panel():
         assert drawn == panel.left
     twins = [ax for ax in fig.axes if not ax.get_title()]
     assert len(twins) == 1
-    assert {ln.get_label(): list(ln.get_ydata()) for ln in twins[0].get_lines()} == {"length": panels[1].right["length"][1]}
+    assert ({ln.get_label(): list(ln.get_ydata()) for ln in twins[0].get_lines()}
+            == {"length": panels[1].right["length"][1]})
 
 
 def test_write_curves_writes_a_png_atomically(tmp_path):

@@ -166,7 +166,8 @@ def test_nemo_run_slurm_executor_runs_the_job_on_both_nodes(two_node_cluster: di
         cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     logs = sorted((tmp_path / "jobs").rglob("*.out"))
     tails = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in logs)
-    assert done.returncode == 0, f"launch.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}\n{tails}"
+    assert done.returncode == 0, (
+        f"launch.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}\n{tails}")
     assert "COMPLETED (exit 0:0, requeued 0 times)" in done.stdout
     script = next((tmp_path / "jobs").rglob("*_sbatch.sh")).read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
