@@ -47,8 +47,8 @@ from megatron_revisual.convert.mapping import (
     to_hf_patch,
 )
 from megatron_revisual.parallel.chunks import inner_model, model_chunks
+from megatron_revisual.rollout.types import DEFAULT_BUCKET_BYTES
 
-DEFAULT_BUCKET_BYTES = 256 * 2**20
 TIED_OUTPUT = "language_model.output_layer.weight"
 EMBEDDING = "language_model.embedding.word_embeddings.weight"
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron_revisual.rollout.types import (
+    DEFAULT_BUCKET_BYTES,
     EngineCapabilities,
     RolloutBatch,
     RolloutRequest,
@@ -38,7 +39,6 @@ from megatron_revisual.rollout.types import (
 )
 
 __all__ = [
-    "DEFAULT_BUCKET_BYTES",
     "EngineConfig",
     "HFEngineConfig",
     "PreparedRequest",
@@ -52,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKET_BYTES = 512 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

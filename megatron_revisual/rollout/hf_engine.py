@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from megatron_revisual.rollout.engine import (
-    DEFAULT_BUCKET_BYTES,
     HFEngineConfig,
     PreparedRequest,
     PromptPreparer,
@@ -29,6 +28,7 @@ from megatron_revisual.rollout.engine import (
     bucketed,
 )
 from megatron_revisual.rollout.types import (
+    DEFAULT_BUCKET_BYTES,
     EngineCapabilities,
     RolloutBatch,
     RolloutEngineError,

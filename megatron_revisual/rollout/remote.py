@@ -39,13 +39,13 @@ from typing import Any
 import torch
 
 from megatron_revisual.rollout.engine import (
-    DEFAULT_BUCKET_BYTES,
     EngineConfig,
     RolloutEngine,
     bucketed,
 )
 from megatron_revisual.rollout.registry import create_engine
 from megatron_revisual.rollout.types import (
+    DEFAULT_BUCKET_BYTES,
     EngineCapabilities,
     EngineCrashedError,
     EngineTimeoutError,

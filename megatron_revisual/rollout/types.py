@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_BUCKET_BYTES",
     "EngineCapabilities",
     "EngineCrashedError",
     "EngineState",
@@ -28,6 +29,12 @@ __all__ = [
     "SkippedRequest",
     "WeightSyncStats",
 ]
+
+# The weight stream's bucket: what the trainer gathers (`convert.export.stream_hf_tensors`) and an
+# engine loads (`RolloutEngine.update_weights`) at a time, unless the caller says otherwise (the
+# trainer passes `rollout.weight_bucket_mb`, whose default is this).
+DEFAULT_BUCKET_BYTES = 512 << 20
+
 
 class EngineState(enum.Enum):
     """An engine's memory state around training (the one state machine: `colocated.SleepCycle`

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 from megatron_revisual.rollout.engine import (
-    DEFAULT_BUCKET_BYTES,
     PromptPreparer,
     RolloutEngine,
     SyncMeter,
@@ -50,6 +49,7 @@ from megatron_revisual.rollout.engine import (
     bucketed,
 )
 from megatron_revisual.rollout.types import (
+    DEFAULT_BUCKET_BYTES,
     EngineCapabilities,
     EngineCrashedError,
     EngineState,
