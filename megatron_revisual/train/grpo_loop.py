@@ -304,45 +304,49 @@ class GRPOLoop:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, stage_step: int, global_step: int) -> dict[str, Any]:
-        """rollout -> rewards -> advantages and selection -> old / reference log-probs -> updates
-        -> weight sync, each timed; a step that selects nothing ends early (engines woken)."""
+        """rollout -> (engines sleep) -> rewards -> advantages and selection -> old / reference
+        log-probs -> updates -> weight sync (engines wake: weights, sync, KV cache), each timed; a
+        step that selects nothing ends early and wakes the engines with the weights they had."""
         row: dict[str, Any] = {}
         times: dict[str, float] = {}
         with _timed(times, "time/rollout"):
             rollout = self._rollout(global_step)
+            self.rollout.sleep()  # the engines' memory is the trainer's until the weight sync
         row.update(rollout.metrics)
         with _timed(times, "time/reward"):
             scores = self._score(rollout.records, rollout.samples)
         if not rollout.samples:
+            self.rollout.wake()
             return self._skipped({**row, **reward_metrics(scores)}, times)
         rewards = self._rewards(rollout, scores, times, global_step)
         row.update(rewards.metrics)
         selection = self._select(rollout, rewards, stage_step, global_step)
         row.update(selection.metrics)
         if not selection.minis:
+            self.rollout.wake()
             return self._skipped(row, times)
         with _timed(times, "time/old_and_ref_logprob"):
             planned = self._plan_updates(rollout, selection)
         row.update(planned.metrics)
         if not planned.batches:
+            self.rollout.wake()
             return self._skipped(row, times)
         with _timed(times, "time/update"):
             row.update(self._update(planned, stage_step))
         with _timed(times, "time/sync"):
-            self._sync_weights()
+            self._sync_weights()  # wakes the engines' weights, streams ours in, wakes their KV cache
         row.update({"rollout/sync_bytes_per_rank": float(self.last_sync.bytes_to_engine),
                     "rollout/sync_tp_peer_bytes_per_rank": float(self.last_sync.bytes_to_tp_peers),
                     "rollout/engines": float(self.placement.num_engines)})
         return {**row, **times}
 
     def _rollout(self, global_step: int) -> Rollout:
-        """The step's prompts sampled by the engines, which then sleep until the weight sync."""
+        """The step's prompts sampled by the engines (`step` puts them to sleep after)."""
         r = self.stage.rollout
         records = self.loader.next_batch()
         sampling = SamplingConfig(n=r.n, max_tokens=r.max_response_length, temperature=r.temperature,
                                   top_p=r.top_p, top_k=r.top_k, seed=step_seed(self.cfg.train.seed, global_step))
         samples, batch, engine_of = self._generate(records, sampling)
-        self.rollout.sleep()  # the engines' memory is the trainer's until the weight sync
         self.rollout_skips.update(batch.skipped_counts())
         # GRPO needs whole groups: requests the engine skipped have none; any other shape is a bug
         groups = Counter(s.request_index for s in samples)
@@ -452,8 +456,7 @@ class GRPOLoop:
         return row
 
     def _skipped(self, row: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
-        """A step that updated nothing: the engines wake with the weights they had."""
-        self.rollout.wake()
+        """The row of a step that updated nothing (its engines already woken by `step`)."""
         return {**row, "skipped_step": 1.0, **times}
 
     def _sequence_kl(self, records, samples) -> torch.Tensor:
