@@ -128,17 +128,17 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> RunConfi
 
 def _resolve_model_section(model: dict[str, Any], source: str) -> dict[str, Any]:
     """Expand `preset` / `hf_path` into explicit fields; explicit keys win."""
-    from megatron_revisual.models.registry import fields_from_hf, preset_names
+    from megatron_revisual.models.registry import fields_from_hf
     from megatron_revisual.models.registry import preset as preset_config
 
     model = dict(model)
     base: dict[str, Any] = {}
     preset = model.pop("preset", None)
     if preset is not None:
-        presets = preset_names()
-        if preset not in presets:
-            raise ConfigError(f"{source}: model.preset={preset!r} is unknown; use one of {sorted(presets)}")
-        base = _asdict_shallow(preset_config(preset))
+        try:
+            base = _asdict_shallow(preset_config(preset))
+        except KeyError as e:  # "model.preset='x' is unknown; use one of [...]"
+            raise ConfigError(f"{source}: {e.args[0]}") from None
     elif model.get("hf_path") and not _has_required_fields(model):
         try:
             base = fields_from_hf(model["hf_path"])

@@ -64,14 +64,9 @@ _BUILTIN: dict[str, str] = {
 _REGISTRY: dict[str, str | ModelFamily] = dict(_BUILTIN)
 
 
-def register_family(family: ModelFamily | str, name: str | None = None) -> None:
-    """Add a family (or its "module:attribute" name, with `name`)."""
-    if isinstance(family, ModelFamily):
-        _REGISTRY[family.name] = family
-    elif name:
-        _REGISTRY[name] = family
-    else:
-        raise TypeError("register_family: give a ModelFamily, or a 'module:attribute' string and its name")
+def register_family(family: ModelFamily) -> None:
+    """Add a family (the built-in ones are in `_BUILTIN`, imported on first use)."""
+    _REGISTRY[family.name] = family
 
 
 def known_families() -> list[str]:
