@@ -5,14 +5,18 @@
     .venv/bin/python benchmarks/bench_convert.py --bridge-python /scratch/bridge-venv/bin/python
 
 Writes a random Qwen2.5-VL checkpoint with the 7B widths (hidden 3584, ffn 18944, vocabulary
-152064, untied; vision 1280 / 3420) but few layers, then times, in the same run:
-`cp -r` of the HF directory (the baseline, with and without a final `sync`), `revisual convert
-hf-to-mcore` and `mcore-to-hf` as separate processes (start-up included), and checks the
-round trip is bitwise. Peak memory is the largest sum of RSS over the converter's process tree,
-sampled every 20 ms, next to the target of 25% of the checkpoint size + 1 GiB. Prints one JSON
-line; everything generated is deleted at the end. Profile a conversion with the dev extra's
-py-spy: `py-spy record -o h2m.svg -- .venv/bin/python -m megatron_revisual.convert.cli
-hf-to-mcore --hf HF --out OUT`.
+152064, untied; vision 1280 / 3420) but few layers, then times, in the same run: `cp -r` of the
+HF directory (the baseline, with and without a final `sync`), `revisual convert hf-to-mcore` and
+`mcore-to-hf` as separate processes (start-up included), and checks the round trip is bitwise.
+Each command runs `--rounds` times (default 3), in an order that turns every round, each time
+with only the inputs on disk (earlier outputs removed, `sync` first), and the medians are
+reported with every round's figures. One run of each is not enough on a virtual machine: the
+same `cp -r` of the same 5 GB took 4 s and 14 s minutes apart, depending on what the previous
+command left in the page cache and on the host's memory. Peak memory is the largest sum of RSS
+over the converter's process tree, sampled every 20 ms, next to the target of 25% of the
+checkpoint size + 1 GiB. Prints one JSON line; everything generated is deleted at the end.
+Profile a conversion with the dev extra's py-spy: `py-spy record -o h2m.svg -- .venv/bin/python
+-m megatron_revisual.convert.cli hf-to-mcore --hf HF --out OUT`.
 
 Megatron-Bridge, for comparison (--bridge-python): its HF -> Megatron and Megatron -> HF
 conversion of the same checkpoint, timed and sampled the same way, in an interpreter where
@@ -41,6 +45,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -255,6 +260,9 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="times each command runs; medians are reported"
+    )
+    parser.add_argument(
         "--bridge-python", default=None, help="an interpreter with megatron-bridge (see above)"
     )
     parser.add_argument("--bridge-worker", nargs=4, help=argparse.SUPPRESS)
@@ -268,29 +276,49 @@ def main() -> int:
     cli = [sys.executable, "-m", "megatron_revisual.convert.cli"]
     try:
         hf, ckpt, back, copy = work / "hf", work / "mcore", work / "hf_back", work / "hf_copy"
+        ckpt2 = work / "mcore_timed"
         t = time.perf_counter()
         weight_bytes = make_checkpoint(hf, args.layers, args.vision_layers)
         os.sync()  # the generated files' dirty pages would otherwise be written during the first copy
         gen_s = time.perf_counter() - t
         size = tree_bytes(hf)
 
-        cp_s, _ = timed(["cp", "-r", str(hf), str(copy)])
-        shutil.rmtree(copy)
-        cp_sync_s, _ = timed(["sh", "-c", f"cp -r '{hf}' '{copy}' && sync -f '{copy}'"])
-        shutil.rmtree(copy)
-
-        to_mcore_s, to_mcore_rss = timed(
-            [*cli, "hf-to-mcore", "--hf", str(hf), "--out", str(ckpt)], env
-        )
-        to_hf_s, to_hf_rss = timed(
-            [*cli, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back)], env
-        )
+        # The reference Megatron checkpoint mcore-to-hf reads in every round (made, not timed).
+        timed([*cli, "hf-to-mcore", "--hf", str(hf), "--out", str(ckpt)], env)
+        commands = {
+            "cp": ["cp", "-r", str(hf), str(copy)],
+            "cp_sync": ["sh", "-c", f"cp -r '{hf}' '{copy}' && sync -f '{copy}'"],
+            "hf_to_mcore": [*cli, "hf-to-mcore", "--hf", str(hf), "--out", str(ckpt2)],
+            "mcore_to_hf": [*cli, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back)],
+        }
+        runs: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
+        names = list(commands)
+        for r in range(args.rounds):
+            # the order turns every round, so no command always runs right after the same one
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                for out in (copy, ckpt2, back):  # each command starts with only the inputs on disk
+                    shutil.rmtree(out, ignore_errors=True)
+                os.sync()
+                converter = name in ("hf_to_mcore", "mcore_to_hf")
+                runs[name].append(timed(commands[name], env if converter else None))
+        if not back.exists():  # the last round ended with another command, which removed it
+            timed(commands["mcore_to_hf"], env)
+        med = {name: statistics.median(s for s, _ in values) for name, values in runs.items()}
+        peak = {name: max(m for _, m in values) for name, values in runs.items()}
+        # per round: each converter against that round's cp + sync
+        round_ratios = {
+            d: [round(c[0] / x[0], 3) for c, x in zip(runs["cp_sync"], runs[d], strict=True)]
+            for d in ("hf_to_mcore", "mcore_to_hf")
+        }
+        cp_s, cp_sync_s = med["cp"], med["cp_sync"]
+        to_mcore_s, to_mcore_rss = med["hf_to_mcore"], peak["hf_to_mcore"]
+        to_hf_s, to_hf_rss = med["mcore_to_hf"], peak["mcore_to_hf"]
         idle_s, idle_rss = timed(
             [sys.executable, "-c", "import megatron_revisual.convert.dist_ckpt"], env
         )
         difference = round_trip_difference(hf, back)
-        shutil.rmtree(ckpt)
-        shutil.rmtree(back)
+        for out in (ckpt, ckpt2, back, copy):
+            shutil.rmtree(out, ignore_errors=True)
         bridge = {}
         if args.bridge_python:
             bridge = time_bridge(args.bridge_python, hf, work, env, size, cp_sync_s)
@@ -301,6 +329,9 @@ def main() -> int:
             "generate_s": round(gen_s, 1),
             "cp_s": round(cp_s, 2),
             "cp_sync_s": round(cp_sync_s, 2),
+            "rounds": args.rounds,
+            "seconds_per_round": {n: [round(t, 2) for t, _ in v] for n, v in runs.items()},
+            "vs_cp_sync_per_round": round_ratios,
             **figures("", size, cp_sync_s, (to_mcore_s, to_mcore_rss), (to_hf_s, to_hf_rss)),
             "import_only_s": round(idle_s, 2),
             "hf_to_mcore_vs_cp": round(cp_s / to_mcore_s, 3),
