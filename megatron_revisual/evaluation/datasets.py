@@ -14,14 +14,14 @@ releases, and the Hub's files as they are downloaded), first match wins:
 
     geo3k       geometry3k/test/<n>/data.json + img_diagram.png      (InterGPS release)
                 geometry3k/**/test*.parquet                            (hiyouga/geometry3k)
-    wemath      wemath/testmini.json + images under wemath/images/     (We-Math GitHub)
+    wemath      wemath/testmini.json + images under wemath/ or wemath/images/ (We-Math GitHub data/)
                 wemath/**/testmini*.parquet                            (We-Math/We-Math)
-    mathvista   mathvista/testmini.json + images under mathvista/      (MathVista GitHub)
+    mathvista   mathvista/testmini.json + query.json + images under mathvista/ (MathVista GitHub data/)
                 mathvista/**/testmini*.parquet                         (AI4Math/MathVista)
-    mathverse   mathverse/testmini.json + images under mathverse/images/
-                mathverse/**/testmini*.parquet                         (AI4Math/MathVerse)
-    mathvision  mathvision/test.jsonl + images under mathvision/       (MathVision GitHub)
-                mathvision/**/test*.parquet                            (MathLLMs/MathVision)
+    mathverse   mathverse/testmini.json + images under mathverse/images/ or mathverse/
+                mathverse/**/testmini.parquet (not testmini_text_only) (AI4Math/MathVerse)
+    mathvision  mathvision/test.jsonl + images under mathvision/       (MATH-V GitHub data/)
+                mathvision/**/test-*.parquet (not testmini-*)          (MathLLMs/MathVision)
     dynamath    dynamath/**/sample*.parquet, one file per variant      (DynaMath/DynaMath_Sample)
     logicvista  logicvista/dataset.json + logicvista/images/           (LogicVista GitHub data/)
     aime24      aime24/**/train*.parquet                               (HuggingFaceH4/aime_2024)
@@ -142,6 +142,18 @@ def _read_rows(path: Path, key_field: str | None) -> list[dict]:
     return list(data)
 
 
+def _fill_from_side_file(rows: list[RawRow], path: Path, field: str, key_field: str) -> None:
+    """Set `field` of each row that lacks it from `path`, a JSON object keyed by the rows'
+    `key_field` (MathVista's query.json: {pid: query})."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise DatasetFormatError(f"{path}: expected a JSON object keyed by {key_field}, got {type(data).__name__}")
+    for raw in rows:
+        key = str(raw.data.get(key_field))
+        if raw.data.get(field) is None and key in data:
+            raw.data[field] = data[key]
+
+
 def _read_local(spec: BenchmarkSpec, root: Path) -> tuple[list[RawRow], bool]:
     """The rows found under root/<subdir>, and whether any file was found."""
     base = root / spec.subdir
@@ -158,10 +170,14 @@ def _read_local(spec: BenchmarkSpec, root: Path) -> tuple[list[RawRow], bool]:
     files = [base / f for f in spec.local_files if (base / f).is_file()]
     if files:
         bases = [base / d if d else base for d in spec.image_dirs]
-        return [
+        rows = [
             RawRow(row, bases, str(path), i, path.stem)
             for path in files for i, row in enumerate(_read_rows(path, spec.key_field))
-        ], True
+        ]
+        for name, field in spec.side_files:
+            if (base / name).is_file():
+                _fill_from_side_file(rows, base / name, field, spec.key_field or "id")
+        return rows, True
     parquet = sorted(base.glob(spec.parquet_glob)) if spec.parquet_glob else []
     if parquet:
         import pyarrow.parquet as pq

@@ -49,11 +49,15 @@ _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\s*\{(
 # "(B) 3 cm". Upper case only ("a = 3" is an expression), and "A triangle" is not option A.
 _LETTER = re.compile(r"\(?([A-H])\)?|\(([A-H])\)\s*\S.*|([A-H])\s*[.:)]\s*.*", re.DOTALL)
 _LONE_LETTER_LINE = re.compile(r"\**\(?([A-H])\)?[.)]?\**")
-# WeMath's options come in one string: "A. 300, 400;B. 400, 300; E. No correct answer".
+# WeMath's options come in one string: "A. 300, 400;B. 400, 300; E. No correct answer"; a few
+# rows of its testmini.json write the full-width "．" ("A. ①;B．②;C. ③").
 _INLINE_OPTION = re.compile(
-    r"(?:^|;)\s*([A-H])\s*[.:：]\s*(.*?)\s*(?=;\s*[A-H]\s*[.:：]|$)", re.DOTALL
+    r"(?:^|;)\s*([A-H])\s*[.．:：]\s*(.*?)\s*(?=;\s*[A-H]\s*[.．:：]|$)", re.DOTALL
 )
-# MathVerse lists its options in the question text: "...\nChoices:\nA:40°\nB:60°\n..."
+# MathVerse lists its options in the question text, after a "Choices:" line ("A:40°"), or in a
+# few rows a "Choice:" line ("A. 090^\circ T"), as data/testmini_text_only.json of
+# github.com/ZrrSkywalker/MathVerse has them
+_CHOICE_HEADERS = ("choices", "choice")
 _CHOICE_LINE = re.compile(r"^\s*\(?([A-H])\)?\s*[.:：)]\s*(.*?)\s*$")
 # "Option B", "choice (C)": the letter named outright
 _NAMED_LETTER = re.compile(r"(?:option|choice)\s*:?\s*\(?([A-H])\)?\.?", re.IGNORECASE)
@@ -87,10 +91,10 @@ def parse_inline_options(options: str) -> tuple[str, ...]:
 
 
 def parse_choice_lines(question: str) -> tuple[str, ...]:
-    """Option texts in letter order from the lines after a "Choices:" line of a question
-    (MathVerse's format); () if there is no such list."""
+    """Option texts in letter order from the lines after a "Choices:" (or "Choice:") line of a
+    question (MathVerse's format); () if there is no such list."""
     lines = question.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.strip().rstrip(":：").casefold() == "choices"]
+    starts = [i for i, line in enumerate(lines) if line.strip().rstrip(":：").casefold() in _CHOICE_HEADERS]
     if not starts:
         return ()
     found = []

@@ -90,6 +90,9 @@ class BenchmarkSpec:
     hub: tuple[str, tuple[tuple[str | None, str], ...]] | None
     to_sample: Callable[[RawRow], Sample | None]  # None: not a question (left out, logged)
     key_field: str | None = None  # a JSON file keyed by id ({"1": {...}}): the key's field
+    # (file, field): a JSON object beside the local files, keyed like them ({pid: value}), that fills
+    # a field the rows lack (MathVista's GitHub data/query.json: the prompts)
+    side_files: tuple[tuple[str, str], ...] = ()
     text_only: bool = False
     repeated: bool = False  # scored over several runs per problem (AIME): --aime-runs
     schema: str = ""

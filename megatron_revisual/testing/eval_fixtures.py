@@ -3,8 +3,13 @@
 For tests and the benchmark script: nothing is downloaded. ``layout="files"`` writes the
 JSON/JSONL + image-file layout of the benchmarks' GitHub releases, ``layout="parquet"`` the
 Hub's parquet files (images as ``{"bytes", "path"}`` structs); `datasets.load_benchmark` reads
-both. Rows keep each benchmark's field names and kinds of answers (option letters, integers,
-floats with a precision, text), so loaders and grading meet what the real files contain.
+both. Rows keep each benchmark's field names, types and kinds of answers (option letters,
+integers, floats with a precision, text), as read in the real files (each `BenchmarkSpec.schema`
+names them): InterGPS data.json; hiyouga/geometry3k's six columns; We-Math's testmini.json;
+MathVista's testmini.json without prompts + query.json (GitHub), with a query column (Hub);
+MathVerse's query_cot wordings, "Choices:"/"Choice:" option lines and letter, "(C)", text and
+"C\nD" answers, and its text-only parquet beside testmini.parquet; MATH-V's test.jsonl and the
+Hub's testmini parquet beside test's. The question texts are made up.
 
     from megatron_revisual.testing.eval_fixtures import write_fixture_datasets
     counts = write_fixture_datasets("runs/eval_fixtures")   # {"geo3k": 3, "wemath": 7, ...}
@@ -30,12 +35,16 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def fixture_rows() -> dict[str, list[tuple[dict, str, Any]]]:
     """Per benchmark: (row without its image, relative image path, PIL image)."""
     rows: dict[str, list[tuple[dict, str, Any]]] = {}
     rows["geo3k"] = [
         (
-            {
+            {  # InterGPS test/<n>/data.json (fields the hiyouga/geometry3k script reads, and a few more)
                 "id": i,
                 "problem_text": f"Find x. Side {i + 2}.",
                 "annotat_text": f"Find x in the triangle with side {i + 2}.",
@@ -49,10 +58,11 @@ def fixture_rows() -> dict[str, list[tuple[dict, str, Any]]]:
         )
         for i in range(3)
     ]
-    wemath = []
+    wemath = []  # testmini.json: ID is the problem, key its step; images beside the file (data/)
     for steps, group in ((2, "2steps_1"), (3, "3steps_1")):
         for part in [*map(str, range(1, steps + 1)), "multi"]:
             key = f"{steps}steps_{part}"
+            image = f"{steps}steps/image/1-{part}.png"
             wemath.append(
                 (
                     {
@@ -62,12 +72,12 @@ def fixture_rows() -> dict[str, list[tuple[dict, str, Any]]]:
                         "question": f"As shown in the diagram, step {part}: the radius is ( ) cm.",
                         "option": "A. 1 cm;B. 1.5 cm;C. 3.14 cm;D. 6.28 cm; E. No correct answer",
                         "answer": "ABCD"[len(wemath) % 4],
-                        "image_path": f"{steps}steps/image/{group}-{part}.png",
+                        "image_path": image,
                         "key": key,
                         "question number": len(wemath) + 1,
                         "knowledge concept description": "C = 2 pi r",
                     },
-                    f"{steps}steps/image/{group}-{part}.png",
+                    image,
                     fixture_image(200 + len(wemath)),
                 )
             )
@@ -87,53 +97,67 @@ def fixture_rows() -> dict[str, list[tuple[dict, str, Any]]]:
                 "Hint: Please answer the question and provide the correct option letter, e.g., "
                 f"A, B, C, D, at the end.\nQuestion: {question}\nChoices:\n{lettered}"
             )
-        else:
-            query = (
-                "Hint: Please answer the question requiring an answer and provide the final "
-                f"value at the end.\nQuestion: {question}"
-            )
-        row = {
-            "pid": str(i),
+        else:  # the hints of MathVista's README table, by answer type
+            asks = {
+                "integer": "an integer answer and provide the final value, e.g., 1, 2, 3",
+                "float": "a floating-point number with two decimal places and provide the final value, "
+                "e.g., 1.23, 1.34, 1.45",
+            }[atype]
+            query = f"Hint: Please answer the question requiring {asks}, at the end.\nQuestion: {question}"
+        row = {  # GitHub data/testmini.json: precision an int, no query (that is in query.json)
             "question": question,
-            "image": f"images/{i}.png",
+            "image": f"images/{i}.jpg",
             "choices": choices,
             "unit": None,
-            "precision": float(precision) if precision is not None else None,
+            "precision": precision,
             "answer": answer,
             "question_type": qtype,
             "answer_type": atype,
+            "pid": str(i),
             "metadata": {"split": "testmini", "task": task, "category": "math-targeted-vqa"},
-            "query": query,
+            "query": query,  # moved to query.json by the "files" writer
         }
-        rows["mathvista"].append((row, f"images/{i}.png", fixture_image(300 + i)))
+        rows["mathvista"].append((row, f"images/{i}.jpg", fixture_image(300 + i)))
+    # MathVerse: (version, type, question, answer); the options are lines of the question
     verse = [
-        ("Text Dominant", "multi-choice", "B"),
-        ("Vision Only", "multi-choice", "A"),
-        ("Text Lite", "free-form", "12"),
-        ("Vision Intensive", "free-form", "\\frac{1}{2}"),
+        ("Text Dominant", "multi-choice", "Find the length of AB in figure 1.\nChoices:\nA:6\nB:8\nC:10\nD:12", "B"),
+        ("Vision Only", "multi-choice", "", "A"),  # question and options are in the image
+        ("Text Lite", "free-form", "Find the length of AB in figure 3.", "12"),
+        ("Vision Intensive", "free-form", "Find the ratio in figure 4.", "\\frac{1}{2}"),
+        ("Text Dominant", "multi-choice", "Is AB the longest side?\nChoice:\nA. True\nB. False", "False"),
+        ("Text Lite", "multi-choice", "Find angle C.\nChoices:\nA:30°\nB:45°\nC:60°\nD:90°", "(C)"),
+        ("Text Dominant", "multi-choice", "Which are equal to AB? Choose 2 answers:\nChoices:\nA:BC\nB:CD\nC:DE\nD:EF",
+         "C\nD"),
     ]
     rows["mathverse"] = []
-    for i, (version, qtype, answer) in enumerate(verse, start=1):
-        question = f"Find the length of AB in figure {i}."
-        if version == "Text Dominant":  # options in the text, as MathVerse has them
-            question += "\nChoices:\nA:6\nB:8\nC:10\nD:12"
+    for i, (version, qtype, question, answer) in enumerate(verse, start=1):
+        asks = (
+            "provide the correct option letter, e.g., A, B, C, D" if qtype == "multi-choice"
+            else "provide the final value, e.g., 1, 2.5, 300"
+        )
+        cot = f"please first conduct reasoning, and then answer the question and {asks}, at the end."
+        wo = f"please directly answer the question and {asks}."
+        if version == "Vision Only":  # the question is in the image, the field empty
+            query_cot = f"According to the question shown in the image, {cot}"
+            query_wo = f"According to the question shown in the image, {wo}"
+        else:
+            query_cot = f"{cot[0].upper()}{cot[1:]}\nQuestion: {question}"
+            query_wo = f"{wo[0].upper()}{wo[1:]}\nQuestion: {question}"
+        image = f"images_version_{'6' if version == 'Vision Only' else '1-4'}/image_{i}.png"
         row = {
             "sample_index": str(i),
-            "problem_index": str((i + 1) // 2),
+            "problem_index": str(i),
             "problem_version": version,
             "question": question,
-            "image": f"images_version_1-4/image_{i}.png",
+            "image": image,
             "answer": answer,
             "question_type": qtype,
-            "metadata": {"split": "testmini", "subject": "Plane Geometry"},
-            "query_wo": question,
-            "query_cot": (
-                "According to the question shown in the image, please first conduct reasoning, "
-                f"and then answer the question.\nQuestion: {question}"
-            ),
+            "metadata": {"split": "testmini", "source": "GeoQA", "subject": "Plane Geometry", "subfield": "Length"},
+            "query_wo": query_wo,
+            "query_cot": query_cot,
             "question_for_eval": question,
         }
-        rows["mathverse"].append((row, f"images_version_1-4/image_{i}.png", fixture_image(400 + i)))
+        rows["mathverse"].append((row, image, fixture_image(400 + i)))
     vision = [
         (["1", "2", "3", "4", "5"], "C", "metric geometry - length", 2),
         (["A", "B", "C", "D", "E"], "E", "combinatorics", 3),
@@ -177,8 +201,10 @@ def _write_files(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> No
             path.parent.mkdir(parents=True, exist_ok=True)
             image.convert("RGB").save(path, format="JPEG" if rel.endswith(".jpg") else "PNG")
         data = [row for row, _, _ in rows[name]]
-        if kind == "dict":  # MathVista's testmini.json: {pid: row}
-            text = json.dumps({r["pid"]: r for r in data}, indent=1)
+        if kind == "dict":  # MathVista's data/testmini.json: {pid: row}, and data/query.json: {pid: query}
+            queries = {r["pid"]: r["query"] for r in data}
+            (base / "query.json").write_text(json.dumps(queries, indent=1), encoding="utf-8")
+            text = json.dumps({r["pid"]: {k: v for k, v in r.items() if k != "query"} for r in data}, indent=1)
         elif kind == "jsonl":
             text = "".join(json.dumps(r) + "\n" for r in data)
         else:
@@ -197,10 +223,13 @@ def _write_parquet(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> 
         "geo3k": (
             "geometry3k/data/test-00000-of-00001.parquet",
             [
-                {
+                {  # hiyouga/geometry3k README's features; what ground_truth holds is not confirmed
                     "images": [struct(rel, image)],
                     "problem": "<image>" + row["annotat_text"],
                     "answer": row["choices"]["ABCD".index(row["answer"])],
+                    "id": row["id"],
+                    "choices": row["choices"],
+                    "ground_truth": row["answer"],
                 }
                 for row, rel, image in rows.get("geo3k", [])
             ],
@@ -211,7 +240,10 @@ def _write_parquet(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> 
         ),
         "mathvista": (
             "mathvista/data/testmini-00000-of-00001.parquet",
-            [{**row, "decoded_image": struct(rel, image)} for row, rel, image in rows.get("mathvista", [])],
+            [  # the Hub's precision is a float64
+                {**row, "decoded_image": struct(rel, image), "precision": _float_or_none(row["precision"])}
+                for row, rel, image in rows.get("mathvista", [])
+            ],
         ),
         "mathverse": (
             "mathverse/testmini.parquet",
@@ -233,6 +265,16 @@ def _write_parquet(root: Path, rows: dict[str, list[tuple[dict, str, Any]]]) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(data), path)
         written[name] = path
+    # The Hub repositories' other files beside them, which the loaders must not read: MathVerse's
+    # text-only config (testmini_text_only.parquet), MathVision's testmini split (data/testmini-*)
+    if "mathverse" in rows:
+        row, _, _ = rows["mathverse"][0]
+        text_only = {**row, "problem_version": "Text Only", "image": None}
+        pq.write_table(pa.Table.from_pylist([text_only]), root / "mathverse/testmini_text_only.parquet")
+    if "mathvision" in rows:
+        pq.write_table(
+            pa.Table.from_pylist(tables["mathvision"][1][:2]), root / "mathvision/data/testmini-00000-of-00001.parquet"
+        )
     return written
 
 

@@ -263,7 +263,7 @@ def test_eval_paper_set_in_the_paper_layout_beside_the_paper(proxy, dataset_dirs
                "--compare", "paper")
     assert rc == 0
     asked = sum(counts[n] * (2 if n.startswith("aime") else 1) for n in PAPER_BENCHMARKS)
-    assert asked == 50 and proxy.forwarded == asked and proxy.failed == 0
+    assert asked == 53 and proxy.forwarded == asked and proxy.failed == 0
     summary = json.loads((out / "tiny_summary.json").read_text())
     assert list(summary["datasets"]) == list(PAPER_BENCHMARKS)
     assert summary["datasets"]["dynamath"]["dynamath"]["seed_questions"] == 3

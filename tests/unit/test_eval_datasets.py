@@ -77,7 +77,7 @@ def test_fields_per_benchmark(roots):
         True,
     )
 
-    vista = load_benchmark("mathvista", root, source="local")
+    vista = load_benchmark("mathvista", root, source="local")  # prompts from query.json
     assert [(s.answer, s.multiple_choice, s.precision) for s in vista] == [
         ("B", True, None),  # "15" is choice B
         ("B", True, None),
@@ -95,8 +95,16 @@ def test_fields_per_benchmark(roots):
         ("A", True, ("Vision Only",)),
         ("12", False, ("Text Lite",)),
         ("\\frac{1}{2}", False, ("Vision Intensive",)),
+        ("B", True, ("Text Dominant",)),  # "False", option B's text
+        ("C", True, ("Text Lite",)),  # "(C)"
+        ("C, D", False, ("Text Dominant",)),  # "C\nD", graded as a set
     ]
-    assert verse[0].prompt.startswith("According to the question shown in the image")
+    assert verse[0].prompt == (  # query_cot as MathVerse words it
+        "Please first conduct reasoning, and then answer the question and provide the correct option "
+        "letter, e.g., A, B, C, D, at the end.\nQuestion: Find the length of AB in figure 1.\nChoices:\n"
+        "A:6\nB:8\nC:10\nD:12"
+    )
+    assert verse[1].prompt.startswith("According to the question shown in the image, please first")
 
     vision = load_benchmark("mathvision", root, source="local")
     assert vision[0].prompt == (
@@ -110,7 +118,11 @@ def test_fields_per_benchmark(roots):
         ("A", True),
         ("14", False),
     ]
-    assert vision[3].prompt.startswith("Question: ") and vision[3].subsets == ("counting",)
+    # a free-form row: the released tool's prompt, with an empty "Choices:" list
+    assert vision[3].prompt == vision[0].prompt.split("Question: ")[0] + (
+        "Question: <image1>\nHow many squares are shaded in picture 4?\nChoices:\n"
+    )
+    assert vision[3].subsets == ("counting",)
 
 
 def test_limit(roots):
@@ -124,7 +136,7 @@ def test_missing_files_name_the_expected_files(tmp_path, monkeypatch):
     with pytest.raises(DatasetFilesNotFound) as e:
         load_benchmark("mathverse", tmp_path, source="local")
     assert f"{tmp_path}/mathverse/testmini.json" in str(e.value)
-    assert f"{tmp_path}/mathverse/**/testmini*.parquet" in str(e.value)
+    assert f"{tmp_path}/mathverse/**/testmini.parquet" in str(e.value)
     assert f"{tmp_path}/AI4Math___math_verse (a datasets cache_dir)" in str(e.value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DatasetFilesNotFound, match=r"Hub not tried: HF_HUB_OFFLINE"):
