@@ -5,9 +5,10 @@ Each rank builds the model, Megatron DDP and the distributed optimizer, and runs
 SFT steps (`train.sft_loop.sft_update`), each of two packed rows of `cold_start.max_length`
 tokens (two micro-batches, so the 1F1B pipeline has both in flight on its first stage), under
 torch.profiler's memory events (started before the model is built); the measured peak is the
-largest total of live host blocks, replaying every allocation and free in time order. (The
-profiler's own running total, `total_allocated`, varied by up to 12% between identical TP 2 runs
-on gloo; the replay by under 2%.)
+largest total of live host blocks, replaying every allocation and free in time order, less the
+gloo backend's staging copies inside c10d ops (NCCL makes none). (The profiler's own running total,
+`total_allocated`, varied by up to 12% between identical TP 2 runs on gloo; the replay with gloo's
+copies by up to 9%, without them by 0.5 MiB in 16 rank runs.)
 The plan is `plan_pipeline_stages(cfg, "cold_start")[pipeline rank].train_peak_gib` for the
 local spec (`model.layer_backend: local`, what runs here): parameters, gradients, optimizer
 state, activations of the micro-batches in flight, the loss's logits peak. They must agree within
@@ -57,13 +58,19 @@ def _measure(cfg) -> dict:
         optimizer, scheduler = build_optimizer(cfg, [ddp])
         losses = [sft_update(ddp, optimizer, scheduler, rows, tokens=tokens)[0] / tokens for _ in range(2)]
     # every host allocation and free (any thread) in time order; a free matches the live block at
-    # its address. The peak is the largest total of live blocks.
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    # its address. The peak is the largest total of live blocks. Blocks allocated inside a c10d op
+    # are the gloo backend's own staging copies (`_reduce_scatter_base_` clones its input, the
+    # all-gathers allocate a flat buffer); NCCL has none of them, the planner does not count them,
+    # and they live until gloo's work object is released, which varies run to run: 0-3 MiB of
+    # them were live at the peak of identical TP 2 runs here, and one CI rank measured 85.6 MiB
+    # where its twin measured 79.8.
+    events, stack = [], [(event, False) for event in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
-        event = stack.pop()
-        if event.tag == _EventType.Allocation:
+        event, in_c10d = stack.pop()
+        if event.tag == _EventType.Allocation and not in_c10d:
             events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
-        stack.extend(event.children)
+        in_c10d = in_c10d or event.name.startswith("c10d::")
+        stack.extend((child, in_c10d) for child in event.children)
     live: dict[int, int] = {}
     total = peak = 0
     for _, ptr, size in sorted(events):
